@@ -1,0 +1,57 @@
+"""The few places where transformers 5.x versions differ, kept in one module.
+
+5.17 passes the cache as `past_key_values`; later 5.x name it `cache` (the old
+name still works, with a deprecation warning). Cache layers are filled through
+their own `update` except the plain DynamicLayer, where we hand over our
+tensors directly to avoid a copy of the whole restored state.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_for(forward_qualname: str, params: tuple[str, ...]) -> str:
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The keyword under which `model.forward` and `model.generate` take a Cache."""
+    params = tuple(inspect.signature(model.forward).parameters)
+    return _cache_kwarg_for(type(model).__qualname__, params)
+
+
+def new_cache(model: torch.nn.Module) -> DynamicCache:
+    """An empty DynamicCache laid out for this model (sliding layers where the config has them)."""
+    return DynamicCache(config=model.config)
+
+
+def fill_layer(cache: DynamicCache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Put restored K/V ([B, kv_heads, T, head_dim]) into an empty cache layer."""
+    layer = cache.layers[layer_idx]
+    if type(layer) is DynamicLayer:
+        if not layer.is_initialized:
+            layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+    else:
+        layer.update(keys, values)
+
+
+def layer_kv(cache: DynamicCache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The K/V tensors a cache layer holds, or None when it holds none."""
+    if layer_idx >= len(cache.layers):
+        return None
+    layer = cache.layers[layer_idx]
+    keys = getattr(layer, "keys", None)
+    if keys is None or not getattr(layer, "is_initialized", True) or keys.numel() == 0:
+        return None
+    return keys, layer.values
+
+
+def cache_length(cache: DynamicCache) -> int:
+    return cache.get_seq_length() if len(cache.layers) else 0

@@ -1,0 +1,345 @@
+"""HCache: wrap a HuggingFace causal LM once; later requests sharing a prefix restore it.
+
+    hc = HCache(model, store, method="hcache")   # "hcache" | "kv" | "recompute" | "auto"
+    out = hc.generate(input_ids, max_new_tokens=32)
+    cache, n = hc.restore(input_ids)
+
+`generate` restores the longest stored prefix (whole 64-token chunks), runs the
+model's own `generate` on top of it while saving every new whole chunk, and
+returns exactly what `model.generate` returns. The tail shorter than a chunk is
+not stored: it is recomputed with the new tokens of the next request, which
+costs at most 63 tokens of prefill and keeps every stored chunk immutable.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hcache_adapter.capture import StateSaver
+from hcache_adapter.compat import cache_kwarg, fill_layer, new_cache
+from hcache_adapter.keys import chunk_digests, layer_key, manifest_key, model_fingerprint
+from hcache_adapter.manifest import HIDDEN, KV, RECOMPUTE, Manifest
+from hcache_adapter.projection import projector_for
+from hcache_adapter.restore import LayerLoader, LayerRead
+from hcache_adapter.scheduler.planner import choose_recompute_layers, choose_save_plan, effective_bandwidth, min_recompute
+from hcache_adapter.scheduler.profile import Profile
+
+log = logging.getLogger(__name__)
+
+METHODS = ("hcache", "kv", "recompute", "auto")
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass after the layers we want recomputed."""
+
+
+@dataclass
+class RestoreInfo:
+    """What the last restore did (for benchmarks and the demo)."""
+
+    tokens: int = 0
+    plan: str = ""
+    recompute_layers: int = 0
+    sources: dict[str, int] = field(default_factory=dict)  # bytes read per tier
+    seconds: float = 0.0
+
+
+class HCache:
+    """HCache save / project / restore for one model over one `hstore.TieredStore`."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        store,
+        method: str = "hcache",
+        *,
+        chunk_tokens: int = 64,
+        namespace: str = "hc",
+        model_id: str | None = None,
+        profile: Profile | None = None,
+        pipeline_depth: int = 3,
+    ):
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+            raise ValueError("chunk_tokens must be a positive int")
+        self.model = model
+        self.store = store
+        self.chunk_tokens = chunk_tokens
+        self.namespace = namespace
+        self.pipeline_depth = pipeline_depth
+        self.projector = projector_for(model)
+        self.decoder_layers = self.projector.decoder_layers if self.projector else _find_decoder_layers(model)
+        self.num_layers = len(self.decoder_layers)
+        if method in ("hcache", "auto") and self.projector is None:
+            fallback = "kv"
+            log.warning(
+                "HCache has no hidden-state projection for model_type %r; method %r falls back to %r",
+                getattr(model.config, "model_type", "?"), method, fallback,
+            )
+            method = fallback
+        self.method = method
+        self.fingerprint = model_id or model_fingerprint(model)
+        self._profile = profile
+        self._cache_kw = cache_kwarg(model)
+        self._base_cache_kw = cache_kwarg(model.base_model)
+        self.last_restore = RestoreInfo()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def profile(self) -> Profile:
+        """The hardware profile `auto` plans with: given, loaded from the store root, or measured once."""
+        if self._profile is None:
+            from hcache_adapter.scheduler.profiling import measure_profile
+
+            path = Path(self.store.config.root) / "profiles" / f"{self.fingerprint}-{self.device.type}.json"
+            self._profile = Profile.load(path)
+            if self._profile is None:
+                self._profile = measure_profile(self)
+                self._profile.save(path)
+        return self._profile
+
+    def save_plan(self) -> str:
+        """Per layer: saved as hidden state (H), K/V (K) or not at all (R)."""
+        if self.method == "hcache":
+            return HIDDEN * self.num_layers
+        if self.method == "kv":
+            return KV * self.num_layers
+        if self.method == "auto":
+            return choose_save_plan(self.profile)
+        return RECOMPUTE * self.num_layers
+
+    def bytes_per_token(self, plan: str | None = None) -> int:
+        """Bytes stored per token for a plan (default: this instance's)."""
+        plan = self.save_plan() if plan is None else plan
+        return sum(self._entry_bytes_per_token(l, k) for l, k in enumerate(plan))
+
+    def digests(self, token_ids, *, after: str | None = None) -> list[str]:
+        return chunk_digests(self.fingerprint, token_ids, self.chunk_tokens, after=after)
+
+    # ------------------------------------------------------------------ generate
+    def generate(self, input_ids: torch.Tensor, **kwargs: Any):
+        """`model.generate` with the longest stored prefix restored and the new state saved.
+
+        Takes and returns exactly what `model.generate` does. Batches of more
+        than one sequence, beam search and caller-supplied caches go straight to
+        `model.generate` (nothing restored or saved).
+        """
+        if self.method == "recompute" or not self._manageable(input_ids, kwargs):
+            return self.model.generate(input_ids, **kwargs)
+        cache, n = self.restore(input_ids)
+        prefix_digest = self._restored_digests[-1] if n else None
+        kwargs[self._cache_kw] = cache
+        with StateSaver(self, self.save_plan(), n, cache, prefix_digest):
+            return self.model.generate(input_ids, **kwargs)
+
+    def _manageable(self, input_ids, kwargs) -> bool:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            return False
+        if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
+            return False
+        if kwargs.get("inputs_embeds") is not None or kwargs.get("assistant_model") is not None:
+            return False
+        gc = kwargs.get("generation_config") or self.model.generation_config
+        for name in ("num_beams", "num_return_sequences"):
+            if (kwargs.get(name) or getattr(gc, name, 1) or 1) > 1:
+                return False
+        return True
+
+    # ------------------------------------------------------------------ restore
+    @torch.no_grad()
+    def restore(self, input_ids: torch.Tensor):
+        """(cache, n): a transformers Cache holding the K/V of the first n tokens of `input_ids`.
+
+        n is the longest stored whole-chunk prefix that leaves at least one
+        token to run (0 when nothing is stored). For method "recompute" it is
+        the chunk-aligned prefix, prefilled from tokens.
+        """
+        t0 = time.perf_counter()
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        if input_ids.shape[0] != 1:
+            raise ValueError("restore handles one sequence (batch size 1)")
+        ids = input_ids.to(self.device)
+        max_chunks = (ids.shape[1] - 1) // self.chunk_tokens
+        self._restored_digests: list[str] = []
+        cache = new_cache(self.model)
+        if self.method == "recompute":
+            n = max_chunks * self.chunk_tokens
+            if n:
+                self._recompute_prefix(ids[:, :n], cache, self.num_layers)
+            self.last_restore = RestoreInfo(n, RECOMPUTE * self.num_layers, self.num_layers, {}, time.perf_counter() - t0)
+            return cache, n
+        digests = self.digests(ids[0, : max_chunks * self.chunk_tokens])
+        plan, m = self._stored_prefix(digests)
+        if m == 0:
+            self.last_restore = RestoreInfo(seconds=time.perf_counter() - t0)
+            return cache, 0
+        digests = digests[:m]
+        n = m * self.chunk_tokens
+        r, sources = self._plan_restore(plan, digests, n)
+        valid = self._run_restore(ids[:, :n], cache, plan, r, digests)
+        if valid < m:
+            log.warning("restore: chunk %d of the prefix is missing or corrupt; recomputing from there", valid)
+            _truncate(cache, valid * self.chunk_tokens)
+        self._restored_digests = digests[:valid]
+        n = valid * self.chunk_tokens
+        self.last_restore = RestoreInfo(n, plan, r if valid else 0, sources, time.perf_counter() - t0)
+        if valid == 0:
+            return new_cache(self.model), 0
+        return cache, n
+
+    def _stored_prefix(self, digests: list[str]) -> tuple[str, int]:
+        """The plan and number of leading chunks that have a valid manifest of one plan."""
+        m = 0
+        for d in digests:
+            if manifest_key(self.namespace, d) not in self.store:
+                break
+            m += 1
+        if m == 0:
+            return "", 0
+        manifests = [Manifest.decode(t) for t in self.store.get_many([manifest_key(self.namespace, d) for d in digests[:m]])]
+        dtype = str(self.dtype).replace("torch.", "")
+        plan = None
+        for i, man in enumerate(manifests):
+            ok = (
+                man is not None
+                and man.fingerprint == self.fingerprint
+                and man.chunk_tokens == self.chunk_tokens
+                and man.dtype == dtype
+                and len(man.plan) == self.num_layers
+                and (plan is None or man.plan == plan)
+                and (self.projector is not None or HIDDEN not in man.plan)
+            )
+            if not ok:
+                if man is not None and man.fingerprint != self.fingerprint:
+                    log.warning("restore: chunk %d was saved by another model; ignored", i)
+                return (plan or "", i)
+            plan = man.plan
+        return plan, m
+
+    def _plan_restore(self, plan: str, digests: list[str], n: int) -> tuple[int, dict[str, int]]:
+        """How many leading layers to recompute, and how many bytes each tier will deliver."""
+        keys, sizes = [], []
+        for l, kind in enumerate(plan):
+            if kind == RECOMPUTE:
+                continue
+            per_chunk = self._entry_bytes_per_token(l, kind) * self.chunk_tokens
+            for d in digests:
+                keys.append(layer_key(self.namespace, d, "h" if kind == HIDDEN else "kv", l))
+                sizes.append(per_chunk)
+        sources: dict[str, int] = {}
+        for where, size in zip(self.store.locate(keys), sizes):
+            sources[where or "missing"] = sources.get(where or "missing", 0) + size
+        r = min_recompute(plan)
+        if self.method == "auto":
+            known = {s: b for s, b in sources.items() if s in self.profile.read_bytes_per_s}
+            bw = effective_bandwidth(self.profile, known)
+            r = choose_recompute_layers(self.profile, plan, n, bw).recompute_layers
+        return r, sources
+
+    def _run_restore(self, ids: torch.Tensor, cache, plan: str, r: int, digests: list[str]) -> int:
+        """Fill `cache` for ids; returns the number of leading chunks valid in every layer."""
+        m = len(digests)
+        reads = [
+            LayerRead(l, kind, [layer_key(self.namespace, d, "h" if kind == HIDDEN else "kv", l) for d in digests],
+                      self._chunk_shape(l, kind))
+            for l, kind in enumerate(plan) if l >= r
+        ]
+        loader = LayerLoader(self.store, reads, self.dtype, self.device, depth=self.pipeline_depth).start()
+        valid = m
+        try:
+            if r:
+                self._recompute_prefix(ids, cache, r)
+            positions = torch.arange(ids.shape[1], device=self.device).unsqueeze(0)
+            for i, read in enumerate(reads):
+                loaded = loader.get(i)
+                valid = min(valid, loaded.valid_chunks)
+                if valid == 0:
+                    loader.release(i)
+                    break
+                rows = valid * self.chunk_tokens
+                if read.kind == HIDDEN:
+                    hidden = loaded.data[:valid].reshape(1, rows, -1)
+                    k, v = self.projector.project(read.layer, hidden, positions[:, :rows])
+                else:
+                    kv = loaded.data[:valid]  # [chunks, 2, kv_heads, C, head_dim]
+                    k = kv[:, 0].permute(1, 0, 2, 3).reshape(1, kv.shape[2], rows, kv.shape[-1])
+                    v = kv[:, 1].permute(1, 0, 2, 3).reshape(1, kv.shape[2], rows, kv.shape[-1])
+                    k, v = k.contiguous(), v.contiguous()
+                fill_layer(cache, read.layer, k, v)
+                loader.release(i)
+        finally:
+            loader.close()
+        return valid
+
+    def _recompute_prefix(self, ids: torch.Tensor, cache, layers: int) -> None:
+        """Run the model from tokens through its first `layers` decoder layers, filling `cache`."""
+        hook = None
+        if layers < self.num_layers:
+            def stop(module, args, kwargs):
+                raise _StopForward
+
+            hook = self.decoder_layers[layers].register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            self.model.base_model(input_ids=ids, use_cache=True, **{self._base_cache_kw: cache})
+        except _StopForward:
+            pass
+        finally:
+            if hook is not None:
+                hook.remove()
+
+    # ------------------------------------------------------------------ shapes
+    def _kv_heads_and_dim(self, layer: int) -> tuple[int, int]:
+        if self.projector is not None:
+            return self.projector.num_kv_heads(layer), self.projector.head_dim(layer)
+        cfg = self.model.config
+        heads = cfg.num_attention_heads
+        kv = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return kv, head_dim
+
+    def _chunk_shape(self, layer: int, kind: str) -> tuple[int, ...]:
+        if kind == HIDDEN:
+            return (self.chunk_tokens, self.projector.hidden_size)
+        kv, hd = self._kv_heads_and_dim(layer)
+        return (2, kv, self.chunk_tokens, hd)
+
+    def _entry_bytes_per_token(self, layer: int, kind: str) -> int:
+        if kind == RECOMPUTE:
+            return 0
+        shape = self._chunk_shape(layer, kind)
+        n = 1
+        for d in shape:
+            n *= d
+        return n * torch.empty(0, dtype=self.dtype).element_size() // self.chunk_tokens
+
+
+def _truncate(cache, n: int) -> None:
+    """Keep only the first n positions of every filled layer."""
+    for layer in cache.layers:
+        if getattr(layer, "is_initialized", False) and getattr(layer, "keys", None) is not None and layer.keys.numel():
+            layer.keys = layer.keys[..., :n, :]
+            layer.values = layer.values[..., :n, :]
+
+
+def _find_decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder layers of a model without a projector: its ModuleList of num_hidden_layers blocks."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for module in model.base_model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return list(module)
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")

@@ -1,0 +1,46 @@
+"""The per-chunk manifest: which representation each layer was saved in.
+
+The plan chosen at save time (hidden state, K/V, or nothing because the layer
+is recomputed) is stored with the state, so a restore never guesses. A chunk's
+manifest is written after all of its layer entries; restore still checks every
+entry, because after a crash any subset may be durable.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+
+HIDDEN, KV, RECOMPUTE = "H", "K", "R"
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Manifest:
+    fingerprint: str
+    plan: str  # one letter per layer: H, K or R
+    chunk_tokens: int
+    dtype: str
+    format: int = FORMAT
+
+    def __post_init__(self):
+        if set(self.plan) - {HIDDEN, KV, RECOMPUTE}:
+            raise ValueError(f"bad plan {self.plan!r}")
+
+    def encode(self) -> torch.Tensor:
+        raw = json.dumps(asdict(self), sort_keys=True).encode()
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+    @classmethod
+    def decode(cls, t: torch.Tensor | None) -> "Manifest | None":
+        """None for anything that is not a manifest of this format."""
+        if t is None or t.dtype != torch.uint8 or t.dim() != 1:
+            return None
+        try:
+            d = json.loads(bytes(t.cpu().numpy()).decode())
+            if d.get("format") != FORMAT:
+                return None
+            return cls(**d)
+        except (ValueError, TypeError, UnicodeDecodeError):
+            return None

@@ -1,0 +1,206 @@
+"""Restoring a stored prefix into a transformers cache, layer-pipelined.
+
+A `LayerLoader` thread reads each loaded layer's chunks from the store into a
+ring of `depth` buffers on the compute device (memory tiers: straight copies on
+a copy stream; NVMe: io_uring into pinned staging, then one host-to-device
+copy), while the caller's thread recomputes the leading layers from tokens and
+then projects (hidden state) or reshapes (K/V) each layer as its data arrives.
+I/O and compute overlap; a buffer is reused only after the compute that read it
+has finished (events on a GPU, a semaphore on the CPU), and a pinned staging
+buffer only after its copy to the GPU has finished.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from hstore.buffers import ALIGN, align_up, aligned_empty, cuda_available
+from hstore.errors import HStoreError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerRead:
+    """What to load for one layer: the store keys of its chunks and one chunk's shape."""
+
+    layer: int
+    kind: str  # "H" or "K"
+    keys: list[str]
+    chunk_shape: tuple[int, ...]
+
+
+@dataclass
+class LoadedLayer:
+    data: torch.Tensor  # [valid_chunks, *chunk_shape] on the compute device
+    valid_chunks: int  # chunks read and verified, from the first; the rest is not usable
+
+
+class LayerLoader:
+    """Background reader that stays at most `depth` layers ahead of the consumer."""
+
+    def __init__(self, store, reads: list[LayerRead], dtype: torch.dtype, device: torch.device, *, depth: int = 3):
+        self.store = store
+        self.reads = reads
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.depth = max(1, min(depth, len(reads))) if reads else 1
+        n_chunks = max((len(r.keys) for r in reads), default=0)
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        chunk_bytes = max((_numel(r.chunk_shape) * itemsize for r in reads), default=0)
+        self._slot_bytes = align_up(max(n_chunks * chunk_bytes, 1), ALIGN)
+        self._slots = [self._new_slot() for _ in range(self.depth)]
+        self._staging: list[torch.Tensor | None] = [None] * self.depth
+        self._staging_event: list = [None] * self.depth
+        self._free_event: list = [None] * self.depth  # compute finished with the slot (GPU)
+        self._results: dict[int, LoadedLayer | BaseException] = {}
+        self._cv = threading.Condition()
+        self._credits = threading.Semaphore(self.depth)
+        self._stop = False
+        self.stream = torch.cuda.Stream(device=self.device) if self.cuda else None
+        self._events: dict[int, object] = {}
+        self._thread = threading.Thread(target=self._run, name="hcache-loader", daemon=True)
+
+    def _new_slot(self) -> torch.Tensor:
+        if self.cuda:
+            return torch.empty(self._slot_bytes, dtype=torch.uint8, device=self.device)
+        return aligned_empty(self._slot_bytes, pin=False)
+
+    def start(self) -> "LayerLoader":
+        if self.reads:
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        for _ in range(self.depth):
+            self._credits.release()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    # -- consumer side -------------------------------------------------------------
+    def get(self, i: int) -> LoadedLayer:
+        """Layer `i` of `reads` (blocks until read); on a GPU the current stream waits for its copy."""
+        with self._cv:
+            while i not in self._results:
+                self._cv.wait()
+            result = self._results.pop(i)
+        if isinstance(result, BaseException):
+            raise result
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(self._events.pop(i))
+        return result
+
+    def release(self, i: int) -> None:
+        """The consumer has queued all work that reads layer `i`'s buffer."""
+        if self.cuda:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.device))
+            self._free_event[i % self.depth] = ev
+        self._credits.release()
+
+    # -- loader thread -------------------------------------------------------------
+    def _run(self) -> None:
+        for i, read in enumerate(self.reads):
+            self._credits.acquire()
+            if self._stop:
+                return
+            try:
+                result = self._load(i, read)
+            except BaseException as e:  # handed to the consumer, which re-raises
+                result = e
+            with self._cv:
+                self._results[i] = result
+                self._cv.notify_all()
+
+    def _load(self, i: int, read: LayerRead) -> LoadedLayer:
+        slot = i % self.depth
+        m = len(read.keys)
+        buf = self._slots[slot][: m * _numel(read.chunk_shape) * _itemsize(self.dtype)]
+        data = buf.view(self.dtype).view(m, *read.chunk_shape)
+        outs = [data[c] for c in range(m)]
+        if not self.cuda:
+            found = _read(self.store, read.keys, outs)
+            return LoadedLayer(data, _prefix_len(found))
+        with torch.cuda.stream(self.stream):
+            if self._free_event[slot] is not None:
+                self.stream.wait_event(self._free_event[slot])
+            where = self.store.locate(read.keys)
+            found = [False] * m
+            in_memory = [c for c in range(m) if where[c] in ("gpu", "dram")]
+            if in_memory:
+                ok = _read(self.store, [read.keys[c] for c in in_memory], [outs[c] for c in in_memory], non_blocking=True)
+                for c, f in zip(in_memory, ok):
+                    found[c] = f
+            on_disk = [c for c in range(m) if where[c] == "nvme"]
+            if on_disk:
+                self._read_through_staging(slot, read, data, on_disk, found)
+            ev = torch.cuda.Event()
+            ev.record(self.stream)
+        self._events[i] = ev
+        return LoadedLayer(data, _prefix_len(found))
+
+    def _read_through_staging(self, slot, read: LayerRead, data: torch.Tensor, chunks: list[int], found: list[bool]) -> None:
+        """NVMe -> pinned staging (DMA, verified) -> one async copy per run of consecutive chunks."""
+        if self._staging_event[slot] is not None:
+            self._staging_event[slot].synchronize()  # never overwrite staging still being copied (vLLM #45704)
+        if self._staging[slot] is None:
+            self._staging[slot] = aligned_empty(self._slot_bytes, pin=cuda_available())
+        staging = self._staging[slot][: data.numel() * data.element_size()].view(self.dtype).view(data.shape)
+        ok = _read(self.store, [read.keys[c] for c in chunks], [staging[c] for c in chunks])
+        good = [c for c, f in zip(chunks, ok) if f]
+        for c in good:
+            found[c] = True
+        for a, b in _runs(good):
+            data[a:b].copy_(staging[a:b], non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record(self.stream)
+        self._staging_event[slot] = ev
+
+
+def _read(store, keys, outs, non_blocking: bool = False) -> list[bool]:
+    """get_many_into that turns a shape/dtype mismatch into misses (a foreign or stale entry)."""
+    try:
+        return store.get_many_into(keys, outs, non_blocking=non_blocking, promote=False)
+    except HStoreError as e:
+        log.warning("restore: %s; treating these chunks as missing", e)
+        return [False] * len(keys)
+
+
+def _runs(sorted_idx: list[int]) -> list[tuple[int, int]]:
+    runs, start, prev = [], None, None
+    for c in sorted_idx:
+        if start is None:
+            start = prev = c
+        elif c == prev + 1:
+            prev = c
+        else:
+            runs.append((start, prev + 1))
+            start = prev = c
+    if start is not None:
+        runs.append((start, prev + 1))
+    return runs
+
+
+def _prefix_len(found: list[bool]) -> int:
+    for i, f in enumerate(found):
+        if not f:
+            return i
+    return len(found)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()

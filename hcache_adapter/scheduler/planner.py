@@ -1,0 +1,103 @@
+"""The bubble-free scheduler: pure functions from a hardware profile to a plan.
+
+Restoring a layer costs I/O (its hidden state or its K/V crossing from a tier
+to the compute device) and compute (projecting a hidden state, or recomputing
+the layer from tokens). I/O and compute run on different engines, layer by
+layer, so a restore takes about max(total I/O, total compute) plus one layer of
+pipeline fill. HCache's scheduler picks per layer how state is saved (hidden
+"H" or K/V "K") and how many leading layers are recomputed from tokens instead
+of loaded, so the two sides finish together.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hcache_adapter.manifest import HIDDEN, KV, RECOMPUTE
+from hcache_adapter.scheduler.profile import Profile
+
+
+@dataclass(frozen=True)
+class RestoreEstimate:
+    recompute_layers: int
+    io_s: float
+    compute_s: float
+    total_s: float
+
+
+def min_recompute(plan: str) -> int:
+    """Layers saved as "R" are recomputed, and recomputation runs from layer 0: r >= last R + 1."""
+    last = plan.rfind(RECOMPUTE)
+    return last + 1
+
+
+def estimate(
+    profile: Profile, plan: str, recompute_layers: int, n_tokens: int, bytes_per_s: float, *, depth: int = 4
+) -> RestoreEstimate:
+    """Predicted restore time of `n_tokens` when the first `recompute_layers` are recomputed.
+
+    Simulates the two-engine pipeline: the I/O engine loads layers r, r+1, ...
+    back to back, at most `depth` layers ahead of the compute engine; the
+    compute engine first recomputes layers 0..r-1 from tokens, then projects
+    each loaded hidden-state layer once its data has arrived (K/V layers need
+    no compute).
+    """
+    r = recompute_layers
+    if r < min_recompute(plan):
+        raise ValueError(f"plan {plan!r} needs at least {min_recompute(plan)} recomputed layers")
+    rec = profile.recompute_seconds(n_tokens)
+    proj = profile.project_seconds(n_tokens)
+    loaded = plan[r:]
+    io_cost = [(profile.hidden_bytes_per_token if k == HIDDEN else profile.kv_bytes_per_token) * n_tokens / bytes_per_s
+               for k in loaded]
+    comp_cost = [proj if k == HIDDEN else 0.0 for k in loaded]
+    io_done: list[float] = []
+    comp_done: list[float] = []
+    io_t, comp_t = 0.0, r * rec
+    for i in range(len(loaded)):
+        start = io_t if i < depth else max(io_t, comp_done[i - depth])
+        io_t = start + io_cost[i]
+        io_done.append(io_t)
+        comp_t = max(comp_t, io_t) + comp_cost[i]
+        comp_done.append(comp_t)
+    total = max(comp_t, io_t)
+    return RestoreEstimate(r, sum(io_cost), r * rec + sum(comp_cost), total)
+
+
+def choose_recompute_layers(profile: Profile, plan: str, n_tokens: int, bytes_per_s: float) -> RestoreEstimate:
+    """The number of leading layers to recompute that minimises the estimated restore time."""
+    best = None
+    for r in range(min_recompute(plan), len(plan) + 1):
+        est = estimate(profile, plan, r, n_tokens, bytes_per_s)
+        if best is None or est.total_s < best.total_s - 1e-12:
+            best = est
+    return best
+
+
+def choose_save_plan(profile: Profile, n_tokens: int = 4096, sources: tuple[str, ...] | None = None) -> str:
+    """Per-layer representation to save ("H"/"K"), best on average over the tiers state may be restored from.
+
+    Every layer is saved (none as "R"), so a restore can still choose how much to
+    recompute depending on where the state actually is (DRAM or NVMe). With
+    multi-head attention hidden states are half of K+V and win; with strong GQA
+    K+V are smaller than the hidden state and need no compute, so they win.
+    """
+    sources = sources or tuple(profile.read_bytes_per_s)
+    L = profile.n_layers
+    best_plan, best_cost = None, None
+    for h in range(L + 1):  # h layers saved as hidden states, the rest as K/V
+        plan = KV * (L - h) + HIDDEN * h
+        cost = sum(
+            choose_recompute_layers(profile, plan, n_tokens, profile.read_bytes_per_s[s]).total_s for s in sources
+        )
+        if best_cost is None or cost < best_cost - 1e-12:
+            best_plan, best_cost = plan, cost
+    return best_plan
+
+
+def effective_bandwidth(profile: Profile, bytes_by_source: dict[str, int]) -> float:
+    """Bandwidth of a read spread over several tiers (they are read one after the other in the worst case)."""
+    total = sum(bytes_by_source.values())
+    if total == 0:
+        return max(profile.read_bytes_per_s.values())
+    seconds = sum(b / profile.read_bytes_per_s[s] for s, b in bytes_by_source.items() if b)
+    return total / seconds

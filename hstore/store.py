@@ -1,0 +1,885 @@
+"""TieredStore: a dict-like store of tensors over GPU, host-DRAM and NVMe tiers.
+
+The store composes tiers and policies and owns nothing tier-specific (navy's
+hybrid cache). Its rules:
+
+* `put` lands in DRAM and returns; a background flusher writes batches to NVMe
+  (two-stage saving). An item's DRAM copy is never dropped before it is on NVMe
+  (unless NVMe admission declined it: then DRAM is its only home).
+* Reads look in GPU, then DRAM, then NVMe, and may promote what they find.
+* The LMDB index is written only after the data it points at is durable, and
+  every NVMe read is checked against the checksum kept in the index: after a
+  crash a key is served exactly as put, or it is a miss.
+* A location being read is pinned; space is freed only when no reader holds it.
+
+Locks: `_lock` guards the in-memory maps and is held only briefly; `_index_lock`
+serialises index mutations (flusher commits, deletes, NVMe evictions) and is
+always taken before `_lock`. I/O happens with neither held where possible.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from hstore.buffers import as_bytes, cuda_available
+from hstore.config import StoreConfig
+from hstore.errors import (
+    CapacityError,
+    InvalidItemError,
+    StoreClosedError,
+    StoreConfigError,
+    StoreIOError,
+    StoreLockedError,
+    TierFullError,
+)
+from hstore.index import Index, IndexEntry
+from hstore.io import make_engine
+from hstore.policy import make_admission_policy, make_eviction_policy, make_placement_policy
+from hstore.record import DTYPE_TO_CODE, MAX_NDIM
+from hstore.stats import StoreStats
+from hstore.tiers.base import Location, ReadStatus, Tier, WriteItem
+from hstore.tiers.memory import DramTier, GpuTier, MemoryTier
+from hstore.tiers.nvme import NvmeTier
+
+log = logging.getLogger(__name__)
+
+_META_KEY = "layout"
+
+
+def normalize_key(key: str | bytes) -> bytes:
+    """Keys are bytes; str keys are UTF-8 encoded (so "a" and b"a" are the same key)."""
+    if isinstance(key, str):
+        return key.encode("utf-8")
+    if isinstance(key, (bytes, bytearray, memoryview)):
+        return bytes(key)
+    raise InvalidItemError(f"keys must be str or bytes, not {type(key).__name__}")
+
+
+@dataclass(eq=False, slots=True)
+class _Entry:
+    """The store's view of one key: its metadata and the copy held by each tier."""
+
+    key: bytes
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+    seq: int
+    cost: float | None = None
+    gpu: Location | None = None
+    dram: Location | None = None
+    durable: Location | None = None  # the NVMe record the index points at
+    dirty: bool = False  # the DRAM copy is newer than `durable` and must be flushed
+    flushing: bool = False
+    ready: object = None  # CUDA event of a pending device-to-host copy into `dram`
+    created: float = 0.0
+    atime: float = 0.0
+    hits: int = 0
+    stats_changed: bool = False
+
+    def has_copy(self) -> bool:
+        return self.gpu is not None or self.dram is not None or self.durable is not None
+
+
+@dataclass
+class _DeferredUnpin:
+    """Locations a non-blocking copy reads from; unpinned once `event` completes."""
+
+    event: object
+    locs: list[Location] = field(default_factory=list)
+
+
+class TieredStore:
+    """A tensor store over GPU memory, pinned host DRAM and NVMe.
+
+    >>> with TieredStore(StoreConfig(root="/tmp/hs", nvme_bytes=1 << 30)) as store:
+    ...     store.put("k", torch.ones(3))
+    ...     store.get("k")
+    """
+
+    def __init__(self, config: StoreConfig | None = None, **overrides):
+        if config is None:
+            config = StoreConfig(**overrides)
+        elif overrides:
+            raise TypeError("pass either a StoreConfig or keyword overrides, not both")
+        self.config = config
+        self._closed = True
+        self._lock = threading.RLock()
+        self._cv = threading.Condition(self._lock)
+        self._index_lock = threading.Lock()
+        self._entries: dict[bytes, _Entry] = {}
+        self._dirty: dict[bytes, _Entry] = {}  # insertion order = flush order
+        self._pins: Counter[Location] = Counter()
+        self._pending_free: dict[Location, Tier] = {}
+        self._deferred: list[_DeferredUnpin] = []
+        self._seq = 0
+        self._stats = StoreStats()
+        self._last_flush_error: BaseException | None = None
+        self._d2h_streams: dict[int, object] = {}
+        self._lock_fd = -1
+        self._index: Index | None = None
+        self._engine = None
+        self.gpu: GpuTier | None = None
+        self.nvme: NvmeTier | None = None
+        self.dram: DramTier | None = None
+        self._flusher = None
+        try:
+            self._open()
+        except BaseException:
+            self._teardown()
+            raise
+        self._closed = False
+        from hstore.flusher import Flusher
+
+        if self.nvme is not None:
+            self._flusher = Flusher(self)
+            self._flusher.start()
+
+    # ------------------------------------------------------------------ opening
+    def _open(self) -> None:
+        cfg = self.config
+        root = Path(cfg.root)
+        root.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(root / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._lock_fd, 64, 0).decode(errors="replace").strip()
+            raise StoreLockedError(f"the store at {root} is open in another process (pid {holder or '?'})") from None
+        os.ftruncate(self._lock_fd, 0)
+        os.pwrite(self._lock_fd, str(os.getpid()).encode(), 0)
+
+        self._index = Index(root / "index", map_size=cfg.index_map_bytes, sync=cfg.sync)
+        dirs = [str(p.resolve()) for p in cfg.nvme_paths]
+        meta = self._index.meta_get(_META_KEY)
+        if meta is not None:
+            saved = json.loads(meta)
+            if saved["nvme_dirs"] and dirs and saved["nvme_dirs"] != dirs:
+                raise StoreConfigError(
+                    f"the store at {root} keeps its NVMe data in {saved['nvme_dirs']}, the config names {dirs}"
+                )
+            if saved["nvme_dirs"] and not dirs and len(self._index):
+                raise StoreConfigError(
+                    f"the store at {root} holds {len(self._index)} items on NVMe; open it with nvme_bytes > 0"
+                )
+        if dirs:
+            self._index.meta_put(_META_KEY, json.dumps({"format": 1, "nvme_dirs": dirs}).encode())
+
+        self._eviction = {name: self._make_eviction() for name in ("gpu", "dram", "nvme")}
+        pin = cfg.pin_dram if cfg.pin_dram is not None else cuda_available()
+        self.dram = DramTier(cfg.dram_bytes, pin=pin)
+        if cfg.gpu_bytes:
+            self.gpu = GpuTier(cfg.gpu_bytes, cfg.gpu_device)
+        if dirs:
+            self._admission = make_admission_policy(cfg.admission)
+            self._engine = make_engine(cfg.io_engine, queue_depth=cfg.queue_depth, workers=cfg.io_threads)
+            self.nvme = NvmeTier(
+                cfg.nvme_paths, cfg.nvme_bytes, self._engine, make_placement_policy(cfg.placement),
+                sync=cfg.sync, verify=cfg.verify_reads,
+            )
+            self._load_index()
+
+    def _make_eviction(self):
+        spec = self.config.eviction
+        if callable(spec) and not isinstance(spec, str):
+            return spec()
+        return make_eviction_policy(spec)
+
+    def _load_index(self) -> None:
+        """Rebuild the in-memory map and the NVMe free-space map from the durable index."""
+        loaded, bad = [], []
+        for ie in self._index.items():
+            loc = Location("nvme", ie.device, ie.offset, ie.length, ie.nbytes, ie.checksum)
+            if loc.length != self.nvme.footprint(ie.nbytes) or not self.nvme.reserve(loc):
+                bad.append(ie.key)
+                continue
+            e = _Entry(ie.key, ie.dtype, ie.shape, ie.nbytes, 0, durable=loc,
+                       created=ie.created, atime=ie.atime, hits=ie.hits)
+            self._entries[ie.key] = e
+            loaded.append(e)
+        for e in sorted(loaded, key=lambda e: e.atime):
+            self._eviction["nvme"].insert(e.key, e.durable.length, e.cost)
+        if bad:
+            log.warning("dropping %d index entries that point outside the NVMe files or overlap", len(bad))
+            self._index.delete_many(bad)
+        log.info("opened %s: %d items on NVMe", self.config.root, len(loaded))
+
+    # ------------------------------------------------------------------ public API
+    def put(self, key: str | bytes, tensor: torch.Tensor, *, cost: float | None = None, non_blocking: bool = False) -> None:
+        """Store `tensor` under `key` (replacing any previous value). Returns once it is in DRAM.
+
+        `cost` is an optional restore-cost hint for cost-aware eviction.
+        `non_blocking=True` with a CUDA tensor copies to DRAM on a side stream
+        and returns at once; the caller must not modify the tensor afterwards
+        (its memory is kept alive by the store until the copy ends).
+        """
+        k = normalize_key(key)
+        src = self._validate_tensor(tensor)
+        nbytes = src.numel() * src.element_size()
+        if self.dram.footprint(nbytes) > self.dram.capacity:
+            raise CapacityError(
+                f"an item of {nbytes} bytes cannot fit the DRAM tier ({self.dram.capacity} bytes); raise dram_bytes"
+            )
+        admitted = (
+            self.nvme is not None
+            and self.nvme.footprint(nbytes) <= self.nvme.capacity // 2
+            and self._admission.admit(k, nbytes, cost)
+        )
+        loc = self._reserve_dram(nbytes)
+        try:
+            ready = self._copy_in(self.dram.view(loc), src, non_blocking)
+        except BaseException:
+            self.dram.free(loc)
+            raise
+        now = time.time()
+        with self._cv:
+            if self._closed:
+                self.dram.free(loc)
+                raise StoreClosedError("the store is closed")
+            self._seq += 1
+            e = _Entry(k, src.dtype, tuple(src.shape), nbytes, self._seq, cost, dram=loc, ready=ready,
+                       dirty=admitted, created=now, atime=now)
+            old = self._entries.get(k)
+            if old is not None:
+                e.durable = old.durable  # still what the index holds, until `e` is flushed
+                self._drop_volatile(old)
+                if self._dirty.get(k) is old:
+                    del self._dirty[k]
+            self._entries[k] = e
+            self._eviction["dram"].insert(k, loc.length, cost)
+            if admitted:
+                self._dirty[k] = e
+                self._cv.notify_all()
+            st = self._stats
+            st.puts += 1
+            st.bytes_put += nbytes
+            st.tier("dram").bytes_written += nbytes
+
+    def get(self, key: str | bytes, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """The tensor stored under `key` (a new tensor on `device`), or None on a miss."""
+        return self.get_many([key], device=device)[0]
+
+    def get_many(self, keys: Sequence[str | bytes], device: torch.device | str = "cpu") -> list[torch.Tensor | None]:
+        """Batched `get`: NVMe reads for all keys are issued together."""
+        device = torch.device(device)
+        ks = [normalize_key(k) for k in keys]
+        with self._lock:
+            self._check_open()
+            metas = [self._entries.get(k) for k in ks]
+        outs = [torch.empty(e.shape, dtype=e.dtype, device=device) if e is not None else None for e in metas]
+        present = [i for i, o in enumerate(outs) if o is not None]
+        found = self._read_into([ks[i] for i in present], [outs[i] for i in present], expect=[metas[i] for i in present])
+        result: list[torch.Tensor | None] = [None] * len(ks)
+        for i, ok in zip(present, found):
+            result[i] = outs[i] if ok else None
+        missing = len(ks) - len(present)
+        if missing:
+            with self._lock:
+                self._stats.gets += missing
+                self._stats.misses += missing
+                for name in self._tier_names():
+                    self._stats.tier(name).misses += missing
+        return result
+
+    def get_into(self, key: str | bytes, out: torch.Tensor) -> bool:
+        """Copy the value of `key` into `out` (same dtype and number of elements); False on a miss."""
+        return self.get_many_into([key], [out])[0]
+
+    def get_many_into(
+        self,
+        keys: Sequence[str | bytes],
+        outs: Sequence[torch.Tensor],
+        *,
+        non_blocking: bool = False,
+        promote: bool | None = None,
+    ) -> list[bool]:
+        """Read many items straight into preallocated buffers (pinned host or GPU).
+
+        NVMe reads are issued as one batch and verified before this returns.
+        Copies from memory tiers honour `non_blocking`: they are queued on the
+        current CUDA stream and the source stays pinned until they complete, so
+        the caller may synchronise the stream later. CPU-aligned outputs are
+        filled by DMA with no bounce copy. `promote=None` follows the config.
+        """
+        if len(keys) != len(outs):
+            raise ValueError("keys and outs must have the same length")
+        ks = [normalize_key(k) for k in keys]
+        return self._read_into(ks, list(outs), non_blocking=non_blocking, promote=promote)
+
+    def locate(self, keys: Iterable[str | bytes]) -> list[str | None]:
+        """The tier a read of each key would be served from ("gpu", "dram", "nvme") or None."""
+        with self._lock:
+            self._check_open()
+            return [self._source(self._entries.get(normalize_key(k))) for k in keys]
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            k = normalize_key(key)  # type: ignore[arg-type]
+        except InvalidItemError:
+            return False
+        with self._lock:
+            self._check_open()
+            return k in self._entries
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._check_open()
+            return len(self._entries)
+
+    def keys(self) -> list[bytes]:
+        with self._lock:
+            self._check_open()
+            return list(self._entries)
+
+    def delete(self, key: str | bytes) -> bool:
+        """Remove `key` from every tier (and the index). True if it was present."""
+        k = normalize_key(key)
+        with self._index_lock:
+            with self._lock:
+                self._check_open()
+                e = self._entries.pop(k, None)
+                if e is None:
+                    return False
+                self._stats.deletes += 1
+                self._drop_volatile(e)
+                if self._dirty.get(k) is e:
+                    del self._dirty[k]
+                dloc = e.durable
+                self._eviction["nvme"].remove(k)
+            if dloc is not None:
+                self._index.delete_many([k])
+                with self._lock:
+                    e.durable = None
+                    self._release(self.nvme, dloc)
+        return True
+
+    def drop_cached(self, keys: Iterable[str | bytes] | None = None) -> int:
+        """Drop the GPU/DRAM copies of items that are durable on NVMe (all items when `keys` is None).
+
+        Nothing is lost: later reads come from NVMe. Benchmarks use it to measure
+        cold reads; callers can use it to make room ahead of a burst. Dirty items
+        keep their DRAM copy (flush first to drop them too). Returns how many
+        copies were dropped.
+        """
+        with self._lock:
+            self._check_open()
+            ks = list(self._entries) if keys is None else [normalize_key(k) for k in keys]
+            dropped = 0
+            for k in ks:
+                e = self._entries.get(k)
+                if e is None or e.durable is None or e.dirty:
+                    continue
+                for name in ("gpu", "dram"):
+                    if getattr(e, name) is not None:
+                        dropped += 1
+                self._drop_volatile(e)
+            return dropped
+
+    def flush(self) -> None:
+        """Return once everything put before this call is durable on NVMe.
+
+        Raises StoreIOError if the flusher fails while this call waits. A store
+        without an NVMe tier has nothing to flush.
+        """
+        if self.nvme is None:
+            with self._lock:
+                self._check_open()
+            return
+        with self._cv:
+            self._check_open()
+            target = self._seq
+            failures = self._stats.flush_failures
+            self._cv.notify_all()
+            while True:
+                oldest = next(iter(self._dirty.values()), None)
+                if oldest is None or oldest.seq > target:
+                    return
+                if self._stats.flush_failures > failures:
+                    raise StoreIOError(f"flush failed: {self._last_flush_error}", getattr(self._last_flush_error, "errno", 0) or 0)
+                if self._closed:
+                    raise StoreClosedError("the store was closed during flush")
+                self._cv.wait(0.05)
+
+    def stats(self) -> dict:
+        """Counters (hits/misses per tier, bytes moved, evictions, corrupt chunks, ...) and occupancy."""
+        with self._lock:
+            snap = self._stats.snapshot()
+            for name, tier in self._tiers():
+                t = snap["tiers"].setdefault(name, {})
+                t.update(capacity=tier.capacity, used=tier.used, items=len(self._eviction[name]))
+            snap["items"] = len(self._entries)
+            snap["dirty_items"] = len(self._dirty)
+            snap["dirty_bytes"] = sum(e.nbytes for e in self._dirty.values())
+            snap["io_engine"] = getattr(self._engine, "name", None)
+            return snap
+
+    def close(self) -> None:
+        """Flush what is dirty (best effort), persist access statistics, release everything."""
+        with self._cv:
+            if self._closed:
+                return
+            self._closed = True
+            self._cv.notify_all()
+        if self._flusher is not None:
+            self._flusher.stop()
+        self._finish_deferred(wait=True)
+        if self._index is not None and self.nvme is not None:
+            changed = [self._index_entry(e, e.durable) for e in self._entries.values() if e.stats_changed and e.durable]
+            try:
+                self._index.put_many(changed)
+            except StoreIOError as e:
+                log.warning("could not persist access statistics: %s", e)
+        self._teardown()
+
+    def __enter__(self) -> "TieredStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # ------------------------------------------------------------------ reads
+    def _read_into(self, ks, outs, *, non_blocking=False, promote=None, expect=None) -> list[bool]:
+        promote = self.config.promote_on_hit if promote is None else promote
+        n = len(ks)
+        found = [False] * n
+        plan: list[tuple[int, _Entry, str, Location]] = []
+        now = time.time()
+        with self._lock:
+            self._check_open()
+            self._finish_deferred(wait=False)
+            st = self._stats
+            for i, k in enumerate(ks):
+                e = self._entries.get(k)
+                if e is None or (expect is not None and e is not expect[i]):
+                    if expect is None:  # get_many counts its own misses
+                        st.gets += 1
+                        st.misses += 1
+                        for name in self._tier_names():
+                            st.tier(name).misses += 1
+                    elif e is None:
+                        st.gets += 1
+                        st.misses += 1
+                    else:  # replaced since get_many sized its buffer: serve the new value only if it fits
+                        if e.nbytes != outs[i].numel() * outs[i].element_size():
+                            st.gets += 1
+                            st.misses += 1
+                            continue
+                    if e is None:
+                        continue
+                self._check_out(e, outs[i])
+                src = self._source(e)
+                loc = getattr(e, "durable" if src == "nvme" else src)
+                self._pins[loc] += 1
+                plan.append((i, e, src, loc))
+                self._eviction[src].access(k)
+                e.atime, e.hits, e.stats_changed = now, e.hits + 1, True
+                st.gets += 1
+                st.hits += 1
+                for name in self._tier_names():
+                    if name == src:
+                        st.tier(name).hits += 1
+                        st.tier(name).bytes_read += e.nbytes
+                        break
+                    st.tier(name).misses += 1
+
+        mem = [p for p in plan if p[2] != "nvme"]
+        disk = [p for p in plan if p[2] == "nvme"]
+        deferred = _DeferredUnpin(None)
+        try:
+            for i, e, src, loc in mem:
+                if e.ready is not None:
+                    e.ready.synchronize()
+                view = self._tier(src).view(loc)
+                ob = as_bytes(outs[i])
+                nb = non_blocking and (ob.is_cuda or view.is_cuda)
+                ob.copy_(view, non_blocking=nb)
+                found[i] = True
+                if nb:
+                    deferred.locs.append(loc)
+            if deferred.locs:
+                deferred.event = torch.cuda.Event()
+                deferred.event.record()
+            if disk:
+                statuses = self.nvme.read_many([e.key for _, e, _, _ in disk], [loc for *_, loc in disk],
+                                               [outs[i] for i, *_ in disk])
+                for (i, e, _, loc), status in zip(disk, statuses):
+                    if status == ReadStatus.OK:
+                        found[i] = True
+                    else:
+                        self._on_bad_read(e, loc, status)
+        finally:
+            with self._lock:
+                for i, e, src, loc in plan:
+                    if loc not in deferred.locs:
+                        self._unpin(loc)
+                if deferred.locs:
+                    self._deferred.append(deferred)
+        if promote:
+            for i, e, src, loc in plan:
+                if not found[i]:
+                    continue
+                if src == "nvme":
+                    self._promote(e, "dram", outs[i])
+                if self.gpu is not None and src != "gpu" and outs[i].is_cuda:
+                    self._promote(e, "gpu", outs[i])
+        return found
+
+    def _on_bad_read(self, e: _Entry, loc: Location, status: ReadStatus) -> None:
+        """A corrupt or failed NVMe read: count it, log it, and drop the record (it becomes a miss)."""
+        with self._lock:
+            if status == ReadStatus.CORRUPT:
+                self._stats.corrupt_chunks += 1
+            else:
+                self._stats.io_errors += 1
+        log.error("%s chunk for key %r at nvme device %d offset %d: dropped",
+                  "corrupt" if status == ReadStatus.CORRUPT else "unreadable", e.key[:80], loc.device, loc.offset)
+        with self._index_lock:
+            with self._lock:
+                holders = self._holders(e, loc)
+                if not holders:
+                    return
+            self._index.delete_many([e.key])
+            with self._lock:
+                for h in holders:
+                    h.durable = None
+                self._release(self.nvme, loc)
+                self._forget_if_empty(e.key)
+
+    def _promote(self, e: _Entry, tier_name: str, src: torch.Tensor) -> None:
+        """Copy a just-read item into a faster tier if room can be made without waiting."""
+        tier = self._tier(tier_name)
+        with self._lock:
+            if self._closed or self._entries.get(e.key) is not e or getattr(e, tier_name) is not None:
+                return
+            loc = self._allocate_evicting(tier, e.nbytes)
+            if loc is None:
+                return
+            self._pins[loc] += 1
+        tier.view(loc).copy_(as_bytes(src))
+        with self._lock:
+            self._unpin(loc)
+            if self._entries.get(e.key) is e and getattr(e, tier_name) is None and not self._closed:
+                setattr(e, tier_name, loc)
+                self._eviction[tier_name].insert(e.key, loc.length, e.cost)
+                ts = self._stats.tier(tier_name)
+                ts.promotions += 1
+                ts.bytes_written += e.nbytes
+            else:
+                tier.free(loc)
+
+    # ------------------------------------------------------------------ writes
+    def _validate_tensor(self, tensor) -> torch.Tensor:
+        if not isinstance(tensor, torch.Tensor):
+            raise InvalidItemError(f"values must be torch.Tensor, not {type(tensor).__name__}")
+        if tensor.layout != torch.strided:
+            raise InvalidItemError(f"only dense tensors can be stored, not {tensor.layout}")
+        if tensor.device.type == "meta":
+            raise InvalidItemError("meta tensors hold no data")
+        if tensor.dtype not in DTYPE_TO_CODE:
+            raise InvalidItemError(f"dtype {tensor.dtype} cannot be stored")
+        if tensor.dim() > MAX_NDIM:
+            raise InvalidItemError(f"tensors of more than {MAX_NDIM} dimensions cannot be stored")
+        t = tensor.detach()
+        if t.is_conj() or t.is_neg():
+            t = t.resolve_conj().resolve_neg()
+        return t if t.is_contiguous() else t.contiguous()
+
+    def _copy_in(self, dst: torch.Tensor, src: torch.Tensor, non_blocking: bool):
+        """Copy `src` into a DRAM slot; returns a CUDA event when the copy is still in flight."""
+        src_b = as_bytes(src)
+        if not (non_blocking and src.is_cuda and self.dram.pinned):
+            dst.copy_(src_b)
+            return None
+        stream = self._d2h_streams.get(src.device.index)
+        if stream is None:
+            stream = self._d2h_streams[src.device.index] = torch.cuda.Stream(device=src.device)
+        stream.wait_stream(torch.cuda.current_stream(src.device))
+        with torch.cuda.stream(stream):
+            dst.copy_(src_b, non_blocking=True)
+            src_b.record_stream(stream)
+            event = torch.cuda.Event()
+            event.record(stream)
+        return event
+
+    def _reserve_dram(self, nbytes: int) -> Location:
+        """A DRAM slot for a put: evict clean items, else wait for the flusher (backpressure)."""
+        deadline = time.monotonic() + self.config.put_timeout_s
+        failures = self._stats.flush_failures
+        with self._cv:
+            while True:
+                self._check_open()
+                self._finish_deferred(wait=False)
+                loc = self._allocate_evicting(self.dram, nbytes)
+                if loc is not None:
+                    return loc
+                if self._stats.flush_failures > failures and self._last_flush_error is not None:
+                    raise StoreIOError(
+                        f"DRAM is full of unflushed data and the flusher is failing: {self._last_flush_error}",
+                        getattr(self._last_flush_error, "errno", 0) or 0,
+                    )
+                if time.monotonic() > deadline:
+                    raise TierFullError(
+                        f"DRAM tier full: no clean item to evict within {self.config.put_timeout_s}s "
+                        f"({len(self._dirty)} items wait to be flushed)"
+                    )
+                self._cv.notify_all()
+                self._cv.wait(0.05)
+
+    # ------------------------------------------------------------------ eviction (called with _lock held)
+    def _allocate_evicting(self, tier: MemoryTier, nbytes: int) -> Location | None:
+        while True:
+            loc = tier.allocate(nbytes)
+            if loc is not None or not self._evict_one(tier.name):
+                return loc
+
+    def _evict_one(self, tier_name: str) -> bool:
+        """Evict one item's copy from a memory tier; False when nothing can be evicted now."""
+        policy = self._eviction[tier_name]
+
+        def unevictable(k: bytes) -> bool:
+            e = self._entries.get(k)
+            if e is None:
+                return False
+            loc = getattr(e, tier_name)
+            return loc is None or loc in self._pins or (tier_name == "dram" and (e.dirty or e.ready is not None and not e.ready.query()))
+
+        victim = policy.pop_victim(skip=unevictable)
+        if victim is None:
+            return False
+        e = self._entries.get(victim)
+        loc = getattr(e, tier_name) if e is not None else None
+        if loc is None:
+            return True  # a stale policy entry; try again
+        stats = self._stats.tier(tier_name)
+        stats.evictions += 1
+        setattr(e, tier_name, None)
+        if tier_name == "gpu" and not e.has_copy() and self._demote_to_dram(e, loc):
+            stats.demotions += 1
+        self._tier(tier_name).free(loc)
+        self._forget_if_empty(victim)
+        return True
+
+    def _demote_to_dram(self, e: _Entry, gpu_loc: Location) -> bool:
+        """Write-back of a GPU item that has no other copy (instead of losing it)."""
+        loc = self._allocate_evicting(self.dram, e.nbytes)
+        if loc is None:
+            return False
+        self.dram.view(loc).copy_(self.gpu.view(gpu_loc))
+        e.dram = loc
+        self._eviction["dram"].insert(e.key, loc.length, e.cost)
+        admitted = self.nvme is not None and self.nvme.footprint(e.nbytes) <= self.nvme.capacity // 2
+        if admitted and self._dirty.get(e.key) is None:
+            e.dirty = True
+            self._dirty[e.key] = e
+            self._cv.notify_all()
+        return True
+
+    def _forget_if_empty(self, key: bytes) -> None:
+        e = self._entries.get(key)
+        if e is not None and not e.has_copy() and not e.dirty:
+            del self._entries[key]
+            self._stats.dropped += 1
+            for p in self._eviction.values():
+                p.remove(key)
+
+    def _drop_volatile(self, e: _Entry) -> None:
+        """Release an entry's GPU and DRAM copies (deferred while readers hold them)."""
+        for name in ("gpu", "dram"):
+            loc = getattr(e, name)
+            if loc is not None:
+                setattr(e, name, None)
+                self._eviction[name].remove(e.key)
+                self._release(self._tier(name), loc)
+
+    # ------------------------------------------------------------------ flusher interface
+    def _take_dirty_batch(self, max_bytes: int) -> list[_Entry]:
+        """Dirty entries to flush next (pinned), oldest first; waits briefly when there are none."""
+        with self._cv:
+            if not self._dirty and not self._closed:
+                self._cv.wait(0.1)
+            batch, total = [], 0
+            for e in self._dirty.values():
+                if e.flushing:
+                    continue
+                if batch and total + e.nbytes > max_bytes:
+                    break
+                batch.append(e)
+                total += e.nbytes
+                e.flushing = True
+                self._pins[e.dram] += 1
+            return batch
+
+    def _write_batch(self, batch: list[_Entry]) -> list[Location]:
+        """Write a batch to NVMe, evicting NVMe items when it is full."""
+        for e in batch:
+            if e.ready is not None:
+                e.ready.synchronize()
+        items = [WriteItem(e.key, self.dram.view(e.dram), e.dtype, e.shape) for e in batch]
+        while True:
+            try:
+                return self.nvme.write_many(items)
+            except TierFullError:
+                need = sum(self.nvme.footprint(e.nbytes) for e in batch)
+                if not self._evict_nvme(need):
+                    raise
+
+    def _evict_nvme(self, need: int) -> bool:
+        with self._index_lock:
+            with self._lock:
+                victims, freed = [], 0
+                policy = self._eviction["nvme"]
+                while freed < need:
+                    k = policy.pop_victim(skip=lambda k: (e := self._entries.get(k)) is None or e.durable is None or e.durable in self._pins)
+                    if k is None:
+                        break
+                    e = self._entries[k]
+                    victims.append((e, e.durable))
+                    freed += e.durable.length
+                if not victims:
+                    return False
+            self._index.delete_many([e.key for e, _ in victims])
+            with self._lock:
+                for e, loc in victims:
+                    for h in self._holders(e, loc):
+                        h.durable = None
+                    self._release(self.nvme, loc)
+                    self._stats.tier("nvme").evictions += 1
+                    self._forget_if_empty(e.key)
+        return True
+
+    def _publish(self, batch: list[_Entry], locs: list[Location]) -> None:
+        """Index a written batch (the data is durable already), then mark the entries clean."""
+        with self._index_lock:
+            with self._lock:
+                current = [(e, loc) for e, loc in zip(batch, locs) if self._entries.get(e.key) is e]
+                stale = [loc for e, loc in zip(batch, locs) if self._entries.get(e.key) is not e]
+            try:
+                self._index.put_many([self._index_entry(e, loc) for e, loc in current])
+            except BaseException:
+                with self._lock:
+                    for loc in locs:
+                        self.nvme.free(loc)
+                raise
+            with self._cv:
+                for e, loc in current:
+                    prev = e.durable
+                    for h in self._holders(e, prev) if prev is not None else [e]:
+                        h.durable = loc
+                    e.durable = loc
+                    if prev is not None:
+                        self._release(self.nvme, prev)
+                    e.dirty = False
+                    if self._dirty.get(e.key) is e:
+                        del self._dirty[e.key]
+                    self._eviction["nvme"].insert(e.key, loc.length, e.cost)
+                    self._stats.tier("nvme").bytes_written += e.nbytes
+                    self._stats.bytes_flushed += e.nbytes
+                for loc in stale:
+                    self.nvme.free(loc)
+                self._stats.flushes += 1
+                self._end_flush(batch)
+
+    def _abort_flush(self, batch: list[_Entry], error: BaseException) -> None:
+        with self._cv:
+            self._stats.flush_failures += 1
+            self._last_flush_error = error
+            self._end_flush(batch)
+
+    def _end_flush(self, batch: list[_Entry]) -> None:
+        for e in batch:
+            e.flushing = False
+            self._unpin(e.dram) if e.dram is not None and e.dram in self._pins else None
+        self._cv.notify_all()
+
+    # ------------------------------------------------------------------ helpers
+    def _holders(self, e: _Entry, loc: Location) -> list[_Entry]:
+        """Entries (the given one and the key's current one) whose durable copy is `loc`."""
+        cur = self._entries.get(e.key)
+        return [h for h in {id(e): e, id(cur): cur}.values() if h is not None and h.durable is loc]
+
+    def _release(self, tier: Tier, loc: Location) -> None:
+        if self._pins.get(loc):
+            self._pending_free[loc] = tier
+        else:
+            tier.free(loc)
+
+    def _unpin(self, loc: Location) -> None:
+        self._pins[loc] -= 1
+        if self._pins[loc] <= 0:
+            del self._pins[loc]
+            tier = self._pending_free.pop(loc, None)
+            if tier is not None:
+                tier.free(loc)
+
+    def _finish_deferred(self, *, wait: bool) -> None:
+        with self._lock:
+            keep = []
+            for d in self._deferred:
+                if wait:
+                    d.event.synchronize()
+                if wait or d.event.query():
+                    for loc in d.locs:
+                        self._unpin(loc)
+                else:
+                    keep.append(d)
+            self._deferred = keep
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError("the store is closed")
+
+    def _check_out(self, e: _Entry, out: torch.Tensor) -> None:
+        if not isinstance(out, torch.Tensor) or not out.is_contiguous():
+            raise InvalidItemError("output buffers must be contiguous tensors")
+        if out.dtype != e.dtype or out.numel() * out.element_size() != e.nbytes:
+            raise InvalidItemError(
+                f"output buffer {out.dtype}{tuple(out.shape)} does not match the item {e.dtype}{e.shape}"
+            )
+
+    def _source(self, e: _Entry | None) -> str | None:
+        if e is None:
+            return None
+        if e.gpu is not None:
+            return "gpu"
+        if e.dram is not None:
+            return "dram"
+        return "nvme" if e.durable is not None else None
+
+    def _tier(self, name: str) -> Tier:
+        return {"gpu": self.gpu, "dram": self.dram, "nvme": self.nvme}[name]
+
+    def _tiers(self) -> list[tuple[str, Tier]]:
+        return [(n, t) for n, t in (("gpu", self.gpu), ("dram", self.dram), ("nvme", self.nvme)) if t is not None]
+
+    def _tier_names(self) -> list[str]:
+        return [n for n, _ in self._tiers()]
+
+    def _index_entry(self, e: _Entry, loc: Location) -> IndexEntry:
+        return IndexEntry(e.key, loc.device, loc.offset, loc.length, loc.nbytes, e.dtype, e.shape,
+                          loc.checksum, e.created, e.atime, e.hits)
+
+    def _teardown(self) -> None:
+        for tier in (self.gpu, self.dram, self.nvme):
+            if tier is not None:
+                tier.close()
+        if self._engine is not None:
+            self._engine.close()
+        if self._index is not None:
+            self._index.close()
+            self._index = None
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # also releases the flock
+            self._lock_fd = -1

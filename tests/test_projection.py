@@ -1,0 +1,336 @@
+"""HCache projection against the models' own KV cache, one tiny random model per architecture.
+
+Each case runs one prefill with a DynamicCache, captures every decoder layer's
+input hidden state with forward pre-hooks, projects it, and compares with the K
+and V that the model's attention stored.  Runs with transformers 5.17 and 5.24.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+import transformers
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import (
+    BloomConfig,
+    BloomForCausalLM,
+    DynamicCache,
+    FalconConfig,
+    FalconForCausalLM,
+    GemmaConfig,
+    GemmaForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from hcache_adapter.projection import Projector, projector_for, register, supported_model_types
+
+ATOL = 1e-5
+BATCH, SEQ, VOCAB = 2, 7, 128
+D, HEADS, LAYERS = 64, 4, 2
+HD = D // HEADS
+SMALL = dict(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS)
+SMALL_LLAMA = dict(SMALL, intermediate_size=128, max_position_embeddings=64, pad_token_id=0)
+
+
+QueryRows = Callable[[torch.nn.Module], tuple[torch.nn.Parameter, object]]
+
+
+@dataclass(frozen=True)
+class Case:
+    build: Callable[[], torch.nn.Module]
+    kv_groups: int  # KV heads the K/V GEMM computes (before any repeat transformers does)
+    cache_heads: int  # heads per layer in the model's cache
+    query_rows: QueryRows | None  # decoder layer -> (weight, its query rows), known independently of the code
+
+
+def _q_proj(layer):
+    return layer.self_attn.q_proj.weight, slice(None)
+
+
+def _fused(attr: str, query_rows: Callable[[torch.Tensor], torch.Tensor]) -> QueryRows:
+    """Query rows of a fused projection `layer.<attr>`; query_rows maps arange(rows) to them."""
+
+    def query(layer):
+        module = layer
+        for name in attr.split("."):
+            module = getattr(module, name)
+        return module.weight, query_rows(torch.arange(module.weight.shape[0]))
+
+    return query
+
+
+def _q_first(r):  # [Q | K | V] blocks (Phi-3, Falcon multi-query)
+    return r[:D]
+
+
+def _q_per_head(r):  # [H, 3, hd] interleaved (GPT-NeoX, classic Falcon)
+    return r.view(HEADS, 3, HD)[:, 0]
+
+
+def _q_per_group(kv):  # [kv, H/kv + 2, hd] (Falcon new decoder architecture)
+    return lambda r: r.view(kv, HEADS // kv + 2, HD)[:, :-2]
+
+
+def _llama_like(model_cls, config_cls, kv, **kw):
+    return Case(lambda: model_cls(config_cls(**SMALL_LLAMA, num_key_value_heads=kv, **kw)), kv, kv, _q_proj)
+
+
+def _opt(pre_ln: bool):
+    config = dict(SMALL, ffn_dim=128, max_position_embeddings=64, word_embed_proj_dim=D, pad_token_id=1)
+    return Case(lambda: OPTForCausalLM(OPTConfig(**config, do_layer_norm_before=pre_ln)), HEADS, HEADS, _q_proj)
+
+
+def _neox(**kw):
+    config = dict(SMALL, intermediate_size=128, max_position_embeddings=64, **kw)
+    return Case(lambda: GPTNeoXForCausalLM(GPTNeoXConfig(**config)), HEADS, HEADS,
+                _fused("attention.query_key_value", _q_per_head))
+
+
+def _falcon(kv_groups, cache_heads, query_rows, **kw):
+    config = dict(SMALL, bos_token_id=1, eos_token_id=2, **kw)
+    return Case(lambda: FalconForCausalLM(FalconConfig(**config)), kv_groups, cache_heads,
+                _fused("self_attention.query_key_value", query_rows))
+
+
+CASES: dict[str, Case] = {
+    "llama_mha": _llama_like(LlamaForCausalLM, LlamaConfig, kv=HEADS),
+    "llama_gqa": _llama_like(LlamaForCausalLM, LlamaConfig, kv=2),
+    "llama_mqa_bias": _llama_like(LlamaForCausalLM, LlamaConfig, kv=1, attention_bias=True),
+    "mistral_gqa": _llama_like(MistralForCausalLM, MistralConfig, kv=2),
+    "qwen2_gqa_bias": _llama_like(Qwen2ForCausalLM, Qwen2Config, kv=2),
+    "qwen3_gqa_knorm": _llama_like(Qwen3ForCausalLM, Qwen3Config, kv=2, head_dim=HD),
+    "gemma_mqa": _llama_like(GemmaForCausalLM, GemmaConfig, kv=1, head_dim=HD),
+    "phi3_gqa": Case(lambda: Phi3ForCausalLM(Phi3Config(**SMALL_LLAMA, num_key_value_heads=2)), 2, 2,
+                     _fused("self_attn.qkv_proj", _q_first)),
+    "phi3_partial_rotary": Case(
+        lambda: Phi3ForCausalLM(Phi3Config(**SMALL_LLAMA, num_key_value_heads=2, partial_rotary_factor=0.5)),
+        2, 2, _fused("self_attn.qkv_proj", _q_first)),
+    "gpt2": Case(lambda: GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=D, n_layer=LAYERS, n_head=HEADS,
+                                                    n_positions=64)),
+                 HEADS, HEADS, lambda layer: (layer.attn.c_attn.weight, (slice(None), slice(0, D)))),
+    "opt_pre_ln": _opt(pre_ln=True),
+    "opt_post_ln": _opt(pre_ln=False),
+    "gpt_neox_partial_rotary": _neox(rotary_pct=0.25),
+    "gpt_neox_full_rotary_seq_residual": _neox(rotary_pct=1.0, use_parallel_residual=False),
+    "falcon_multi_query_rotary": _falcon(1, 1, _q_first, multi_query=True),
+    "falcon_mha_rotary": _falcon(HEADS, HEADS, _q_per_head, multi_query=False, parallel_attn=False),
+    "falcon_mha_alibi_bias": _falcon(HEADS, HEADS, _q_per_head, multi_query=False, alibi=True, bias=True),
+    "falcon_new_arch_2ln": _falcon(2, HEADS, _q_per_group(2), new_decoder_architecture=True, num_kv_heads=2),
+    "falcon_new_arch_1ln_mqa": _falcon(1, HEADS, _q_per_group(1), new_decoder_architecture=True, num_kv_heads=1,
+                                       num_ln_in_parallel_attn=1),
+}
+
+
+def _build(name: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = CASES[name].build().to(dtype).eval()
+    with torch.no_grad():  # perturb norms and biases so a wrong norm or a missing bias shows
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.2)
+            else:
+                p.mul_(5.0)  # default init (std 0.02) makes K, V tiny; make the 1e-5 bound meaningful
+    return model
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """5.24 names it `cache` (`past_key_values` is a deprecated alias); 5.17 `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _prefill(model, proj: Projector, input_ids):
+    """The model's cached K/V per layer and each decoder layer's input hidden state."""
+    hidden: dict[int, torch.Tensor] = {}
+
+    def capture(idx):
+        def hook(_module, args, kwargs):
+            hidden[idx] = Projector.hidden_from_call(args, kwargs).detach().clone()
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(capture(i), with_kwargs=True)
+               for i, layer in enumerate(proj.decoder_layers)]
+    try:
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(input_ids, use_cache=True, **{_cache_kwarg(model): cache})
+    finally:
+        for h in handles:
+            h.remove()
+    return [(layer.keys, layer.values) for layer in cache.layers], hidden
+
+
+def _max_errors(model, proj, input_ids):
+    cached, hidden = _prefill(model, proj, input_ids)
+    assert len(cached) == proj.num_layers == len(hidden)
+    b, t = input_ids.shape
+    position_ids = torch.arange(t).expand(b, t)
+    errors = []
+    for i, (k_ref, v_ref) in enumerate(cached):
+        k, v = proj.project(i, hidden[i], position_ids)
+        expected = (b, proj.num_kv_heads(i), t, proj.head_dim(i))
+        assert tuple(k.shape) == tuple(k_ref.shape) == expected, (i, k.shape, k_ref.shape)
+        assert tuple(v.shape) == tuple(v_ref.shape) == expected, (i, v.shape, v_ref.shape)
+        assert k.dtype == k_ref.dtype and v.dtype == v_ref.dtype
+        assert not k.requires_grad and not v.requires_grad
+        errors.append(max((k - k_ref).abs().max().item(), (v - v_ref).abs().max().item()))
+    return errors
+
+
+def _input_ids():
+    return torch.randint(3, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_projection_matches_model_cache(name, record_property):
+    model = _build(name)
+    proj = projector_for(model)
+    assert proj is not None
+    errors = _max_errors(model, proj, _input_ids())
+    record_property("max_abs_error", max(errors))
+    print(f"{name}: transformers {transformers.__version__} max abs error {max(errors):.3g}")
+    assert max(errors) <= ATOL, errors
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_project_runs_only_kv_gemms(name):
+    """GEMM FLOPs are exactly those of K and V: no query projection (a few rotary FLOPs in 5.17 aside)."""
+    model = _build(name)
+    proj = projector_for(model)
+    case = CASES[name]
+    assert proj.num_kv_heads() == case.cache_heads
+    hidden = torch.randn(BATCH, SEQ, D)
+    with FlopCounterMode(display=False) as counter:
+        proj.project(0, hidden, torch.arange(SEQ).expand(BATCH, SEQ))
+    kv_flops = 2 * BATCH * SEQ * D * (2 * case.kv_groups * proj.head_dim())
+    one_head_flops = 2 * BATCH * SEQ * D * proj.head_dim()
+    assert kv_flops <= counter.get_total_flops() < kv_flops + one_head_flops
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_query_weights_are_never_read(name):
+    """Poisoning the query rows with NaN leaves the projection intact."""
+    model = _build(name)
+    proj = projector_for(model)
+    input_ids = _input_ids()
+    cached, hidden = _prefill(model, proj, input_ids)
+    with torch.no_grad():
+        for layer in proj.decoder_layers:
+            weight, rows = CASES[name].query_rows(layer)
+            weight[rows] = float("nan")
+    for i, (k_ref, v_ref) in enumerate(cached):
+        k, v = proj.project(i, hidden[i], torch.arange(SEQ).expand(BATCH, SEQ))
+        assert torch.isfinite(k).all() and torch.isfinite(v).all()
+        assert (k - k_ref).abs().max() <= ATOL and (v - v_ref).abs().max() <= ATOL
+
+
+@pytest.mark.parametrize("name", ["phi3_gqa", "gpt_neox_partial_rotary", "falcon_new_arch_2ln", "gpt2"])
+def test_fused_weight_selection_follows_the_module(name):
+    """The cached K/V weight selection is rebuilt after `.to()` and after an in-place edit."""
+    model = _build(name)
+    proj = projector_for(model)
+    input_ids = _input_ids()
+    assert max(_max_errors(model, proj, input_ids)) <= ATOL  # fills the selection cache
+    model.to(torch.float64)
+    assert max(_max_errors(model, proj, input_ids)) <= 1e-12
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(0.5)
+    assert max(_max_errors(model, proj, input_ids)) <= 1e-12
+
+
+def test_base_model_is_accepted():
+    model = _build("llama_gqa")
+    base = model.model
+    proj = projector_for(base)
+    assert proj is not None and proj.decoder_layers == projector_for(model).decoder_layers
+    errors = _max_errors(base, proj, _input_ids())
+    assert max(errors) <= ATOL
+
+
+def test_position_ids_default_to_a_prefix_from_zero():
+    model = _build("qwen3_gqa_knorm")
+    proj = projector_for(model)
+    cached, hidden = _prefill(model, proj, _input_ids())
+    k, v = proj.project(1, hidden[1])
+    assert (k - cached[1][0]).abs().max() <= ATOL and (v - cached[1][1]).abs().max() <= ATOL
+
+
+def test_unsupported_model_gives_none():
+    torch.manual_seed(0)
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=VOCAB, hidden_size=D, n_layer=LAYERS, n_head=HEADS))
+    assert "bloom" not in supported_model_types()
+    assert projector_for(bloom) is None
+    assert projector_for(torch.nn.Linear(2, 2)) is None
+
+
+def test_registry():
+    types = supported_model_types()
+    for t in ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2", "opt", "gpt_neox", "falcon"]:
+        assert t in types
+    assert types == sorted(types)
+    with pytest.raises(ValueError):
+        register("llama")(type("Other", (Projector,), {}))
+    with pytest.raises(ValueError):
+        register()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bytes_per_token(dtype):
+    item = torch.empty((), dtype=dtype).element_size()
+    expectations = {  # name: kv heads in the cache
+        "llama_mha": HEADS, "llama_gqa": 2, "gemma_mqa": 1, "gpt2": HEADS, "opt_post_ln": HEADS,
+        "falcon_multi_query_rotary": 1, "falcon_new_arch_2ln": HEADS,
+    }
+    for name, kv_heads in expectations.items():
+        proj = projector_for(_build(name, dtype))
+        assert proj.dtype == dtype
+        assert proj.num_layers == LAYERS and proj.hidden_size == D
+        for layer in range(proj.num_layers):
+            assert proj.head_dim(layer) == HD
+            assert proj.hidden_bytes_per_token(layer) == D * item
+            assert proj.kv_bytes_per_token(layer) == 2 * kv_heads * HD * item
+        if kv_heads == HEADS:  # MHA: the hidden state is half of K+V
+            assert 2 * proj.hidden_bytes_per_token() == proj.kv_bytes_per_token()
+
+
+def test_batch_rows_are_independent():
+    """Projecting a batch of 2 equals projecting each row alone."""
+    model = _build("gpt_neox_partial_rotary")
+    proj = projector_for(model)
+    _, hidden = _prefill(model, proj, _input_ids())
+    pos = torch.arange(SEQ).expand(BATCH, SEQ)
+    k, v = proj.project(1, hidden[1], pos)
+    for row in range(BATCH):
+        k1, v1 = proj.project(1, hidden[1][row : row + 1], pos[row : row + 1])
+        assert torch.allclose(k[row : row + 1], k1, atol=ATOL) and torch.allclose(v[row : row + 1], v1, atol=ATOL)
+
+
+def test_bad_arguments():
+    proj = projector_for(_build("llama_gqa"))
+    with pytest.raises(IndexError):
+        proj.project(LAYERS, torch.zeros(1, 2, D))
+    with pytest.raises(ValueError):
+        proj.project(0, torch.zeros(2, D))
+    assert math.isfinite(proj.kv_bytes_per_token())
