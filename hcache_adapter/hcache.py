@@ -50,7 +50,15 @@ class RestoreInfo:
 
 
 class HCache:
-    """HCache save / project / restore for one model over one `hstore.TieredStore`."""
+    """HCache save / project / restore for one model over one `hstore.TieredStore`.
+
+    method: "hcache" saves every layer's input hidden state and projects it back
+    to K/V; "kv" saves K/V (the offload baseline); "recompute" saves nothing and
+    prefills from tokens; "auto" saves per layer what the profile says is
+    cheapest to restore (or the explicit `plan`, one letter per layer: H, K or
+    R) and, at restore time, recomputes as many leading layers as balances I/O
+    against compute for the tier the state is actually in.
+    """
 
     def __init__(
         self,
@@ -62,7 +70,8 @@ class HCache:
         namespace: str = "hc",
         model_id: str | None = None,
         profile: Profile | None = None,
-        pipeline_depth: int = 3,
+        plan: str | None = None,
+        prefetch_bytes: int | None = None,
     ):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -72,7 +81,9 @@ class HCache:
         self.store = store
         self.chunk_tokens = chunk_tokens
         self.namespace = namespace
-        self.pipeline_depth = pipeline_depth
+        self.prefetch_bytes = prefetch_bytes
+        if plan is not None and method != "auto":
+            raise ValueError("an explicit plan goes with method='auto'")
         self.projector = projector_for(model)
         self.decoder_layers = self.projector.decoder_layers if self.projector else _find_decoder_layers(model)
         self.num_layers = len(self.decoder_layers)
@@ -84,6 +95,12 @@ class HCache:
             )
             method = fallback
         self.method = method
+        if plan is not None:
+            if len(plan) != self.num_layers or set(plan) - {HIDDEN, KV, RECOMPUTE}:
+                raise ValueError(f"plan must be {self.num_layers} letters of H (hidden), K (K/V), R (recompute)")
+            if HIDDEN in plan and self.projector is None:
+                raise ValueError("this architecture has no projection: a plan cannot use H")
+        self._plan = plan
         self.fingerprint = model_id or model_fingerprint(model)
         self._profile = profile
         self._cache_kw = cache_kwarg(model)
@@ -119,7 +136,7 @@ class HCache:
         if self.method == "kv":
             return KV * self.num_layers
         if self.method == "auto":
-            return choose_save_plan(self.profile)
+            return self._plan or choose_save_plan(self.profile)
         return RECOMPUTE * self.num_layers
 
     def bytes_per_token(self, plan: str | None = None) -> int:
@@ -145,6 +162,24 @@ class HCache:
         kwargs[self._cache_kw] = cache
         with StateSaver(self, self.save_plan(), n, cache, prefix_digest):
             return self.model.generate(input_ids, **kwargs)
+
+    @torch.no_grad()
+    def save(self, input_ids: torch.Tensor) -> int:
+        """Store the state of `input_ids` without generating (e.g. a RAG document ahead of time).
+
+        What is already stored is restored first and only the rest is computed.
+        Returns the number of tokens whose state is now stored (whole chunks).
+        """
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        if self.method == "recompute" or input_ids.shape[0] != 1:
+            return 0
+        cache, n = self.restore(input_ids)
+        prefix_digest = self._restored_digests[-1] if n else None
+        ids = input_ids.to(self.device)
+        with StateSaver(self, self.save_plan(), n, cache, prefix_digest) as saver:
+            self.model.base_model(input_ids=ids[:, n:], use_cache=True, **{self._base_cache_kw: cache})
+        return n + (saver.chunks_saved * self.chunk_tokens if saver.enabled else 0)
 
     def _manageable(self, input_ids, kwargs) -> bool:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
@@ -248,8 +283,25 @@ class HCache:
         if self.method == "auto":
             known = {s: b for s, b in sources.items() if s in self.profile.read_bytes_per_s}
             bw = effective_bandwidth(self.profile, known)
-            r = choose_recompute_layers(self.profile, plan, n, bw).recompute_layers
+            depth = self._ring_depth(len(digests), plan)
+            r = choose_recompute_layers(self.profile, plan, n, bw, depth=depth).recompute_layers
         return r, sources
+
+    def _ring_depth(self, n_chunks: int, plan: str) -> int:
+        """How many layers the loader may read ahead: as many as fit the prefetch budget (at least 2).
+
+        While leading layers are recomputed, the loader can only hide I/O for
+        as many layers as it has buffers, so a deep ring is what lets
+        recomputation and loading overlap fully.
+        """
+        budget = self.prefetch_bytes
+        if budget is None:
+            budget = (2 << 30) if self.device.type == "cuda" else (256 << 20)
+        itemsize = torch.empty(0, dtype=self.dtype).element_size()
+        slot = max(
+            (self._entry_bytes_per_token(l, k) for l, k in enumerate(plan) if k != RECOMPUTE), default=itemsize
+        ) * self.chunk_tokens * max(n_chunks, 1)
+        return max(2, min(self.num_layers, budget // max(slot, 1)))
 
     def _run_restore(self, ids: torch.Tensor, cache, plan: str, r: int, digests: list[str]) -> int:
         """Fill `cache` for ids; returns the number of leading chunks valid in every layer."""
@@ -259,7 +311,7 @@ class HCache:
                       self._chunk_shape(l, kind))
             for l, kind in enumerate(plan) if l >= r
         ]
-        loader = LayerLoader(self.store, reads, self.dtype, self.device, depth=self.pipeline_depth).start()
+        loader = LayerLoader(self.store, reads, self.dtype, self.device, depth=self._ring_depth(m, plan)).start()
         valid = m
         try:
             if r:

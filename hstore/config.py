@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hstore.errors import StoreConfigError
+from hstore.io.engine import IoEngine
 
 _MiB = 1 << 20
 
@@ -42,8 +43,9 @@ class StoreConfig:
     """NVMe admission policy: "all", "second-hit", ..., or an AdmissionPolicy."""
     placement: Any = "round-robin"
     """Which NVMe directory receives a new item: "round-robin" or "most-free"."""
-    io_engine: str = "auto"
-    """"uring", "threads" or "auto" (io_uring where the kernel allows it, else threads)."""
+    io_engine: str | IoEngine = "auto"
+    """"uring", "threads", "auto" (io_uring where the kernel allows it, else threads), or a ready-made
+    IoEngine (e.g. a FaultyEngine in tests); an engine given here is the caller's to close."""
     queue_depth: int = 64
     """io_uring submission queue depth (in-flight ops per thread)."""
     io_threads: int = 4
@@ -73,8 +75,10 @@ class StoreConfig:
             raise StoreConfigError(f"dram_bytes must be at least 64 KiB (every put lands in DRAM), got {self.dram_bytes}")
         if self.flush_batch_bytes < 4096:
             raise StoreConfigError("flush_batch_bytes must be at least 4096")
-        if self.io_engine not in ("auto", "uring", "threads"):
-            raise StoreConfigError(f"io_engine must be 'auto', 'uring' or 'threads', got {self.io_engine!r}")
+        if not isinstance(self.io_engine, IoEngine) and self.io_engine not in ("auto", "uring", "threads"):
+            raise StoreConfigError(
+                f"io_engine must be 'auto', 'uring', 'threads' or an IoEngine, got {self.io_engine!r}"
+            )
         for name in ("queue_depth", "io_threads"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

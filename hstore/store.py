@@ -43,7 +43,7 @@ from hstore.errors import (
     TierFullError,
 )
 from hstore.index import Index, IndexEntry
-from hstore.io import make_engine
+from hstore.io import IoEngine, make_engine
 from hstore.policy import make_admission_policy, make_eviction_policy, make_placement_policy
 from hstore.record import DTYPE_TO_CODE, MAX_NDIM
 from hstore.stats import StoreStats
@@ -128,6 +128,7 @@ class TieredStore:
         self._lock_fd = -1
         self._index: Index | None = None
         self._engine = None
+        self._owns_engine = True
         self.gpu: GpuTier | None = None
         self.nvme: NvmeTier | None = None
         self.dram: DramTier | None = None
@@ -181,7 +182,10 @@ class TieredStore:
             self.gpu = GpuTier(cfg.gpu_bytes, cfg.gpu_device)
         if dirs:
             self._admission = make_admission_policy(cfg.admission)
-            self._engine = make_engine(cfg.io_engine, queue_depth=cfg.queue_depth, workers=cfg.io_threads)
+            if isinstance(cfg.io_engine, IoEngine):
+                self._engine, self._owns_engine = cfg.io_engine, False
+            else:
+                self._engine = make_engine(cfg.io_engine, queue_depth=cfg.queue_depth, workers=cfg.io_threads)
             self.nvme = NvmeTier(
                 cfg.nvme_paths, cfg.nvme_bytes, self._engine, make_placement_policy(cfg.placement),
                 sync=cfg.sync, verify=cfg.verify_reads,
@@ -272,22 +276,27 @@ class TieredStore:
         """Batched `get`: NVMe reads for all keys are issued together."""
         device = torch.device(device)
         ks = [normalize_key(k) for k in keys]
-        with self._lock:
-            self._check_open()
-            metas = [self._entries.get(k) for k in ks]
-        outs = [torch.empty(e.shape, dtype=e.dtype, device=device) if e is not None else None for e in metas]
-        present = [i for i, o in enumerate(outs) if o is not None]
-        found = self._read_into([ks[i] for i in present], [outs[i] for i in present], expect=[metas[i] for i in present])
         result: list[torch.Tensor | None] = [None] * len(ks)
-        for i, ok in zip(present, found):
-            result[i] = outs[i] if ok else None
-        missing = len(ks) - len(present)
-        if missing:
+        todo = list(range(len(ks)))
+        while todo:  # again for keys overwritten with another dtype or shape while being read
             with self._lock:
-                self._stats.gets += missing
-                self._stats.misses += missing
-                for name in self._tier_names():
-                    self._stats.tier(name).misses += missing
+                self._check_open()
+                metas = [self._entries.get(ks[i]) for i in todo]
+            outs = [torch.empty(e.shape, dtype=e.dtype, device=device) if e is not None else None for e in metas]
+            present = [j for j, o in enumerate(outs) if o is not None]
+            replaced: list[int] = []
+            found = self._read_into([ks[todo[j]] for j in present], [outs[j] for j in present],
+                                    expect=[metas[j] for j in present], replaced=replaced)
+            for j, ok in zip(present, found):
+                result[todo[j]] = outs[j] if ok else None
+            missing = len(todo) - len(present)
+            if missing:
+                with self._lock:
+                    self._stats.gets += missing
+                    self._stats.misses += missing
+                    for name in self._tier_names():
+                        self._stats.tier(name).misses += missing
+            todo = [todo[present[r]] for r in replaced]
         return result
 
     def get_into(self, key: str | bytes, out: torch.Tensor) -> bool:
@@ -451,7 +460,9 @@ class TieredStore:
         return self._closed
 
     # ------------------------------------------------------------------ reads
-    def _read_into(self, ks, outs, *, non_blocking=False, promote=None, expect=None) -> list[bool]:
+    def _read_into(self, ks, outs, *, non_blocking=False, promote=None, expect=None, replaced=None) -> list[bool]:
+        """Read `ks` into `outs`. With `expect` (get_many: the entries the outputs were sized for),
+        an entry replaced since by one of another dtype or shape is not read; its index goes to `replaced`."""
         promote = self.config.promote_on_hit if promote is None else promote
         n = len(ks)
         found = [False] * n
@@ -460,9 +471,12 @@ class TieredStore:
         with self._lock:
             self._check_open()
             self._finish_deferred(wait=False)
+            entries = [self._entries.get(k) for k in ks]
+            for e, out in zip(entries, outs):  # before anything is pinned
+                if e is not None and expect is None:
+                    self._check_out(e, out)
             st = self._stats
-            for i, k in enumerate(ks):
-                e = self._entries.get(k)
+            for i, e in enumerate(entries):
                 if e is None or (expect is not None and e is not expect[i]):
                     if expect is None:  # get_many counts its own misses
                         st.gets += 1
@@ -472,14 +486,12 @@ class TieredStore:
                     elif e is None:
                         st.gets += 1
                         st.misses += 1
-                    else:  # replaced since get_many sized its buffer: serve the new value only if it fits
-                        if e.nbytes != outs[i].numel() * outs[i].element_size():
-                            st.gets += 1
-                            st.misses += 1
-                            continue
+                    elif e.dtype != outs[i].dtype or e.shape != tuple(outs[i].shape):
+                        replaced.append(i)  # get_many sizes a new buffer and reads again
+                        continue
                     if e is None:
                         continue
-                self._check_out(e, outs[i])
+                k = ks[i]
                 src = self._source(e)
                 loc = getattr(e, "durable" if src == "nvme" else src)
                 self._pins[loc] += 1
@@ -533,7 +545,7 @@ class TieredStore:
                     continue
                 if src == "nvme":
                     self._promote(e, "dram", outs[i])
-                if self.gpu is not None and src != "gpu" and outs[i].is_cuda:
+                if self.gpu is not None and src != "gpu" and outs[i].device.type == self.gpu.device.type:
                     self._promote(e, "gpu", outs[i])
         return found
 
@@ -875,7 +887,7 @@ class TieredStore:
         for tier in (self.gpu, self.dram, self.nvme):
             if tier is not None:
                 tier.close()
-        if self._engine is not None:
+        if self._engine is not None and self._owns_engine:
             self._engine.close()
         if self._index is not None:
             self._index.close()

@@ -49,7 +49,8 @@ BATCH, SEQ, VOCAB = 2, 7, 128
 D, HEADS, LAYERS = 64, 4, 2
 HD = D // HEADS
 SMALL = dict(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS)
-SMALL_LLAMA = dict(SMALL, intermediate_size=128, max_position_embeddings=64, pad_token_id=0)
+SMALL_LLAMA = dict(SMALL, intermediate_size=128, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                   eos_token_id=2)
 
 
 QueryRows = Callable[[torch.nn.Module], tuple[torch.nn.Parameter, object]]
@@ -126,7 +127,7 @@ CASES: dict[str, Case] = {
         lambda: Phi3ForCausalLM(Phi3Config(**SMALL_LLAMA, num_key_value_heads=2, partial_rotary_factor=0.5)),
         2, 2, _fused("self_attn.qkv_proj", _q_first)),
     "gpt2": Case(lambda: GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=D, n_layer=LAYERS, n_head=HEADS,
-                                                    n_positions=64)),
+                                                    n_positions=64, bos_token_id=1, eos_token_id=2)),
                  HEADS, HEADS, lambda layer: (layer.attn.c_attn.weight, (slice(None), slice(0, D)))),
     "opt_pre_ln": _opt(pre_ln=True),
     "opt_post_ln": _opt(pre_ln=False),
@@ -212,6 +213,25 @@ def test_projection_matches_model_cache(name, record_property):
     assert max(errors) <= ATOL, errors
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_projection_is_bit_exact_on_cuda(name, dtype):
+    """In half precision on CUDA the projection reproduces the cache bit for bit (H100, 5.17).
+
+    This is what catches a GEMM that rounds differently from the model's own
+    (e.g. a fused bias add where FalconLinear adds the bias after the product).
+    """
+    model = _build(name, dtype).cuda()
+    proj = projector_for(model)
+    cached, hidden = _prefill(model, proj, _input_ids().cuda())
+    position_ids = torch.arange(SEQ, device="cuda").expand(BATCH, SEQ)
+    for i, (k_ref, v_ref) in enumerate(cached):
+        k, v = proj.project(i, hidden[i], position_ids)
+        assert torch.equal(k, k_ref) and torch.equal(v, v_ref), i
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_project_runs_only_kv_gemms(name):
     """GEMM FLOPs are exactly those of K and V: no query projection (a few rotary FLOPs in 5.17 aside)."""
@@ -258,6 +278,25 @@ def test_fused_weight_selection_follows_the_module(name):
             if p.dim() == 2:
                 p.mul_(0.5)
     assert max(_max_errors(model, proj, input_ids)) <= 1e-12
+
+
+class _OwnForwardLinear(torch.nn.Linear):
+    """A Linear whose forward the projector does not know (as a quantized Linear's)."""
+
+    def forward(self, x):
+        return super().forward(x)
+
+
+def test_fused_module_with_unknown_forward_runs_whole():
+    """A fused module that cannot be sliced is run whole and its K/V features selected."""
+    model = _build("phi3_gqa")
+    proj = projector_for(model)
+    for layer in proj.decoder_layers:
+        layer.self_attn.qkv_proj.__class__ = _OwnForwardLinear
+    assert max(_max_errors(model, proj, _input_ids())) <= ATOL
+    with FlopCounterMode(display=False) as counter:
+        proj.project(0, torch.randn(BATCH, SEQ, D))
+    assert counter.get_total_flops() >= 2 * BATCH * SEQ * D * model.config.num_attention_heads * HD
 
 
 def test_base_model_is_accepted():

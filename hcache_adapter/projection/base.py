@@ -86,11 +86,11 @@ class Projector(ABC):
 
     def hidden_bytes_per_token(self, layer: int = 0) -> int:
         """Bytes HCache saves per token for `layer`: one hidden row of D values (same for every layer)."""
-        return self.hidden_size * _itemsize(self.dtype)
+        return self.hidden_size * self.dtype.itemsize
 
     def kv_bytes_per_token(self, layer: int = 0) -> int:
         """Bytes the model's cache holds per token for `layer`: K plus V."""
-        return 2 * self.num_kv_heads(layer) * self.head_dim(layer) * _itemsize(self.dtype)
+        return 2 * self.num_kv_heads(layer) * self.head_dim(layer) * self.dtype.itemsize
 
     @staticmethod
     def hidden_from_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
@@ -137,6 +137,11 @@ def default_position_ids(hidden: Tensor, position_ids: Tensor | None) -> Tensor:
     if position_ids is not None:
         return position_ids
     return torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+
+
+def rotary_cos_sin(rotary_emb: nn.Module, hidden: Tensor, position_ids: Tensor | None) -> KV:
+    """``cos, sin`` from the model's own rotary module, called as the model calls it."""
+    return rotary_emb(hidden, default_position_ids(hidden, position_ids))
 
 
 def rotate_key(
@@ -263,12 +268,3 @@ class FusedKV:
 # How a module's forward computes its output, keyed by the forward function itself
 # (a subclass that overrides forward, e.g. a quantized Linear, is not in here).
 _GEMM_OF_FORWARD: dict[Callable[..., Any], str] = {nn.Linear.forward: "linear", Conv1D.forward: "conv1d"}
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def rotary_cos_sin(rotary_emb: nn.Module, hidden: Tensor, position_ids: Tensor | None) -> KV:
-    """``cos, sin`` from the model's own rotary module, called as the model calls it."""
-    return rotary_emb(hidden, default_position_ids(hidden, position_ids))

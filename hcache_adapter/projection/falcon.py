@@ -75,7 +75,7 @@ class FalconProjector(Projector):
         else:
             x = block.input_layernorm(hidden)
         qkv = attn.query_key_value
-        gemm = None if type(qkv).forward is modeling_function(attn, "FalconLinear").forward else None
+        gemm = "matmul_add" if type(qkv).forward is modeling_function(attn, "FalconLinear").forward else None
         fused = self.fused_kv(layer, qkv, lambda: self._kv_rows(hd), gemm)
         key, value = (split_heads(t, hd) for t in fused(x).chunk(2, dim=-1))
         if not cfg.alibi:

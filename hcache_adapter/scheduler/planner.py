@@ -31,12 +31,13 @@ def min_recompute(plan: str) -> int:
 
 
 def estimate(
-    profile: Profile, plan: str, recompute_layers: int, n_tokens: int, bytes_per_s: float, *, depth: int = 4
+    profile: Profile, plan: str, recompute_layers: int, n_tokens: int, bytes_per_s: float, *, depth: int | None = None
 ) -> RestoreEstimate:
     """Predicted restore time of `n_tokens` when the first `recompute_layers` are recomputed.
 
     Simulates the two-engine pipeline: the I/O engine loads layers r, r+1, ...
-    back to back, at most `depth` layers ahead of the compute engine; the
+    back to back, at most `depth` layers ahead of the compute engine (None:
+    no limit); the
     compute engine first recomputes layers 0..r-1 from tokens, then projects
     each loaded hidden-state layer once its data has arrived (K/V layers need
     no compute).
@@ -54,7 +55,7 @@ def estimate(
     comp_done: list[float] = []
     io_t, comp_t = 0.0, r * rec
     for i in range(len(loaded)):
-        start = io_t if i < depth else max(io_t, comp_done[i - depth])
+        start = io_t if depth is None or i < depth else max(io_t, comp_done[i - depth])
         io_t = start + io_cost[i]
         io_done.append(io_t)
         comp_t = max(comp_t, io_t) + comp_cost[i]
@@ -63,11 +64,13 @@ def estimate(
     return RestoreEstimate(r, sum(io_cost), r * rec + sum(comp_cost), total)
 
 
-def choose_recompute_layers(profile: Profile, plan: str, n_tokens: int, bytes_per_s: float) -> RestoreEstimate:
+def choose_recompute_layers(
+    profile: Profile, plan: str, n_tokens: int, bytes_per_s: float, *, depth: int | None = None
+) -> RestoreEstimate:
     """The number of leading layers to recompute that minimises the estimated restore time."""
     best = None
     for r in range(min_recompute(plan), len(plan) + 1):
-        est = estimate(profile, plan, r, n_tokens, bytes_per_s)
+        est = estimate(profile, plan, r, n_tokens, bytes_per_s, depth=depth)
         if best is None or est.total_s < best.total_s - 1e-12:
             best = est
     return best

@@ -55,6 +55,8 @@ class IoEngine(ABC):
             return 0
         except OSError as e:
             return -(e.errno or 5)
+        except ValueError:  # a negative fd
+            return -9  # EBADF
 
     def close(self) -> None:
         """Release rings, threads, registered buffers. Idempotent."""

@@ -1,0 +1,3 @@
+from hcache_adapter.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,130 @@
+"""Measure a `Profile` on this machine for one model: a few seconds, once per machine and model.
+
+Figures come from the real paths: tier bandwidth through the store's own reads
+(memory tiers: a copy into the compute device; NVMe: get_many_into with DRAM
+copies dropped), projection time through the model's projector, and per-layer
+recomputation time through a forward pass from tokens. GPU work is timed with
+CUDA events, medians over repetitions.
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from hcache_adapter.scheduler.profile import Profile, fit_linear, fit_quadratic
+from hstore.buffers import aligned_empty, cuda_available
+
+if TYPE_CHECKING:
+    from hcache_adapter.hcache import HCache
+
+log = logging.getLogger(__name__)
+
+
+def time_median(fn: Callable[[], object], device: torch.device, repeat: int = 5, warmup: int = 1) -> float:
+    """Median seconds of `fn` (CUDA events on a GPU, perf_counter on the CPU)."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def _lengths(hc: "HCache") -> list[int]:
+    limit = getattr(hc.model.config, "max_position_embeddings", None) or 4096
+    candidates = (256, 1024, 4096) if hc.device.type == "cuda" else (64, 256, 512)
+    return [n for n in candidates if n <= limit] or [min(64, limit)]
+
+
+@torch.no_grad()
+def measure_profile(hc: "HCache", *, probe_bytes: int | None = None) -> Profile:
+    """Profile the machine for `hc.model` (bandwidth per tier, projection and recompute cost)."""
+    device, dtype = hc.device, hc.dtype
+    probe_bytes = probe_bytes or ((256 << 20) if device.type == "cuda" else (32 << 20))
+    layer = 0
+    hidden_bpt = hc._entry_bytes_per_token(layer, "H") if hc.projector else 0
+    kv_bpt = hc._entry_bytes_per_token(layer, "K")
+    read_bw = {"dram": _memory_bandwidth(device, probe_bytes)}
+    if device.type == "cuda":
+        read_bw["gpu"] = _device_copy_bandwidth(device, probe_bytes)
+    if hc.store.nvme is not None:
+        read_bw["nvme"] = _nvme_bandwidth(hc.store, device, min(probe_bytes, hc.store.config.dram_bytes // 2))
+    lengths = _lengths(hc)
+    proj_points, rec_points = [], []
+    vocab = hc.model.config.vocab_size
+    for n in lengths:
+        ids = torch.randint(0, vocab, (1, n), device=device)
+        if hc.projector is not None:
+            hidden = torch.randn(1, n, hc.projector.hidden_size, device=device, dtype=dtype)
+            pos = torch.arange(n, device=device).unsqueeze(0)
+            proj_points.append((n, time_median(lambda: hc.projector.project(layer, hidden, pos), device)))
+        from hcache_adapter.compat import new_cache
+
+        t = time_median(lambda: hc._recompute_prefix(ids, new_cache(hc.model), hc.num_layers), device, repeat=3)
+        rec_points.append((n, t / hc.num_layers))
+    profile = Profile(
+        n_layers=hc.num_layers,
+        hidden_bytes_per_token=hidden_bpt,
+        kv_bytes_per_token=kv_bpt,
+        read_bytes_per_s=read_bw,
+        project_coef=fit_linear(proj_points) if proj_points else (float("inf"), 0.0),
+        recompute_coef=fit_quadratic(rec_points),
+        device=str(device),
+        dtype=str(dtype).replace("torch.", ""),
+        notes={"lengths": lengths, "projection_s": proj_points, "recompute_layer_s": rec_points},
+    )
+    log.info("measured profile: %s", profile.to_json())
+    return profile
+
+
+def _memory_bandwidth(device: torch.device, nbytes: int) -> float:
+    """Host DRAM (pinned where CUDA exists) to the compute device."""
+    src = aligned_empty(nbytes, pin=cuda_available())
+    src.random_(0, 255)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    return nbytes / time_median(lambda: dst.copy_(src, non_blocking=True), device)
+
+
+def _device_copy_bandwidth(device: torch.device, nbytes: int) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    return nbytes / time_median(lambda: dst.copy_(src), device)
+
+
+def _nvme_bandwidth(store, device: torch.device, nbytes: int) -> float:
+    """Cold reads through the store's NVMe tier into pinned staging, then to the device."""
+    chunk = 512 << 10
+    count = max(4, nbytes // chunk)
+    keys = [f"__hcache_profile__/{i}" for i in range(count)]
+    data = torch.empty(chunk, dtype=torch.uint8).random_(0, 255)
+    try:
+        for k in keys:
+            store.put(k, data)
+        store.flush()
+        staging = aligned_empty(count * chunk, pin=cuda_available())
+        outs = [staging[i * chunk : (i + 1) * chunk] for i in range(count)]
+        dst = torch.empty(count * chunk, dtype=torch.uint8, device=device)
+
+        def read():
+            store.drop_cached(keys)
+            store.get_many_into(keys, outs, promote=False)
+            dst.copy_(staging, non_blocking=True)
+
+        return count * chunk / time_median(read, device, repeat=3)
+    finally:
+        for k in keys:
+            store.delete(k)

@@ -1,0 +1,60 @@
+"""Fixtures shared by the test suite: stores on tmp_path that are always closed, both I/O engines."""
+from __future__ import annotations
+
+import pytest
+
+import hstore.io as hio
+from hstore import StoreConfig
+from hstore.io import FaultyEngine, make_engine
+
+URING_SKIP = pytest.mark.skipif(
+    not hio.uring_available(), reason=f"io_uring unavailable: {hio.uring_unavailable_reason()}"
+)
+ENGINE_KINDS = ["threads", pytest.param("uring", marks=URING_SKIP)]
+
+_MiB = 1 << 20
+STORE_DEFAULTS = dict(dram_bytes=1 * _MiB, nvme_bytes=8 * _MiB, gpu_bytes=0, gpu_device="cpu",
+                      io_engine="threads", io_threads=2, queue_depth=16, put_timeout_s=30.0)
+
+
+@pytest.fixture(params=ENGINE_KINDS)
+def engine_kind(request) -> str:
+    """Each I/O engine the NVMe tier can run on ("threads" always, "uring" where the kernel allows it)."""
+    return request.param
+
+
+@pytest.fixture
+def store_config(tmp_path):
+    """`store_config(**overrides)`: a small StoreConfig rooted in tmp_path."""
+
+    def make(**overrides) -> StoreConfig:
+        kw = dict(STORE_DEFAULTS, root=tmp_path / "store")
+        kw.update(overrides)
+        return StoreConfig(**kw)
+
+    return make
+
+
+@pytest.fixture
+def open_store(store_config):
+    """`open_store(**overrides)`: a TieredStore on a small config; every store opened is closed at teardown."""
+    from hstore import TieredStore
+
+    opened = []
+
+    def make(config: StoreConfig | None = None, **overrides):
+        store = TieredStore(config if config is not None else store_config(**overrides))
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def faulty_engine(engine_kind):
+    """A FaultyEngine around a real engine of each kind; pass it as StoreConfig.io_engine."""
+    engine = FaultyEngine(make_engine(engine_kind, queue_depth=16, workers=2))
+    yield engine
+    engine.close()

@@ -1,0 +1,281 @@
+"""HCache inside generate(): exact restores for every architecture, multi-round chats,
+reopened stores, corrupt and missing chunks, foreign models, and the scheduler's plans.
+
+Tiny random models in float32 on the CPU (built by test_projection's CASES), with
+8-token chunks so short sequences span several chunks.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_projection import CASES, _build
+
+from hcache_adapter import HCache, Profile
+from hcache_adapter.compat import cache_kwarg, new_cache
+from hcache_adapter.keys import chunk_digests, layer_key, manifest_key
+from hcache_adapter.manifest import Manifest
+from hstore import StoreConfig, TieredStore
+
+C = 8
+ATOL = 1e-5
+GEN = dict(max_new_tokens=6, do_sample=False)
+
+
+def open_store(root, dram=1 << 20) -> TieredStore:
+    return TieredStore(StoreConfig(root=root, dram_bytes=dram, nvme_bytes=32 << 20))
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = open_store(tmp_path / "store")
+    yield s
+    s.close()
+
+
+def prompt(model, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, model.config.vocab_size, (1, n), generator=g)
+
+
+@torch.no_grad()
+def prefill_kv(model, ids):
+    cache = new_cache(model)
+    model(ids, use_cache=True, **{cache_kwarg(model): cache})
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def assert_cache_exact(model, cache, ids, n):
+    ref = prefill_kv(model, ids[:, :n])
+    assert len(cache.layers) == len(ref)
+    for i, (k_ref, v_ref) in enumerate(ref):
+        k, v = cache.layers[i].keys, cache.layers[i].values
+        assert k.shape == k_ref.shape and v.shape == v_ref.shape, i
+        assert (k - k_ref).abs().max().item() <= ATOL, f"layer {i} K"
+        assert (v - v_ref).abs().max().item() <= ATOL, f"layer {i} V"
+
+
+def slow_disk_profile(layers, hidden_bpt, kv_bpt, *, recompute_cheap: bool) -> Profile:
+    """A profile where reading is slow and recomputing a layer is cheap (or very dear)."""
+    rec = 1e-12 if recompute_cheap else 1.0
+    return Profile(layers, hidden_bpt, kv_bpt, {"dram": 1e3, "nvme": 1e3}, (0.0, 1e-12), (0.0, rec, 0.0))
+
+
+@pytest.mark.parametrize("method", ["hcache", "kv"])
+@pytest.mark.parametrize("arch", sorted(CASES))
+def test_restored_cache_equals_prefill_and_generate_is_unchanged(arch, method, store):
+    model = _build(arch)
+    hc = HCache(model, store, method=method, chunk_tokens=C)
+    ids = prompt(model, 30)
+    out = hc.generate(ids, **GEN)
+    assert torch.equal(out, model.generate(ids, **GEN))
+    follow = torch.cat([out, prompt(model, 10, seed=1)], dim=1)
+    cache, n = hc.restore(follow)
+    assert n == (out.shape[1] - 1) // C * C > 0
+    assert hc.last_restore.plan == ("H" if method == "hcache" else "K") * hc.num_layers
+    assert_cache_exact(model, cache, follow, n)
+    assert torch.equal(hc.generate(follow, **GEN), model.generate(follow, **GEN))
+
+
+@pytest.mark.parametrize("arch", ["llama_gqa", "gpt2", "falcon_new_arch_2ln", "phi3_partial_rotary"])
+@pytest.mark.parametrize("method", ["hcache", "kv", "auto", "recompute"])
+def test_three_round_chat_survives_reopen(arch, method, tmp_path):
+    model = _build(arch)
+    root = tmp_path / "store"
+    profile = slow_disk_profile(model.config.num_hidden_layers, 1, 1, recompute_cheap=False)
+    ids = prompt(model, 12)
+    restored = []
+    for rnd in range(3):
+        with open_store(root, dram=256 << 10) as store:  # reopened every round: restores come from NVMe
+            hc = HCache(model, store, method=method, chunk_tokens=C, profile=profile)
+            out = hc.generate(ids, **GEN)
+            assert torch.equal(out, model.generate(ids, **GEN)), f"round {rnd}"
+            restored.append(hc.last_restore.tokens)
+            if method not in ("recompute",) and rnd:
+                assert hc.last_restore.sources.get("nvme", 0) > 0
+            store.flush()
+        ids = torch.cat([out, prompt(model, 9, seed=rnd + 1)], dim=1)
+    if method == "recompute":
+        assert restored == [0, 0, 0]  # generate() is the model's own, nothing stored
+    else:
+        assert restored[0] == 0 and restored[1] > 0 and restored[2] > restored[1]
+
+
+def test_corrupt_chunk_in_the_middle_stops_the_restore_there(tmp_path):
+    model = _build("llama_mha")
+    root = tmp_path / "store"
+    ids = prompt(model, 58)
+    with open_store(root) as store:
+        hc = HCache(model, store, chunk_tokens=C)
+        hc.generate(ids, max_new_tokens=2, do_sample=False)
+        store.flush()
+        digests = hc.digests(ids[0, :56])
+        victim = store._entries[layer_key("hc", digests[3], "h", 1).encode()].durable
+        data_file = store.nvme.devices[victim.device].path
+    with open(data_file, "r+b") as f:  # flip payload bytes of chunk 3, layer 1
+        f.seek(victim.offset + 4096 + 100)
+        byte = f.read(1)
+        f.seek(victim.offset + 4096 + 100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with open_store(root) as store:
+        hc = HCache(model, store, chunk_tokens=C)
+        cache, n = hc.restore(ids)
+        assert n == 3 * C
+        assert store.stats()["corrupt_chunks"] == 1
+        assert_cache_exact(model, cache, ids, n)
+        assert torch.equal(hc.generate(ids, **GEN), model.generate(ids, **GEN))
+
+
+def test_missing_chunk_in_the_middle_stops_the_restore_there(store):
+    model = _build("qwen3_gqa_knorm")
+    hc = HCache(model, store, method="kv", chunk_tokens=C)
+    ids = prompt(model, 50)
+    hc.generate(ids, max_new_tokens=2, do_sample=False)
+    store.delete(layer_key("hc", hc.digests(ids[0, :48])[2], "kv", 0))
+    cache, n = hc.restore(ids)
+    assert n == 2 * C
+    assert_cache_exact(model, cache, ids, n)
+    assert torch.equal(hc.generate(ids, **GEN), model.generate(ids, **GEN))
+
+
+def test_state_of_another_model_is_never_restored(store):
+    a = _build("llama_mha")
+    torch.manual_seed(1)
+    b = CASES["llama_mha"].build().eval()  # same architecture and config, other weights
+    ids = prompt(a, 40)
+    HCache(a, store, chunk_tokens=C).generate(ids, **GEN)
+    hb = HCache(b, store, chunk_tokens=C)
+    _, n = hb.restore(ids)
+    assert n == 0
+    assert torch.equal(hb.generate(ids, **GEN), b.generate(ids, **GEN))
+    a64 = _build("llama_mha").to(torch.float64)  # same weights, other dtype: another model too
+    assert HCache(a64, store, chunk_tokens=C).restore(ids)[1] == 0
+
+
+def test_foreign_manifest_under_our_key_is_ignored(store):
+    model = _build("llama_mha")
+    hc = HCache(model, store, chunk_tokens=C)
+    ids = prompt(model, 30)
+    hc.generate(ids, **GEN)
+    d0 = hc.digests(ids[0, :C])[0]
+    store.put(manifest_key("hc", d0), Manifest("someone-else", "HH", C, "float32").encode())
+    assert hc.restore(ids)[1] == 0
+
+
+def test_unsupported_architecture_falls_back_to_kv_with_one_warning(store, caplog):
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(0)
+    model = BloomForCausalLM(BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4)).eval()
+    with caplog.at_level(logging.WARNING):
+        hc = HCache(model, store, method="hcache", chunk_tokens=C)
+    assert hc.method == "kv"
+    assert sum("falls back" in r.getMessage() for r in caplog.records) == 1
+    ids = prompt(model, 30)
+    out = hc.generate(ids, **GEN)
+    assert torch.equal(out, model.generate(ids, **GEN))
+    follow = torch.cat([out, prompt(model, 5, seed=3)], dim=1)
+    _, n = hc.restore(follow)
+    assert n > 0
+    assert torch.equal(hc.generate(follow, **GEN), model.generate(follow, **GEN))
+
+
+def test_batches_and_beams_pass_through_untouched(store):
+    model = _build("llama_mha")
+    hc = HCache(model, store, chunk_tokens=C)
+    batch = torch.cat([prompt(model, 20, 1), prompt(model, 20, 2)])
+    assert torch.equal(hc.generate(batch, **GEN), model.generate(batch, **GEN))
+    one = prompt(model, 20, 3)
+    beams = dict(max_new_tokens=4, num_beams=2, do_sample=False)
+    assert torch.equal(hc.generate(one, **beams), model.generate(one, **beams))
+    assert len(store) == 0
+
+
+@pytest.mark.parametrize("plan", ["KH", "HK", "RH", "RK"])
+def test_explicit_auto_plan_is_stored_and_honoured(plan, store):
+    model = _build("llama_gqa")
+    profile = slow_disk_profile(2, 1, 1, recompute_cheap=False)
+    hc = HCache(model, store, method="auto", plan=plan, chunk_tokens=C, profile=profile)
+    ids = prompt(model, 30)
+    out = hc.generate(ids, **GEN)
+    assert torch.equal(out, model.generate(ids, **GEN))
+    digests = hc.digests(ids[0, :24])
+    assert Manifest.decode(store.get(manifest_key("hc", digests[0]))).plan == plan
+    for layer, kind in enumerate(plan):
+        stored_h = layer_key("hc", digests[0], "h", layer) in store
+        stored_kv = layer_key("hc", digests[0], "kv", layer) in store
+        assert (stored_h, stored_kv) == (kind == "H", kind == "K")
+    cache, n = hc.restore(out)
+    assert hc.last_restore.plan == plan
+    assert hc.last_restore.recompute_layers == plan.count("R")  # recomputing more is dear in this profile
+    assert_cache_exact(model, cache, out, n)
+
+
+def test_auto_recomputes_everything_when_reading_is_slow_and_compute_is_free(store):
+    model = _build("llama_mha")
+    profile = slow_disk_profile(2, 256, 512, recompute_cheap=True)
+    hc = HCache(model, store, method="auto", chunk_tokens=C, profile=profile)
+    ids = prompt(model, 40)
+    out = hc.generate(ids, **GEN)
+    cache, n = hc.restore(out)
+    assert n > 0 and hc.last_restore.recompute_layers == 2
+    assert_cache_exact(model, cache, out, n)
+
+
+def test_auto_save_plan_follows_the_profile(store):
+    mha, gqa = _build("llama_mha"), _build("llama_gqa")
+    fast = lambda h, kv: Profile(2, h, kv, {"dram": 5e10}, (0.0, 1e-9), (0.0, 1e-6, 0.0))  # noqa: E731
+    h_mha = HCache(mha, store, method="auto", chunk_tokens=C, profile=fast(256, 512))
+    assert h_mha.save_plan() == "HH"
+    h_gqa = HCache(gqa, store, method="auto", chunk_tokens=C, profile=fast(256, 256))
+    assert h_gqa.save_plan() == "KK"  # same bytes, no projection needed
+
+
+def test_bytes_per_token_hidden_is_half_of_kv_for_mha_and_more_for_gqa(store):
+    mha, gqa = _build("llama_mha"), _build("llama_mqa_bias")
+    h, kv = HCache(mha, store, "hcache").bytes_per_token(), HCache(mha, store, "kv").bytes_per_token()
+    assert 2 * h == kv == 2 * 2 * 64 * 4  # 2 layers x (K+V) x 64 wide x float32
+    assert HCache(gqa, store, "hcache").bytes_per_token() > HCache(gqa, store, "kv").bytes_per_token()
+    assert HCache(mha, store, "recompute").bytes_per_token() == 0
+
+
+def test_prefix_keys_are_the_same_in_every_process():
+    ids = list(range(100, 140))
+    here = chunk_digests("fp", ids, C)
+    code = "from hcache_adapter.keys import chunk_digests; print(','.join(chunk_digests('fp', list(range(100, 140)), 8)))"
+    env = dict(os.environ, PYTHONHASHSEED="12345")
+    there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert there.stdout.strip().split(",") == here
+    assert chunk_digests("fp", ids[:16], C) == here[:2]  # a prefix's digests are a prefix
+    assert chunk_digests("other", ids, C)[0] != here[0]
+    assert chunk_digests("fp", ids[16:], C, after=here[1]) == here[2:]
+
+
+def test_bad_arguments_are_clear_errors(store):
+    model = _build("llama_mha")
+    with pytest.raises(ValueError, match="method"):
+        HCache(model, store, method="magic")
+    with pytest.raises(ValueError, match="plan"):
+        HCache(model, store, method="auto", plan="HX")
+    with pytest.raises(ValueError, match="plan"):
+        HCache(model, store, method="hcache", plan="HH")
+    with pytest.raises(ValueError, match="one sequence"):
+        HCache(model, store).restore(torch.zeros(2, 10, dtype=torch.long))
+
+
+@pytest.mark.parametrize("method", ["hcache", "kv"])
+def test_save_stores_a_document_ahead_of_time(method, store):
+    model = _build("gpt_neox_partial_rotary")
+    hc = HCache(model, store, method=method, chunk_tokens=C)
+    doc = prompt(model, 29)
+    assert hc.save(doc) == 24
+    assert hc.save(doc) == 24  # idempotent: restored, nothing new
+    question = torch.cat([doc[:, :24], prompt(model, 7, seed=5)], dim=1)
+    cache, n = hc.restore(question)
+    assert n == 24
+    assert_cache_exact(model, cache, question, n)
+    assert torch.equal(hc.generate(question, **GEN), model.generate(question, **GEN))

@@ -1,0 +1,133 @@
+"""The bubble-free scheduler's logic: plans for given profiles (no hardware involved)."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hcache_adapter.scheduler.planner import (
+    choose_recompute_layers,
+    choose_save_plan,
+    effective_bandwidth,
+    estimate,
+    min_recompute,
+)
+from hcache_adapter.scheduler.profile import Profile, fit_linear, fit_quadratic
+
+GB = 1e9
+
+
+def h100_llama7b(nvme_gbps: float = 2.0) -> Profile:
+    """Figures measured on the lent H100 for a Llama-2-7B shape (issue #4): 4096 tokens,
+    hidden copy 19.5 ms, projection 19.0 ms, prefill 131 ms (32 layers)."""
+    n = 4096
+    return Profile(
+        n_layers=32,
+        hidden_bytes_per_token=4096 * 2,
+        kv_bytes_per_token=2 * 4096 * 2,
+        read_bytes_per_s={"dram": 54.7 * GB, "nvme": nvme_gbps * GB},
+        project_coef=(0.0, 19.0e-3 / 32 / n),
+        recompute_coef=(0.0, 131e-3 / 32 / n, 0.0),
+        device="cuda",
+        dtype="float16",
+    )
+
+
+def gqa_llama3_8b() -> Profile:
+    p = h100_llama7b()
+    p.kv_bytes_per_token = 2 * 1024 * 2  # 8 KV heads x 128
+    return p
+
+
+def test_mha_saves_hidden_states_everywhere():
+    assert choose_save_plan(h100_llama7b()) == "H" * 32
+
+
+def test_gqa_saves_kv_because_it_is_smaller_and_needs_no_compute():
+    assert choose_save_plan(gqa_llama3_8b()) == "K" * 32
+
+
+def test_fast_dram_needs_no_recomputation():
+    p = h100_llama7b()
+    est = choose_recompute_layers(p, "H" * 32, 4096, p.read_bytes_per_s["dram"])
+    assert est.recompute_layers == 0
+    # Balanced: copy and projection both ~19 ms; the pipeline finishes within about a layer of either.
+    assert est.total_s == pytest.approx(max(est.io_s, est.compute_s), rel=0.1)
+
+
+def test_slow_disk_recomputes_the_leading_layers_to_balance_io_and_compute():
+    p = h100_llama7b(nvme_gbps=2.0)
+    plan = "H" * 32
+    best = choose_recompute_layers(p, plan, 4096, p.read_bytes_per_s["nvme"])
+    assert 0 < best.recompute_layers < 32
+    only_io = estimate(p, plan, 0, 4096, p.read_bytes_per_s["nvme"]).total_s
+    only_compute = estimate(p, plan, 32, 4096, p.read_bytes_per_s["nvme"]).total_s
+    assert best.total_s < min(only_io, only_compute)
+    # The chosen split leaves I/O and compute within one layer's worth of each other.
+    layer_io = p.hidden_bytes_per_token * 4096 / p.read_bytes_per_s["nvme"]
+    assert abs(best.io_s - best.compute_s) <= layer_io + p.recompute_seconds(4096)
+
+
+def test_a_shallow_prefetch_ring_limits_what_recomputation_can_hide():
+    p = h100_llama7b(nvme_gbps=2.0)
+    bw = p.read_bytes_per_s["nvme"]
+    deep = choose_recompute_layers(p, "H" * 32, 4096, bw)
+    shallow = choose_recompute_layers(p, "H" * 32, 4096, bw, depth=2)
+    assert shallow.total_s >= deep.total_s
+    assert shallow.recompute_layers >= deep.recompute_layers
+
+
+def test_plan_with_recompute_layers_forces_at_least_those():
+    p = h100_llama7b()
+    plan = "RRR" + "H" * 29
+    assert min_recompute(plan) == 3
+    assert choose_recompute_layers(p, plan, 4096, p.read_bytes_per_s["dram"]).recompute_layers >= 3
+    with pytest.raises(ValueError):
+        estimate(p, plan, 2, 4096, p.read_bytes_per_s["dram"])
+
+
+def test_all_recompute_costs_the_prefill():
+    p = h100_llama7b()
+    est = estimate(p, "H" * 32, 32, 4096, p.read_bytes_per_s["dram"])
+    assert est.io_s == 0 and est.total_s == pytest.approx(131e-3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    layers=st.integers(1, 48),
+    n=st.integers(1, 16384),
+    bw=st.floats(1e8, 1e11),
+    proj=st.floats(0, 1e-7),
+    rec=st.floats(1e-9, 1e-6),
+    hidden=st.integers(64, 16384),
+    kv=st.integers(64, 32768),
+)
+def test_chosen_split_is_never_worse_than_any_pure_method(layers, n, bw, proj, rec, hidden, kv):
+    p = Profile(layers, hidden, kv, {"x": bw}, (0.0, proj), (0.0, rec, 0.0))
+    for plan in ("H" * layers, "K" * layers):
+        best = choose_recompute_layers(p, plan, n, bw)
+        for r in range(layers + 1):
+            assert best.total_s <= estimate(p, plan, r, n, bw).total_s + 1e-12
+        assert best.total_s >= max(best.io_s, best.compute_s) - 1e-12
+
+
+def test_effective_bandwidth_of_a_mixed_read():
+    p = h100_llama7b(nvme_gbps=2.0)
+    assert effective_bandwidth(p, {"dram": 100}) == pytest.approx(54.7 * GB)
+    mixed = effective_bandwidth(p, {"dram": 100, "nvme": 100})
+    assert 2.0 * GB < mixed < 4.0 * GB  # dominated by the slow half
+
+
+def test_profile_json_round_trip(tmp_path):
+    p = h100_llama7b()
+    p.save(tmp_path / "p.json")
+    q = Profile.load(tmp_path / "p.json")
+    assert q == p
+    assert Profile.load(tmp_path / "missing.json") is None
+
+
+def test_fits():
+    a, b = fit_linear([(100, 1.0 + 0.01 * 100), (200, 1.0 + 0.01 * 200), (400, 1.0 + 0.01 * 400)])
+    assert a == pytest.approx(1.0) and b == pytest.approx(0.01)
+    a, b, c = fit_quadratic([(n, 0.5 + 0.001 * n + 1e-6 * n * n) for n in (64, 256, 1024, 4096)])
+    assert (a, b, c) == pytest.approx((0.5, 0.001, 1e-6), rel=1e-6, abs=1e-9)
