@@ -101,8 +101,8 @@ class StateSaver:
                 return
             rows = torch.cat(pending) if len(pending) > 1 else pending[0]
             first = self._pending_start[layer]
-            for a in range(first, done, self.C):
-                self._put(layer_key(self.hc.namespace, self._digest(a // self.C), "h", layer), rows[a - first : a - first + self.C])
+            self._put([(layer_key(self.hc.namespace, self._digest(a // self.C), "h", layer), rows[a - first : a - first + self.C])
+                       for a in range(first, done, self.C)])
             rest = rows[done - first :]
             self._pending[layer] = [rest] if rest.shape[0] else []
             self._pending_start[layer] = done
@@ -116,13 +116,15 @@ class StateSaver:
             end = self.next_pos + self._step_tokens
             kv = layer_kv(self.cache, layer)
             c = self._kv_saved[layer]
+            items = []
             while (c + 1) * self.C <= end:
                 if kv is None or kv[0].shape[0] != 1 or kv[0].shape[-2] < (c + 1) * self.C:
                     return self._disable(f"layer {layer} does not keep the K/V of every position (sliding window?)")
                 k, v = kv
                 chunk = torch.stack([k[0, :, c * self.C : (c + 1) * self.C], v[0, :, c * self.C : (c + 1) * self.C]])
-                self._put(layer_key(self.hc.namespace, self._digest(c), "kv", layer), chunk)
+                items.append((layer_key(self.hc.namespace, self._digest(c), "kv", layer), chunk))
                 c += 1
+            self._put(items)
             self._kv_saved[layer] = c
 
         return hook
@@ -133,10 +135,11 @@ class StateSaver:
         self.next_pos += self._step_tokens
         complete = self.next_pos // self.C
         dtype = str(self.hc.dtype).replace("torch.", "")
-        for c in range(self._manifests_done, complete):
-            m = Manifest(self.hc.fingerprint, self.plan, self.C, dtype)
-            self._put(manifest_key(self.hc.namespace, self._digest(c)), m.encode(), count=False)
-            self.chunks_saved += 1
+        m = Manifest(self.hc.fingerprint, self.plan, self.C, dtype).encode()
+        new = range(self._manifests_done, complete)
+        self._put([(manifest_key(self.hc.namespace, self._digest(c)), m) for c in new], count=False)
+        if self.enabled:
+            self.chunks_saved += len(new)
         self._manifests_done = max(self._manifests_done, complete)
 
     # -- helpers -----------------------------------------------------------------
@@ -144,19 +147,20 @@ class StateSaver:
         """Digest of chunk `chunk` (absolute index), from the prefix digests plus the ids seen so far."""
         idx = chunk - self.start // self.C
         if idx >= len(self._digests):
-            self._ids_cpu = torch.cat(self._ids).tolist()  # one device sync per chunk, not per token
+            # Every whole chunk fed so far at once: one device-to-host sync per forward, not per chunk.
+            self._ids_cpu = torch.cat(self._ids).tolist()
             done = len(self._digests) * self.C
             after = self._digests[-1] if self._digests else self._prefix_digest
-            self._digests += self.hc.digests(self._ids_cpu[done : (idx + 1) * self.C], after=after)
+            self._digests += self.hc.digests(self._ids_cpu[done:], after=after)
         return self._digests[idx]
 
-    def _put(self, key: str, value: torch.Tensor, *, count: bool = True) -> None:
-        if not self.enabled:
+    def _put(self, items: list[tuple[str, torch.Tensor]], *, count: bool = True) -> None:
+        if not self.enabled or not items:
             return
         try:
-            self.hc.store.put(key, value, non_blocking=value.is_cuda)
+            self.hc.store.put_many(items, non_blocking=items[0][1].is_cuda)
         except Exception as e:  # never let storage trouble break generation
             self._disable(f"store.put failed: {e}")
             return
         if count:
-            self.bytes_saved += value.numel() * value.element_size()
+            self.bytes_saved += sum(v.numel() * v.element_size() for _, v in items)

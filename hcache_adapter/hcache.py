@@ -72,6 +72,7 @@ class HCache:
         profile: Profile | None = None,
         plan: str | None = None,
         prefetch_bytes: int | None = None,
+        compile: bool | None = None,
     ):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -85,6 +86,10 @@ class HCache:
         if plan is not None and method != "auto":
             raise ValueError("an explicit plan goes with method='auto'")
         self.projector = projector_for(model)
+        if self.projector is not None and hasattr(self.projector, "compile"):
+            # One compiled graph for norm + K/V GEMMs + rotary: worth it on a GPU, not on a CPU.
+            on_gpu = next(model.parameters()).device.type == "cuda"
+            self.projector.compile = on_gpu if compile is None else compile
         self.decoder_layers = self.projector.decoder_layers if self.projector else _find_decoder_layers(model)
         self.num_layers = len(self.decoder_layers)
         if method in ("hcache", "auto") and self.projector is None:
@@ -136,7 +141,10 @@ class HCache:
         if self.method == "kv":
             return KV * self.num_layers
         if self.method == "auto":
-            return self._plan or choose_save_plan(self.profile)
+            if self._plan:
+                return self._plan
+            tiers = [t for t in ("gpu", "dram", "nvme") if getattr(self.store, t, None) is not None]
+            return choose_save_plan(self.profile, sources=tuple(t for t in tiers if t in self.profile.read_bytes_per_s))
         return RECOMPUTE * self.num_layers
 
     def bytes_per_token(self, plan: str | None = None) -> int:

@@ -124,7 +124,7 @@ class LayerLoader:
         m = len(read.keys)
         buf = self._slots[slot][: m * _numel(read.chunk_shape) * _itemsize(self.dtype)]
         data = buf.view(self.dtype).view(m, *read.chunk_shape)
-        outs = [data[c] for c in range(m)]
+        outs = list(data.unbind(0))
         if not self.cuda:
             found = _read(self.store, read.keys, outs)
             return LoadedLayer(data, _prefix_len(found))

@@ -9,19 +9,22 @@ one size, and each comes with the yardstick it should be judged against:
   the end: the data is durable); read = `drop_cached()`, then `get_many_into`
   aligned (pinned where CUDA is) buffers in batches, promote=False: the
   restore path, every chunk read from the device and checksum-verified.
+  "I/O GB/s" is the payload over the time the I/O engine itself was busy
+  during those reads: read/I/O is the share the tier's CPU work (header, key
+  and checksum checks, Python) leaves to the device.
   Yardstick: plain synchronous O_DIRECT reads of 8 MiB from a file of `total`
-  bytes in the same directory (`raw_sequential_read_gbps`), measured right
-  after each store read so that a drifting virtual disk drifts for both.
-* engine rows: the same raw file read through the bare I/O engine in ops of the
-  chunk size (`engine_sequential_read_gbps`), to tell the engine's share of a
-  shortfall from the store's.
+  bytes in the same directory (`raw_sequential_read_gbps`). In every
+  repetition the file is rewritten after the store's flush and read right
+  after the store's read, so both reads find their data equally fresh (a
+  virtual disk may serve recent data from the host's cache, much faster than
+  the device) and a drifting, shared disk drifts for both.
 * With CUDA: pinned host-to-device copies (the yardstick), the GPU tier (put
   of CUDA tensors, get_many_into CUDA buffers from GPU-resident items), and
   NVMe -> pinned DRAM -> GPU (reads into two pinned staging buffers, each
-  copied to the GPU on a side stream while the next batch is read), timed
-  with CUDA events.
+  copied to the GPU on a side stream while the next batch is read; and the
+  store's own path, get_many_into CUDA buffers), timed with CUDA events.
 
-Nothing prints here; the CLI renders `BenchReport` (`format_report`, `write_csv`).
+Nothing prints here; the CLI renders a `BenchReport` (`format_report`, `write_csv`).
 Everything is written under a private directory in ROOT, removed at the end.
 """
 from __future__ import annotations
@@ -36,15 +39,16 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Callable, Sequence, TextIO
 
 import torch
 
 from hstore.buffers import ALIGN, align_up, aligned_empty, cuda_available
 from hstore.config import StoreConfig
 from hstore.errors import HStoreError
-from hstore.io import make_engine
-from hstore.io.rawbench import engine_sequential_read_gbps, raw_sequential_read_gbps
+from hstore.io.engine import IoEngine, IoOp
+from hstore.io.rawbench import raw_sequential_read_gbps
+from hstore.record import HEADER_BYTES
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 GB = 1e9
@@ -55,7 +59,6 @@ DRAM_TARGET_GBPS = 5.0
 NVME_TARGET_RATIO = 0.90
 _POOL_BYTES = 64 * MiB  # source/destination rings: larger than any last-level cache
 _UNITS = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": 1 << 40}
-_HEADER = ALIGN  # an NVMe record's header (hstore.record.HEADER_BYTES)
 
 
 class BenchError(HStoreError):
@@ -75,7 +78,7 @@ def parse_size(text: str) -> int:
 
 
 def format_size(n: int) -> str:
-    """Bytes in the shortest exact binary unit: 524288 -> "512K", 1073741824 -> "1G"."""
+    """Bytes in the largest exact binary unit: 524288 -> "512K", 1073741824 -> "1G"."""
     for suffix, unit in (("T", 1 << 40), ("G", GiB), ("M", MiB), ("K", KiB)):
         if n >= unit and n % unit == 0:
             return f"{n // unit}{suffix}"
@@ -104,6 +107,8 @@ class BenchConfig:
     batch_bytes: int = 64 * MiB
     """get_many_into batch of the restore path (and of the NVMe -> GPU pipeline)."""
     raw_block: int = 8 * MiB
+    torch_threads: int | None = None
+    """torch.set_num_threads for the run (None: leave it); the store's host copies use torch's intra-op pool."""
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -111,7 +116,8 @@ class BenchConfig:
             raise ValueError("sizes must be positive")
         self.sizes = sorted(set(self.sizes))
         if self.total < max(self.sizes):
-            raise ValueError(f"total ({format_size(self.total)}) must be at least the largest chunk ({format_size(max(self.sizes))})")
+            raise ValueError(f"total ({format_size(self.total)}) must be at least the largest chunk "
+                             f"({format_size(max(self.sizes))})")
         if self.repeat < 1:
             raise ValueError("repeat must be at least 1")
         bad = [t for t in self.tiers if t not in TIERS]
@@ -121,29 +127,53 @@ class BenchConfig:
             raise ValueError(f"engine must be auto, uring or threads, not {self.engine!r}")
         if not 1 <= self.queue_depth <= 4096:
             raise ValueError("queue depth must be in 1..4096")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError("torch threads must be at least 1")
         if self.raw_block <= 0 or self.raw_block % ALIGN:
             raise ValueError(f"raw block must be a positive multiple of {ALIGN}")
 
 
+def _median(xs: Sequence[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
 @dataclass
 class BenchRow:
-    """One tier at one chunk size. GB/s are 1e9 bytes per second of payload, medians over repetitions."""
+    """One tier at one chunk size: GB/s (1e9 bytes per second of payload) of every repetition."""
 
     tier: str
     chunk_bytes: int
-    write_gbps: float | None = None
-    read_gbps: float | None = None
-    put_get_gbps: float | None = None
+    writes: list[float] = field(default_factory=list)
+    reads: list[float] = field(default_factory=list)
+    put_gets: list[float] = field(default_factory=list)
+    ios: list[float] = field(default_factory=list)
+    """NVMe: payload over the time the I/O engine was busy during the reads."""
     ref: str | None = None
-    ref_gbps: float | None = None
-    repeats: int = 0
+    refs: list[float] = field(default_factory=list)
     note: str = ""
+
+    write_gbps = property(lambda self: _median(self.writes))
+    read_gbps = property(lambda self: _median(self.reads))
+    put_get_gbps = property(lambda self: _median(self.put_gets))
+    io_gbps = property(lambda self: _median(self.ios))
+    ref_gbps = property(lambda self: _median(self.refs))
 
     @property
     def read_vs_ref(self) -> float | None:
         if self.read_gbps is None or not self.ref_gbps:
             return None
         return self.read_gbps / self.ref_gbps
+
+    def summary(self) -> dict:
+        """Medians and ratio (JSON-ready); the per-repetition lists sit beside them in `as_dict`."""
+        return {"tier": self.tier, "chunk_bytes": self.chunk_bytes, "write_gbps": self.write_gbps,
+                "read_gbps": self.read_gbps, "put_get_gbps": self.put_get_gbps, "io_gbps": self.io_gbps,
+                "reference": self.ref, "ref_gbps": self.ref_gbps, "read_vs_ref": self.read_vs_ref,
+                "repeats": max(map(len, (self.writes, self.reads, self.put_gets)), default=0), "note": self.note}
+
+    def as_dict(self) -> dict:
+        return {**self.summary(), "runs": {"write": self.writes, "read": self.reads, "put_get": self.put_gets,
+                                           "io": self.ios, "ref": self.refs}}
 
 
 @dataclass
@@ -169,12 +199,9 @@ class BenchReport:
         return next((r for r in self.rows if r.tier == tier and r.chunk_bytes == chunk), None)
 
 
-CSV_COLUMNS = ["tier", "chunk", "chunk_bytes", "write_gbps", "read_gbps", "put_get_gbps",
-               "reference", "ref_gbps", "read_vs_ref", "repeats", "engine", "note"]
-
-
-def _median(xs: list[float]) -> float | None:
-    return statistics.median(xs) if xs else None
+CSV_COLUMNS = ["tier", "chunk", "chunk_bytes", "write_gbps", "read_gbps", "put_get_gbps", "io_gbps",
+               "reference", "ref_gbps", "read_vs_ref", "read_min_gbps", "read_max_gbps", "ref_min_gbps",
+               "ref_max_gbps", "repeats", "engine", "note"]
 
 
 # ---------------------------------------------------------------------------- the host
@@ -219,21 +246,16 @@ def _mount_of(path: Path) -> dict:
     src = best.get("source", "")
     if src.startswith("/dev/"):
         block = Path("/sys/class/block") / Path(src).name
-        for d in (block, block.resolve().parent):
-            model = d / "device" / "model"
-            if model.is_file():
-                best["device_model"] = model.read_text().strip()
-                break
-        for d in (block, block.resolve().parent):
-            rot = d / "queue" / "rotational"
-            if rot.is_file():
-                best["rotational"] = rot.read_text().strip() == "1"
-                break
+        for d in (block, block.resolve().parent):  # a partition's queue and model live on its disk
+            if "device_model" not in best and (d / "device" / "model").is_file():
+                best["device_model"] = (d / "device" / "model").read_text().strip()
+            if "rotational" not in best and (d / "queue" / "rotational").is_file():
+                best["rotational"] = (d / "queue" / "rotational").read_text().strip() == "1"
     return best
 
 
 def describe_host(root: Path) -> dict:
-    """CPU, cores, RAM, the filesystem and device under `root`, the GPU if any, software versions."""
+    """CPU, cores, RAM, the filesystem and device under `root`, the GPU if any, software versions, load."""
     usage = shutil.disk_usage(root)
     gpu = None
     if cuda_available():
@@ -246,6 +268,8 @@ def describe_host(root: Path) -> dict:
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "ram_bytes": _ram_bytes(),
         "kernel": platform.release(),
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "root": str(root.resolve()),
@@ -258,7 +282,7 @@ def describe_host(root: Path) -> dict:
 
 # ---------------------------------------------------------------------------- measurements
 class _Pool:
-    """A ring of chunk-sized slices over one aligned buffer (pinned where CUDA is)."""
+    """A ring of chunk-sized slices over one buffer (aligned and, where CUDA is, pinned; or on the GPU)."""
 
     def __init__(self, chunk: int, *, device: str = "cpu", random: bool = False):
         self.chunk = chunk
@@ -277,6 +301,29 @@ class _Pool:
         return self.buf.narrow(0, (i % self.slots) * self.chunk, self.chunk)
 
 
+class _TimedEngine(IoEngine):
+    """Wraps the NVMe tier's engine to add up the time spent in read batches (the device's share of a read)."""
+
+    def __init__(self, inner: IoEngine):
+        self.inner = inner
+        self.name = inner.name
+        self.read_seconds = 0.0
+
+    def run(self, ops: Sequence[IoOp]) -> list[int]:
+        start = time.perf_counter()
+        try:
+            return self.inner.run(ops)
+        finally:
+            if not any(op.write for op in ops):
+                self.read_seconds += time.perf_counter() - start
+
+    def fsync(self, fd: int) -> int:
+        return self.inner.fsync(fd)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 def _keys(chunk: int, n: int) -> list[str]:
     return [f"bench/{chunk}/{i}" for i in range(n)]
 
@@ -286,7 +333,7 @@ def _gbps(nbytes: int, seconds: float) -> float:
 
 
 def _write_raw_file(path: Path, total: int, block: int) -> float:
-    """Write `total` bytes with O_DIRECT in `block` writes, fdatasync; GB/s."""
+    """Write `total` bytes with O_DIRECT in `block` writes, then fdatasync; GB/s."""
     buf = aligned_empty(block, pin=False)
     buf.copy_(torch.randint(0, 256, (block,), dtype=torch.uint8))
     view = memoryview(buf.numpy())
@@ -303,61 +350,50 @@ def _write_raw_file(path: Path, total: int, block: int) -> float:
         os.close(fd)
 
 
+def _event_seconds(fn: Callable[[], None], stream=None) -> float:
+    """Seconds from before `fn` until the GPU work it queued on `stream` has finished (CUDA events)."""
+    stream = stream or torch.cuda.current_stream()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record(stream)
+    fn()
+    end.record(stream)
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
 class _Runner:
-    """Holds what the steps share: the work directory, the raw file, open stores."""
+    """What the steps share: the work directory, the raw file and its readings, the DRAM store."""
 
     def __init__(self, cfg: BenchConfig, report: BenchReport):
         self.cfg = cfg
         self.report = report
         self.work = cfg.root / f".hstore-bench-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.raw = BenchRow("raw", cfg.raw_block)
         self.raw_path = self.work / "raw.bin"
-        self.raw_ok = False
-        self.raw_note = ""
-        self.raw_write: float | None = None
-        self.raw_reads: list[float] = []
-        self.cuda = cuda_available()
-        self.h2d: dict[int, float] = {}
+        self.raw_error = ""
+        self.h2d_runs: dict[int, list[float]] = {}  # pinned H2D GB/s per chunk size: the GPU rows' yardstick
         self.dram_store = None
         self.cold_put: float | None = None
 
-    # -- raw reference -------------------------------------------------------------
-    def write_raw(self) -> None:
-        try:
-            self.raw_write = _write_raw_file(self.raw_path, self.cfg.total, self.cfg.raw_block)
-            self.raw_ok = True
-        except OSError as e:  # tmpfs and some FUSE filesystems refuse O_DIRECT
-            self.raw_note = f"raw O_DIRECT unavailable: {e.strerror or e}"
-
-    def raw_read(self) -> float | None:
-        if not self.raw_ok:
+    # -- raw yardstick -------------------------------------------------------------
+    def raw_measure(self) -> float | None:
+        """Rewrite the raw file (O_DIRECT, fdatasync) and read it back; the read's GB/s (None without O_DIRECT)."""
+        if self.raw_error:
             return None
-        g = raw_sequential_read_gbps(str(self.raw_path), self.cfg.raw_block, self.cfg.total)
-        self.raw_reads.append(g)
+        try:
+            self.raw.writes.append(_write_raw_file(self.raw_path, self.cfg.total, self.cfg.raw_block))
+            g = raw_sequential_read_gbps(str(self.raw_path), self.cfg.raw_block, self.cfg.total)
+        except OSError as e:  # tmpfs and some FUSE filesystems refuse O_DIRECT
+            self.raw_error = f"raw O_DIRECT unavailable here: {e.strerror or e}"
+            return None
+        self.raw.reads.append(g)
         return g
 
     def raw_row(self) -> None:
-        if not self.raw_ok:
-            self.report.rows.append(BenchRow("raw", self.cfg.raw_block, note=self.raw_note))
-            return
-        self.report.rows.append(BenchRow(
-            "raw", self.cfg.raw_block, write_gbps=self.raw_write, read_gbps=_median(self.raw_reads),
-            repeats=len(self.raw_reads), note="sync O_DIRECT pwritev/preadv; write includes fdatasync",
-        ))
-
-    def engine_read(self, chunk: int) -> None:
-        if not self.raw_ok:
-            return
-        cfg = self.cfg
-        reads, refs = [], []
-        with make_engine(cfg.engine, queue_depth=cfg.queue_depth, workers=StoreConfig.io_threads) as engine:
-            name = engine.name
-            for _ in range(cfg.repeat):
-                reads.append(engine_sequential_read_gbps(engine, str(self.raw_path), chunk, cfg.total))
-                refs.append(self.raw_read())
-        self.report.rows.append(BenchRow(
-            f"engine:{name}", chunk, read_gbps=_median(reads), ref=f"raw O_DIRECT {format_size(cfg.raw_block)}",
-            ref_gbps=_median(refs), repeats=cfg.repeat, note=f"bare engine, one batch of {format_size(chunk)} ops, QD {cfg.queue_depth}",
-        ))
+        self.raw.note = self.raw_error or (
+            f"sync O_DIRECT pwrite+fdatasync / preadv of {format_size(self.cfg.raw_block)}, one at a time (QD 1); "
+            "rewritten and read once per NVMe repetition, its read right after the store's")
+        self.report.rows.append(self.raw)
 
     # -- DRAM tier -----------------------------------------------------------------
     def dram(self, chunk: int) -> None:
@@ -395,17 +431,16 @@ class _Runner:
         get_all()
         if not torch.equal(dst[n - 1], src[n - 1]):
             raise BenchError("DRAM get returned different bytes than were put")
-        w, r, c = [], [], []
+        row = BenchRow("dram", chunk, note="put, then get_into a ring of buffers, one call per chunk; DRAM-only "
+                                           "store, arena warmed by one untimed pass")
         for _ in range(cfg.repeat):
             tp, tg = put_all(), get_all()
-            w.append(_gbps(nbytes, tp))
-            r.append(_gbps(nbytes, tg))
-            c.append(_gbps(nbytes, tp + tg))
-        note = "put, get_into; DRAM-only store, arena warmed"
-        if chunk == min(set(cfg.sizes) | {TARGET_CHUNK}) and self.cold_put is not None:
-            note += f"; first pass into a cold arena: put {self.cold_put:.2f} GB/s"
-        self.report.rows.append(BenchRow("dram", chunk, write_gbps=_median(w), read_gbps=_median(r),
-                                         put_get_gbps=_median(c), repeats=cfg.repeat, note=note))
+            row.writes.append(_gbps(nbytes, tp))
+            row.reads.append(_gbps(nbytes, tg))
+            row.put_gets.append(_gbps(nbytes, tp + tg))
+        if not any(r.tier == "dram" for r in self.report.rows):
+            row.note += f"; the untimed pass into a cold arena put at {self.cold_put:.2f} GB/s"
+        self.report.rows.append(row)
 
     def close_dram(self) -> None:
         if self.dram_store is not None:
@@ -419,13 +454,13 @@ class _Runner:
         cfg = self.cfg
         n = max(1, cfg.total // chunk)
         nbytes = n * chunk
-        footprint = n * (_HEADER + align_up(chunk))
-        flush_batch = StoreConfig.flush_batch_bytes
+        record = HEADER_BYTES + align_up(chunk)
         store_cfg = StoreConfig(
             root=self.work / f"nvme-{chunk}",
             # Smaller than `total` (from 256 MiB on), so puts also wait on the flusher as they would in service.
             dram_bytes=align_up(min(nbytes, 256 * MiB) + 2 * align_up(chunk)) + 8 * MiB,
-            nvme_bytes=align_up(2 * footprint + 2 * flush_batch + 2 * (_HEADER + align_up(chunk))),
+            # Room for two generations: a repetition's puts replace the last one's records only once flushed.
+            nvme_bytes=align_up(2 * n * record + 2 * StoreConfig.flush_batch_bytes + 2 * record),
             io_engine=cfg.engine, queue_depth=cfg.queue_depth,
         )
         src = _Pool(chunk, random=True)
@@ -433,53 +468,48 @@ class _Runner:
         outs = aligned_empty(per_batch * align_up(chunk))
         out_views = [outs.narrow(0, j * align_up(chunk), chunk) for j in range(per_batch)]
         keys = _keys(chunk, n)
-        w, r, refs, ratios = [], [], [], []
-        from_nvme = True
-        with TieredStore(store_cfg) as store:
-            self.report.engine = store.stats()["io_engine"]
-            self.report.direct_io = all(d.direct for d in store.nvme.devices)
-            for _ in range(cfg.repeat):
-                t = time.perf_counter()
-                for i, k in enumerate(keys):
-                    store.put(k, src[i])
-                store.flush()
-                w.append(_gbps(nbytes, time.perf_counter() - t))
-                store.drop_cached()
-                where = store.locate(keys)
-                from_nvme = from_nvme and all(x == "nvme" for x in where)
-                t = time.perf_counter()
-                for b in range(0, n, per_batch):
-                    ks = keys[b : b + per_batch]
-                    found = store.get_many_into(ks, out_views[: len(ks)], promote=False)
-                    if not all(found):
-                        raise BenchError(f"{found.count(False)} NVMe read(s) of {format_size(chunk)} chunks failed")
-                r.append(_gbps(nbytes, time.perf_counter() - t))
-                if not torch.equal(out_views[(len(ks) - 1)], src[n - 1]):
-                    raise BenchError("NVMe read returned different bytes than were put")
-                ref = self.raw_read()
-                if ref:
-                    refs.append(ref)
-                    ratios.append(r[-1] / ref)
-            if with_gpu:
-                self._nvme_to_gpu(store, chunk, keys, per_batch)
-        shutil.rmtree(store_cfg.root, ignore_errors=True)
-        note = f"put+flush; drop_cached, get_many_into {format_size(per_batch * chunk)} batches, promote=False"
-        if not from_nvme:
-            note += "; WARNING: some reads were served from memory"
-        row = BenchRow("nvme", chunk, write_gbps=_median(w), read_gbps=_median(r),
-                       ref=f"raw O_DIRECT {format_size(cfg.raw_block)}" if refs else None,
-                       ref_gbps=_median(refs), repeats=cfg.repeat, note=note)
+        row = BenchRow("nvme", chunk, note=f"put+flush; drop_cached, get_many_into {format_size(per_batch * chunk)} "
+                                           "batches, promote=False; I/O = time inside the engine")
+        try:
+            with TieredStore(store_cfg) as store:
+                self.report.engine = store.stats()["io_engine"]
+                self.report.direct_io = all(d.direct for d in store.nvme.devices)
+                timed = store.nvme.engine = _TimedEngine(store.nvme.engine)
+                for _ in range(cfg.repeat):
+                    t = time.perf_counter()
+                    for i, k in enumerate(keys):
+                        store.put(k, src[i])
+                    store.flush()
+                    row.writes.append(_gbps(nbytes, time.perf_counter() - t))
+                    store.drop_cached()
+                    if any(where != "nvme" for where in store.locate(keys)):
+                        raise BenchError("drop_cached left copies in memory: the reads would not come from NVMe")
+                    timed.read_seconds = 0.0
+                    t = time.perf_counter()
+                    for b in range(0, n, per_batch):
+                        ks = keys[b : b + per_batch]
+                        found = store.get_many_into(ks, out_views[: len(ks)], promote=False)
+                        if not all(found):
+                            raise BenchError(f"{found.count(False)} NVMe read(s) of {format_size(chunk)} chunks failed")
+                    row.reads.append(_gbps(nbytes, time.perf_counter() - t))
+                    row.ios.append(_gbps(nbytes, timed.read_seconds))
+                    if not torch.equal(out_views[len(ks) - 1], src[n - 1]):
+                        raise BenchError("NVMe read returned different bytes than were put")
+                    ref = self.raw_measure()  # the yardstick, as fresh as the store's data
+                    if ref is not None:
+                        row.refs.append(ref)
+                if with_gpu:
+                    self._nvme_to_gpu(store, chunk, keys, per_batch)
+        finally:
+            shutil.rmtree(store_cfg.root, ignore_errors=True)
+        if row.refs:
+            row.ref = f"raw O_DIRECT {format_size(cfg.raw_block)}"
         self.report.rows.append(row)
 
     # -- GPU -------------------------------------------------------------------------
-    def _event_seconds(self, fn, stream=None) -> float:
-        stream = stream or torch.cuda.current_stream()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(stream)
-        fn()
-        end.record(stream)
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
+    def _h2d_ref(self, row: BenchRow) -> None:
+        if row.chunk_bytes in self.h2d_runs:
+            row.ref, row.refs = "pinned H2D", list(self.h2d_runs[row.chunk_bytes])
 
     def h2d(self, chunk: int) -> None:
         cfg = self.cfg
@@ -492,10 +522,10 @@ class _Runner:
 
         copies()
         torch.cuda.synchronize()
-        runs = [_gbps(n * chunk, self._event_seconds(copies)) for _ in range(cfg.repeat)]
-        self.h2d[chunk] = _median(runs)
-        self.report.rows.append(BenchRow("h2d", chunk, read_gbps=self.h2d[chunk], repeats=cfg.repeat,
-                                         note="pinned host -> GPU copy_(non_blocking), CUDA events"))
+        row = BenchRow("h2d", chunk, note="pinned host -> GPU copy_(non_blocking), one per chunk, CUDA events")
+        row.reads = [_gbps(n * chunk, _event_seconds(copies)) for _ in range(cfg.repeat)]
+        self.h2d_runs[chunk] = row.reads
+        self.report.rows.append(row)
 
     def gpu_tier(self, chunk: int) -> None:
         from hstore.store import TieredStore
@@ -506,34 +536,31 @@ class _Runner:
         room = align_up(nbytes + 4 * align_up(chunk)) + 16 * MiB
         src, dst = _Pool(chunk, device="cuda", random=True), _Pool(chunk, device="cuda")
         keys = _keys(chunk, n)
-        with TieredStore(StoreConfig(root=self.work / f"gpu-{chunk}", dram_bytes=room, gpu_bytes=room,
-                                     nvme_bytes=0, pin_dram=True)) as store:
-            def put_all():
-                for i, k in enumerate(keys):
-                    store.put(k, src[i])
+        root = self.work / f"gpu-{chunk}"
+        row = BenchRow("gpu", chunk)
+        try:
+            with TieredStore(StoreConfig(root=root, dram_bytes=room, gpu_bytes=room, nvme_bytes=0,
+                                         pin_dram=True)) as store:
+                def put_all():
+                    for i, k in enumerate(keys):
+                        store.put(k, src[i])
 
-            def get_all():
-                for b in range(0, n, 64):
-                    ks = keys[b : b + 64]
-                    if not all(store.get_many_into(ks, [dst[b + j] for j in range(len(ks))])):
-                        raise BenchError("GPU-tier read missed")
+                def get_all():
+                    for b in range(0, n, 64):
+                        ks = keys[b : b + 64]
+                        if not all(store.get_many_into(ks, [dst[b + j] for j in range(len(ks))])):
+                            raise BenchError("GPU-tier read missed")
 
-            put_all()
-            get_all()  # promotes every item into the GPU tier
-            where = store.locate(keys)
-            w, r = [], []
-            for _ in range(cfg.repeat):
-                w.append(_gbps(nbytes, self._event_seconds(put_all)))
-                get_all()  # the new puts landed in DRAM: promote them again
-                r.append(_gbps(nbytes, self._event_seconds(get_all)))
-            where = store.locate(keys)
-        shutil.rmtree(self.work / f"gpu-{chunk}", ignore_errors=True)
-        resident = sum(x == "gpu" for x in where)
-        self.report.rows.append(BenchRow(
-            "gpu", chunk, write_gbps=_median(w), read_gbps=_median(r), repeats=cfg.repeat,
-            ref="pinned H2D" if chunk in self.h2d else None, ref_gbps=self.h2d.get(chunk),
-            note=f"put(cuda tensor) lands in pinned DRAM; reads from GPU tier ({resident}/{n} resident)",
-        ))
+                for _ in range(cfg.repeat):
+                    row.writes.append(_gbps(nbytes, _event_seconds(put_all)))
+                    get_all()  # the puts landed in DRAM: this promotes them into the GPU tier
+                    row.reads.append(_gbps(nbytes, _event_seconds(get_all)))
+                resident = sum(x == "gpu" for x in store.locate(keys))
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        row.note = (f"put(cuda tensor) copies to pinned DRAM; get_many_into CUDA buffers from the GPU tier "
+                    f"({resident}/{n} resident): device-to-device, so no host yardstick")
+        self.report.rows.append(row)
 
     def _nvme_to_gpu(self, store, chunk: int, keys: list[str], per_batch: int) -> None:
         """NVMe -> two pinned staging buffers -> GPU on a side stream, overlapped with the next read."""
@@ -545,6 +572,7 @@ class _Runner:
         views = [[s.narrow(0, j * align_up(chunk), chunk) for j in range(per_batch)] for s in staging]
         dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
         stream = torch.cuda.Stream()
+        contiguous = align_up(chunk) == chunk  # chunks lie back to back in staging and in dst
 
         def pipeline():
             done = [None, None]
@@ -556,8 +584,12 @@ class _Runner:
                 if not all(store.get_many_into(ks, views[s][: len(ks)], promote=False)):
                     raise BenchError("NVMe -> GPU read failed")
                 with torch.cuda.stream(stream):
-                    for j in range(len(ks)):  # one copy per chunk: chunks are not contiguous in staging
-                        dst.narrow(0, (b + j) * chunk, chunk).copy_(views[s][j], non_blocking=True)
+                    if contiguous:
+                        dst.narrow(0, b * chunk, len(ks) * chunk).copy_(
+                            staging[s].narrow(0, 0, len(ks) * chunk), non_blocking=True)
+                    else:
+                        for j in range(len(ks)):
+                            dst.narrow(0, (b + j) * chunk, chunk).copy_(views[s][j], non_blocking=True)
                     ev = torch.cuda.Event()
                     ev.record(stream)
                 done[s] = ev
@@ -569,20 +601,19 @@ class _Runner:
                 if not all(store.get_many_into(ks, outs, promote=False)):
                     raise BenchError("NVMe -> GPU read failed")
 
-        for name, fn, note in (
+        for tier, fn, note in (
             ("nvme->gpu", pipeline, "NVMe -> pinned staging (2 slots) -> GPU on a side stream, overlapped"),
-            ("nvme->gpu:direct", direct, "get_many_into CUDA buffers (the store bounces through pinned memory)"),
+            ("nvme->gpu:direct", direct, "get_many_into CUDA buffers (the store's own bounce through pinned memory)"),
         ):
-            runs = []
+            row = BenchRow(tier, chunk, note=note)
             for _ in range(cfg.repeat):
                 store.drop_cached()
                 torch.cuda.synchronize()
-                runs.append(_gbps(nbytes, self._event_seconds(fn, stream)))
+                row.reads.append(_gbps(nbytes, _event_seconds(fn, stream)))
             if not torch.equal(dst.narrow(0, 0, chunk).cpu(), store.get(keys[0]).view(-1)):
                 raise BenchError("NVMe -> GPU returned different bytes than were put")
-            self.report.rows.append(BenchRow(name, chunk, read_gbps=_median(runs),
-                                             ref="pinned H2D" if chunk in self.h2d else None,
-                                             ref_gbps=self.h2d.get(chunk), repeats=cfg.repeat, note=note))
+            self._h2d_ref(row)
+            self.report.rows.append(row)
 
     def cleanup(self) -> None:
         self.close_dram()
@@ -591,13 +622,8 @@ class _Runner:
 
 def plan(cfg: BenchConfig) -> list[tuple[str, Callable[[_Runner], None]]]:
     """The benchmark's steps, in order (so a progress bar knows how many there are)."""
-    cuda = cuda_available()
-    want_gpu = cuda and "gpu" in cfg.tiers
+    want_gpu = cuda_available() and "gpu" in cfg.tiers
     steps: list[tuple[str, Callable[[_Runner], None]]] = []
-    if "nvme" in cfg.tiers:
-        steps.append(("raw O_DIRECT write", _Runner.write_raw))
-        for c in cfg.sizes:
-            steps.append((f"engine {format_size(c)}", lambda r, c=c: r.engine_read(c)))
     if want_gpu:
         for c in cfg.sizes:
             steps.append((f"h2d {format_size(c)}", lambda r, c=c: r.h2d(c)))
@@ -616,15 +642,18 @@ def plan(cfg: BenchConfig) -> list[tuple[str, Callable[[_Runner], None]]]:
 
 
 def run_bench(cfg: BenchConfig, progress: Callable[[int, int, str], None] | None = None) -> BenchReport:
-    """Run every step of `plan(cfg)`; `progress(done, total, label)` after each. Cleans up what it wrote."""
+    """Run every step of `plan(cfg)`; `progress(done, total, label)` before each. Cleans up what it wrote."""
     created = not cfg.root.exists()
     cfg.root.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    if cfg.torch_threads is not None:
+        torch.set_num_threads(cfg.torch_threads)
     report = BenchReport(cfg, describe_host(cfg.root))
     runner = _Runner(cfg, report)
-    runner.work.mkdir()
     steps = plan(cfg)
     start = time.perf_counter()
     try:
+        runner.work.mkdir()
         for i, (label, step) in enumerate(steps):
             if progress is not None:
                 progress(i, len(steps), label)
@@ -633,6 +662,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[int, int, str], None] | None
             progress(len(steps), len(steps), "done")
     finally:
         runner.cleanup()
+        torch.set_num_threads(threads)
         if created:
             shutil.rmtree(cfg.root, ignore_errors=True)
     report.seconds = time.perf_counter() - start
@@ -646,21 +676,32 @@ def evaluate_targets(report: BenchReport) -> list[Target]:
     dram = report.row("dram", TARGET_CHUNK)
     if dram is not None:
         v = dram.put_get_gbps
-        out.append(Target("DRAM put+get, 512K chunks", v, f">= {DRAM_TARGET_GBPS:g} GB/s",
-                          None if v is None else v >= DRAM_TARGET_GBPS, f"put {dram.write_gbps:.2f}, get {dram.read_gbps:.2f} GB/s"))
+        out.append(Target("DRAM put+get, 512K chunks", v, f">= {DRAM_TARGET_GBPS:g} GB/s", v >= DRAM_TARGET_GBPS,
+                          f"put {dram.write_gbps:.2f}, get {dram.read_gbps:.2f} GB/s"))
     nvme = [r for r in report.rows if r.tier == "nvme" and r.read_vs_ref is not None]
     if nvme:
         at = report.row("nvme", TARGET_CHUNK)
+        main = at if at is not None and at.read_vs_ref is not None else min(nvme, key=lambda r: r.chunk_bytes)
         worst = min(nvme, key=lambda r: r.read_vs_ref)
-        main = at if at is not None and at.read_vs_ref is not None else worst
-        detail = f"lowest {worst.read_vs_ref:.2f} at {format_size(worst.chunk_bytes)}; engine {report.engine}"
+        detail = (f"{main.read_gbps:.2f} vs {main.ref_gbps:.2f} GB/s; engine {report.engine}; "
+                  f"lowest {worst.read_vs_ref:.2f} at {format_size(worst.chunk_bytes)}")
+        raw = report.row("raw", report.config.raw_block)
+        if raw is not None and len(raw.reads) > 1:
+            detail += f"; raw reads ranged {min(raw.reads):.2f}-{max(raw.reads):.2f} GB/s over the run"
+        if main.io_gbps:
+            detail += f"; the store's reads spent {main.read_gbps / main.io_gbps:.0%} of their time in I/O"
         out.append(Target(f"NVMe read / raw O_DIRECT, {format_size(main.chunk_bytes)} chunks", main.read_vs_ref,
                           f">= {NVME_TARGET_RATIO:.2f}", main.read_vs_ref >= NVME_TARGET_RATIO, detail))
     pipe = report.row("nvme->gpu", TARGET_CHUNK) or next((r for r in report.rows if r.tier == "nvme->gpu"), None)
     if pipe is not None and pipe.read_vs_ref is not None:
-        out.append(Target(f"NVMe -> pinned -> GPU / pinned H2D, {format_size(pipe.chunk_bytes)} chunks", pipe.read_vs_ref,
-                          "report", None, f"{pipe.read_gbps:.2f} vs {pipe.ref_gbps:.2f} GB/s"))
-    elif "gpu" in report.config.tiers and not cuda_available():
+        detail = f"{pipe.read_gbps:.2f} vs {pipe.ref_gbps:.2f} GB/s"
+        disk = report.row("nvme", pipe.chunk_bytes)
+        if disk is not None and disk.read_gbps:
+            detail += (f"; NVMe -> pinned alone {disk.read_gbps:.2f} GB/s, so the GPU leg costs "
+                       f"{max(0.0, 1 - pipe.read_gbps / disk.read_gbps):.0%} on top of the disk")
+        out.append(Target(f"NVMe -> pinned -> GPU / pinned H2D, {format_size(pipe.chunk_bytes)} chunks",
+                          pipe.read_vs_ref, "report", None, detail))
+    elif "gpu" in report.config.tiers and "nvme" in report.config.tiers and not cuda_available():
         out.append(Target("NVMe -> pinned -> GPU / pinned H2D", None, "report", None, "not measured: CUDA unavailable"))
     return out
 
@@ -668,6 +709,10 @@ def evaluate_targets(report: BenchReport) -> list[Target]:
 # ---------------------------------------------------------------------------- rendering
 def _f(x: float | None, fmt: str = "{:.2f}") -> str:
     return "-" if x is None else fmt.format(x)
+
+
+def _range(xs: list[float]) -> str:
+    return f"{min(xs):.2f}-{max(xs):.2f}" if len(xs) > 1 else "-"
 
 
 def format_report(report: BenchReport) -> str:
@@ -679,56 +724,62 @@ def format_report(report: BenchReport) -> str:
     if fs.get("rotational") is not None:
         dev += ", rotational" if fs["rotational"] else ", non-rotational"
     gpu = h["gpu"]
+    direct = {True: "yes", False: "no (buffered)", None: "-"}[report.direct_io]
     lines = [
         "hstore bench",
         f"  cpu      {h['cpu']}, {h['cores']} cores ({h['usable_cores']} usable), {human_bytes(h['ram_bytes'])} RAM",
-        f"  system   Linux {h['kernel']}, Python {h['python']}, torch {h['torch']}",
+        f"  system   Linux {h['kernel']}, Python {h['python']}, torch {h['torch']} ({h['torch_threads']} intra-op "
+        f"threads), load average {_f(h['load_avg_1m'])} at start",
         f"  root     {h['root']} on {dev}, {fs.get('fstype', '?')} mounted at {fs.get('mount_point', '?')}, "
         f"{human_bytes(h['fs_free_bytes'])} free of {human_bytes(h['fs_total_bytes'])}",
-        f"  gpu      " + (f"{gpu['name']} ({human_bytes(gpu['memory_bytes'])}, sm {gpu['capability']}, CUDA {gpu['cuda']})"
-                          if gpu else "none (CUDA unavailable: GPU figures skipped)"),
-        f"  io       engine {report.engine or cfg.engine}, queue depth {cfg.queue_depth}, "
-        f"O_DIRECT {'yes' if report.direct_io else 'no' if report.direct_io is False else '-'}, "
-        f"restore batches of {format_size(cfg.batch_bytes)}",
+        "  gpu      " + (f"{gpu['name']} ({human_bytes(gpu['memory_bytes'])}, sm {gpu['capability']}, "
+                         f"CUDA {gpu['cuda']})" if gpu else "none (CUDA unavailable: GPU figures skipped)"),
+        f"  io       engine {report.engine or '-'} (asked: {cfg.engine}), queue depth {cfg.queue_depth}, "
+        f"O_DIRECT {direct}, restore batches of {format_size(cfg.batch_bytes)}",
         f"  run      {format_size(cfg.total)} per measurement, median of {cfg.repeat}, GB/s = 1e9 B/s of payload, "
         f"{report.seconds:.1f} s",
         "",
     ]
-    header = ["tier", "chunk", "write GB/s", "read GB/s", "put+get GB/s", "reference", "ref GB/s", "read/ref"]
-    table = [header]
-    for r in report.rows:
-        table.append([r.tier, format_size(r.chunk_bytes), _f(r.write_gbps), _f(r.read_gbps), _f(r.put_get_gbps),
-                      r.ref or "-", _f(r.ref_gbps), _f(r.read_vs_ref)])
+    header = ["tier", "chunk", "write GB/s", "read GB/s", "read range", "put+get GB/s", "I/O GB/s",
+              "reference", "ref GB/s", "read/ref"]
+    table = [header] + [
+        [r.tier, format_size(r.chunk_bytes), _f(r.write_gbps), _f(r.read_gbps), _range(r.reads),
+         _f(r.put_get_gbps), _f(r.io_gbps), r.ref or "-", _f(r.ref_gbps), _f(r.read_vs_ref)]
+        for r in report.rows
+    ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    left = {0, 7}
     for j, row in enumerate(table):
-        cells = [row[0].ljust(widths[0])] + [c.rjust(w) if i not in (5,) else c.ljust(w)
-                                             for i, (c, w) in enumerate(zip(row[1:], widths[1:]), start=1)]
+        cells = [c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
         lines.append("  " + "  ".join(cells).rstrip())
         if j == 0:
             lines.append("  " + "  ".join("-" * w for w in widths))
     lines += ["", "  put+get = bytes / (put time + get time); read/ref = read GB/s / the reference's GB/s"]
-    notes = [(r.tier, r.chunk_bytes, r.note) for r in report.rows if r.note]
-    seen = set()
-    for tier, chunk, note in notes:
-        generic = re.sub(r"\d+(\.\d+)? GB/s", "", note)
-        if (tier, generic) in seen and "first pass" not in note and "WARNING" not in note:
-            continue
-        seen.add((tier, generic))
-        lines.append(f"  {tier}: {note}")
+    seen: set[tuple[str, str]] = set()
+    for r in report.rows:
+        generic = re.sub(r"\d+(\.\d+)?", "#", r.note)  # one line per kind of note, not per chunk size
+        if r.note and (r.tier, generic) not in seen:
+            seen.add((r.tier, generic))
+            lines.append(f"  {r.tier}: {r.note}")
     if report.targets:
         lines += ["", "targets"]
         for t in report.targets:
-            verdict = "n/a" if t.value is None else ("met" if t.met else "MISSED" if t.met is False else "measured")
-            value = "-" if t.value is None else f"{t.value:.2f}"
-            lines.append(f"  {t.name}: {value} (goal {t.goal}): {verdict}" + (f"  [{t.detail}]" if t.detail else ""))
+            verdict = "n/a" if t.value is None else {True: "met", False: "MISSED", None: "measured"}[t.met]
+            detail = f"  [{t.detail}]" if t.detail else ""
+            lines.append(f"  {t.name}: {_f(t.value)} (goal {t.goal}): {verdict}{detail}")
     return "\n".join(lines)
 
 
 def write_csv(report: BenchReport, out: TextIO) -> None:
+    def num(x: float | None) -> str:
+        return "" if x is None else f"{x:.4f}"
+
     w = csv.writer(out)
     w.writerow(CSV_COLUMNS)
     for r in report.rows:
-        w.writerow([r.tier, format_size(r.chunk_bytes), r.chunk_bytes,
-                    *("" if x is None else f"{x:.4f}" for x in (r.write_gbps, r.read_gbps, r.put_get_gbps)),
-                    r.ref or "", "" if r.ref_gbps is None else f"{r.ref_gbps:.4f}",
-                    "" if r.read_vs_ref is None else f"{r.read_vs_ref:.4f}", r.repeats, report.engine or "", r.note])
+        s = r.summary()
+        w.writerow([r.tier, format_size(r.chunk_bytes), r.chunk_bytes, num(r.write_gbps), num(r.read_gbps),
+                    num(r.put_get_gbps), num(r.io_gbps), r.ref or "", num(r.ref_gbps), num(r.read_vs_ref),
+                    num(min(r.reads, default=None)), num(max(r.reads, default=None)),
+                    num(min(r.refs, default=None)), num(max(r.refs, default=None)),
+                    s["repeats"], report.engine or "", r.note])

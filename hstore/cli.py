@@ -134,11 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bytes moved per measurement (default 512M)")
     p.add_argument("--tiers", type=_tiers_arg, default="dram,nvme,gpu", metavar="LIST",
                    help="tiers to measure, comma-separated (default dram,nvme,gpu; gpu needs CUDA)")
-    p.add_argument("--engine", choices=["auto", "uring", "threads"], default="auto", help="NVMe I/O engine (default auto)")
-    p.add_argument("--queue-depth", type=_positive_int, default=64, metavar="N", help="io_uring queue depth (default 64)")
-    p.add_argument("--repeat", type=_positive_int, default=3, metavar="N", help="repetitions; medians are reported (default 3)")
+    p.add_argument("--engine", choices=["auto", "uring", "threads"], default="auto",
+                   help="NVMe I/O engine (default auto)")
+    p.add_argument("--queue-depth", type=_positive_int, default=64, metavar="N",
+                   help="io_uring queue depth (default 64)")
+    p.add_argument("--repeat", type=_positive_int, default=3, metavar="N",
+                   help="repetitions; medians are reported (default 3)")
     p.add_argument("--batch", type=_size_arg, default="64M", metavar="SIZE",
                    help="get_many_into batch on the restore path (default 64M)")
+    p.add_argument("--torch-threads", type=_positive_int, metavar="N",
+                   help="torch intra-op threads during the run (default: torch's own choice)")
     p.add_argument("--csv", metavar="FILE", help="also write the rows as CSV to FILE ('-' for stdout)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of the table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -162,7 +167,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
         f"stored {human_bytes(s['stored_bytes'])} (with headers and padding)",
     ]
     if s["items"]:
-        out.append(f"item sizes   smallest {human_bytes(s['smallest_item_bytes'])}, largest {human_bytes(s['largest_item_bytes'])}")
+        out.append(f"item sizes   smallest {human_bytes(s['smallest_item_bytes'])}, "
+                   f"largest {human_bytes(s['largest_item_bytes'])}")
         o, n = s["oldest"], s["newest"]
         out.append(f"oldest       {o['created_iso']}  {o['key']}")
         out.append(f"newest       {n['created_iso']}  {n['key']}")
@@ -225,7 +231,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     bar = _Bar(not args.no_progress, desc="verify", unit="B", unit_scale=True, unit_divisor=1024)
     try:
-        report = verify_store(args.root, repair=args.repair, batch_bytes=args.batch, io_engine=args.engine, progress=bar)
+        report = verify_store(args.root, repair=args.repair, batch_bytes=args.batch, io_engine=args.engine,
+                              progress=bar)
     finally:
         bar.close()
     if args.json:
@@ -244,9 +251,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if report.dropped_at_open:
             print(f"  {len(report.dropped_at_open)} index entries pointed outside the data files or overlapped; "
                   "the store removed them when it opened")
-        if args.repair and report.bad:
+        if report.repaired:
             print(f"repaired: deleted {report.repaired} bad entries")
-        elif report.bad:
+        elif report.corrupt or report.unreadable:
             print("run with --repair to delete the bad entries")
     return EXIT_PROBLEMS if report.bad else EXIT_OK
 
@@ -259,7 +266,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     try:
         cfg = BenchConfig(root=args.root, sizes=args.sizes, total=args.total, tiers=args.tiers, engine=args.engine,
-                          queue_depth=args.queue_depth, repeat=args.repeat, batch_bytes=args.batch)
+                          queue_depth=args.queue_depth, repeat=args.repeat, batch_bytes=args.batch,
+                          torch_threads=args.torch_threads)
     except ValueError as e:
         return _usage_error(args, str(e))
     bar = _Bar(not args.no_progress, desc="bench", unit="step")
@@ -271,7 +279,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         doc = {"host": report.host, "engine": report.engine, "direct_io": report.direct_io,
                "seconds": round(report.seconds, 3),
                "config": {**asdict(cfg), "root": str(cfg.root)},
-               "rows": [{**asdict(r), "read_vs_ref": r.read_vs_ref} for r in report.rows],
+               "rows": [r.as_dict() for r in report.rows],
                "targets": [asdict(t) for t in report.targets]}
         print(json.dumps(doc, indent=2))
     else:
@@ -297,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version, usage errors: argparse has printed what it had to
-        return e.code if isinstance(e.code, int) else EXIT_USAGE
+        return EXIT_OK if e.code is None else e.code if isinstance(e.code, int) else EXIT_USAGE
     from hstore.ondisk import NotAStoreError
 
     handler = logging.StreamHandler(sys.stderr)

@@ -30,6 +30,11 @@ class Flusher:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """False once the thread has ended (closed, or crashed on a bug): nothing will be flushed any more."""
+        return self._thread.is_alive()
+
     def stop(self) -> None:
         """Drain what is dirty (the store is closing), then end the thread."""
         self._stop.set()

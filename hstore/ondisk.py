@@ -15,15 +15,17 @@ import json
 import os
 import shutil
 import time
-from contextlib import closing
 from collections import Counter
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from hstore.buffers import ALIGN, align_up, aligned_empty
+import lmdb
+
+from hstore.buffers import align_up, aligned_empty
 from hstore.config import StoreConfig
-from hstore.errors import StoreConfigError
+from hstore.errors import StoreConfigError, StoreIOError
 from hstore.index import Index, IndexEntry
 from hstore.tiers.base import Location, ReadStatus
 from hstore.tiers.nvme import DATA_FILE
@@ -154,6 +156,13 @@ def summarize(root: str | os.PathLike) -> dict:
     item, and whether a process holds the store open.
     """
     root = require_store_root(root)
+    try:
+        return _summarize(root)
+    except lmdb.Error as e:  # read without LMDB's reader lock: a busy writer can recycle pages under us
+        raise StoreIOError(f"the index at {index_path(root)} changed while it was read ({e}); try again") from e
+
+
+def _summarize(root: Path) -> dict:
     with closing(open_index_readonly(root)) as index:
         dirs = read_layout(index)
         records = len(index)

@@ -79,7 +79,7 @@ class _Entry:
     dram: Location | None = None
     durable: Location | None = None  # the NVMe record the index points at
     dirty: bool = False  # the DRAM copy is newer than `durable` and must be flushed
-    flushing: bool = False
+    flushing: Location | None = None  # the DRAM copy the flusher is writing (pinned until it ends)
     ready: object = None  # CUDA event of a pending device-to-host copy into `dram`
     created: float = 0.0
     atime: float = 0.0
@@ -172,8 +172,6 @@ class TieredStore:
                 raise StoreConfigError(
                     f"the store at {root} holds {len(self._index)} items on NVMe; open it with nvme_bytes > 0"
                 )
-        if dirs:
-            self._index.meta_put(_META_KEY, json.dumps({"format": 1, "nvme_dirs": dirs}).encode())
 
         self._eviction = {name: self._make_eviction() for name in ("gpu", "dram", "nvme")}
         pin = cfg.pin_dram if cfg.pin_dram is not None else cuda_available()
@@ -190,6 +188,8 @@ class TieredStore:
                 cfg.nvme_paths, cfg.nvme_bytes, self._engine, make_placement_policy(cfg.placement),
                 sync=cfg.sync, verify=cfg.verify_reads,
             )
+            # Only now: a config whose NVMe tier cannot open must not claim the root.
+            self._index.meta_put(_META_KEY, json.dumps({"format": 1, "nvme_dirs": dirs}).encode())
             self._load_index()
 
     def _make_eviction(self):
@@ -226,47 +226,76 @@ class TieredStore:
         and returns at once; the caller must not modify the tensor afterwards
         (its memory is kept alive by the store until the copy ends).
         """
-        k = normalize_key(key)
-        src = self._validate_tensor(tensor)
-        nbytes = src.numel() * src.element_size()
-        if self.dram.footprint(nbytes) > self.dram.capacity:
-            raise CapacityError(
-                f"an item of {nbytes} bytes cannot fit the DRAM tier ({self.dram.capacity} bytes); raise dram_bytes"
-            )
-        admitted = (
-            self.nvme is not None
-            and self.nvme.footprint(nbytes) <= self.nvme.capacity // 2
-            and self._admission.admit(k, nbytes, cost)
-        )
-        loc = self._reserve_dram(nbytes)
+        self.put_many([(key, tensor)], cost=cost, non_blocking=non_blocking)
+
+    def put_many(
+        self, items: Sequence[tuple[str | bytes, torch.Tensor]], *, cost: float | None = None, non_blocking: bool = False
+    ) -> None:
+        """`put` for many items at once: one side-stream switch and one event for all device copies.
+
+        Items are validated before anything is stored; each is stored (or not)
+        on its own, in order.
+        """
+        prepared = []
+        for key, tensor in items:
+            k = normalize_key(key)
+            src = self._validate_tensor(tensor)
+            nbytes = src.numel() * src.element_size()
+            if self.dram.footprint(nbytes) > self.dram.capacity:
+                raise CapacityError(
+                    f"an item of {nbytes} bytes cannot fit the DRAM tier ({self.dram.capacity} bytes); raise dram_bytes"
+                )
+            prepared.append((k, src, nbytes))
+        group, group_bytes = [], 0
+        for item in prepared:  # groups well below DRAM capacity, so reserving a group never waits on itself
+            if group and group_bytes + item[2] > self.dram.capacity // 4:
+                self._put_group(group, cost, non_blocking)
+                group, group_bytes = [], 0
+            group.append(item)
+            group_bytes += item[2]
+        if group:
+            self._put_group(group, cost, non_blocking)
+
+    def _put_group(self, prepared: list, cost: float | None, non_blocking: bool) -> None:
+        locs: list[Location] = []
         try:
-            ready = self._copy_in(self.dram.view(loc), src, non_blocking)
+            for _, _, nbytes in prepared:
+                locs.append(self._reserve_dram(nbytes))
+            ready = self._copy_in([(self.dram.view(loc), src) for loc, (_, src, _) in zip(locs, prepared)], non_blocking)
         except BaseException:
-            self.dram.free(loc)
+            for loc in locs:
+                self.dram.free(loc)
             raise
         now = time.time()
         with self._cv:
             if self._closed:
-                self.dram.free(loc)
+                for loc in locs:
+                    self.dram.free(loc)
                 raise StoreClosedError("the store is closed")
-            self._seq += 1
-            e = _Entry(k, src.dtype, tuple(src.shape), nbytes, self._seq, cost, dram=loc, ready=ready,
-                       dirty=admitted, created=now, atime=now)
-            old = self._entries.get(k)
-            if old is not None:
-                e.durable = old.durable  # still what the index holds, until `e` is flushed
-                self._drop_volatile(old)
-                if self._dirty.get(k) is old:
-                    del self._dirty[k]
-            self._entries[k] = e
-            self._eviction["dram"].insert(k, loc.length, cost)
-            if admitted:
-                self._dirty[k] = e
-                self._cv.notify_all()
             st = self._stats
-            st.puts += 1
-            st.bytes_put += nbytes
-            st.tier("dram").bytes_written += nbytes
+            for loc, (k, src, nbytes) in zip(locs, prepared):
+                admitted = (
+                    self.nvme is not None
+                    and self.nvme.footprint(nbytes) <= self.nvme.capacity // 2
+                    and self._admission.admit(k, nbytes, cost)
+                )
+                self._seq += 1
+                e = _Entry(k, src.dtype, tuple(src.shape), nbytes, self._seq, cost, dram=loc, ready=ready,
+                           dirty=admitted, created=now, atime=now)
+                old = self._entries.get(k)
+                if old is not None:
+                    e.durable = old.durable  # still what the index holds, until `e` is flushed
+                    self._drop_volatile(old)
+                    if self._dirty.get(k) is old:
+                        del self._dirty[k]
+                self._entries[k] = e
+                self._eviction["dram"].insert(k, loc.length, cost)
+                if admitted:
+                    self._dirty[k] = e
+                st.puts += 1
+                st.bytes_put += nbytes
+                st.tier("dram").bytes_written += nbytes
+            self._cv.notify_all()
 
     def get(self, key: str | bytes, device: torch.device | str = "cpu") -> torch.Tensor | None:
         """The tensor stored under `key` (a new tensor on `device`), or None on a miss."""
@@ -414,6 +443,8 @@ class TieredStore:
                     return
                 if self._stats.flush_failures > failures:
                     raise StoreIOError(f"flush failed: {self._last_flush_error}", getattr(self._last_flush_error, "errno", 0) or 0)
+                if not self._flusher.alive:  # waiting would be forever
+                    raise StoreIOError(f"the flusher has stopped: {self._last_flush_error}")
                 if self._closed:
                     raise StoreClosedError("the store was closed during flush")
                 self._cv.wait(0.05)
@@ -552,10 +583,15 @@ class TieredStore:
     def _on_bad_read(self, e: _Entry, loc: Location, status: ReadStatus) -> None:
         """A corrupt or failed NVMe read: count it, log it, and drop the record (it becomes a miss)."""
         with self._lock:
+            st = self._stats
             if status == ReadStatus.CORRUPT:
-                self._stats.corrupt_chunks += 1
+                st.corrupt_chunks += 1
             else:
-                self._stats.io_errors += 1
+                st.io_errors += 1
+            # _read_into counted an NVMe hit when it planned the read: it was a miss
+            nvme = st.tier("nvme")
+            st.hits, st.misses = st.hits - 1, st.misses + 1
+            nvme.hits, nvme.misses, nvme.bytes_read = nvme.hits - 1, nvme.misses + 1, nvme.bytes_read - e.nbytes
         log.error("%s chunk for key %r at nvme device %d offset %d: dropped",
                   "corrupt" if status == ReadStatus.CORRUPT else "unreadable", e.key[:80], loc.device, loc.offset)
         with self._index_lock:
@@ -609,21 +645,26 @@ class TieredStore:
             t = t.resolve_conj().resolve_neg()
         return t if t.is_contiguous() else t.contiguous()
 
-    def _copy_in(self, dst: torch.Tensor, src: torch.Tensor, non_blocking: bool):
-        """Copy `src` into a DRAM slot; returns a CUDA event when the copy is still in flight."""
-        src_b = as_bytes(src)
-        if not (non_blocking and src.is_cuda and self.dram.pinned):
-            dst.copy_(src_b)
-            return None
-        stream = self._d2h_streams.get(src.device.index)
+    def _copy_in(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], non_blocking: bool):
+        """Copy sources into DRAM slots; returns a CUDA event when device copies are still in flight."""
+        stream = None
+        for dst, src in pairs:
+            src_b = as_bytes(src)
+            if not (non_blocking and src.is_cuda and self.dram.pinned):
+                dst.copy_(src_b)
+                continue
+            if stream is None:
+                stream = self._d2h_streams.get(src.device.index)
+                if stream is None:
+                    stream = self._d2h_streams[src.device.index] = torch.cuda.Stream(device=src.device)
+                stream.wait_stream(torch.cuda.current_stream(src.device))
+            with torch.cuda.stream(stream):
+                dst.copy_(src_b, non_blocking=True)
+            src_b.record_stream(stream)  # the allocator must not reuse the source before the copy ran
         if stream is None:
-            stream = self._d2h_streams[src.device.index] = torch.cuda.Stream(device=src.device)
-        stream.wait_stream(torch.cuda.current_stream(src.device))
-        with torch.cuda.stream(stream):
-            dst.copy_(src_b, non_blocking=True)
-            src_b.record_stream(stream)
-            event = torch.cuda.Event()
-            event.record(stream)
+            return None
+        event = torch.cuda.Event()
+        event.record(stream)
         return event
 
     def _reserve_dram(self, nbytes: int) -> Location:
@@ -637,7 +678,8 @@ class TieredStore:
                 loc = self._allocate_evicting(self.dram, nbytes)
                 if loc is not None:
                     return loc
-                if self._stats.flush_failures > failures and self._last_flush_error is not None:
+                flusher_dead = self._flusher is not None and not self._flusher.alive
+                if (self._stats.flush_failures > failures or flusher_dead) and self._last_flush_error is not None:
                     raise StoreIOError(
                         f"DRAM is full of unflushed data and the flusher is failing: {self._last_flush_error}",
                         getattr(self._last_flush_error, "errno", 0) or 0,
@@ -730,7 +772,7 @@ class TieredStore:
                     break
                 batch.append(e)
                 total += e.nbytes
-                e.flushing = True
+                e.flushing = e.dram
                 self._pins[e.dram] += 1
             return batch
 
@@ -739,7 +781,8 @@ class TieredStore:
         for e in batch:
             if e.ready is not None:
                 e.ready.synchronize()
-        items = [WriteItem(e.key, self.dram.view(e.dram), e.dtype, e.shape) for e in batch]
+        # e.flushing, not e.dram: an overwrite or delete may drop e's DRAM copy meanwhile (it stays pinned).
+        items = [WriteItem(e.key, self.dram.view(e.flushing), e.dtype, e.shape) for e in batch]
         while True:
             try:
                 return self.nvme.write_many(items)
@@ -812,8 +855,9 @@ class TieredStore:
 
     def _end_flush(self, batch: list[_Entry]) -> None:
         for e in batch:
-            e.flushing = False
-            self._unpin(e.dram) if e.dram is not None and e.dram in self._pins else None
+            if e.flushing is not None:
+                self._unpin(e.flushing)
+                e.flushing = None
         self._cv.notify_all()
 
     # ------------------------------------------------------------------ helpers

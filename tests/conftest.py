@@ -14,7 +14,7 @@ ENGINE_KINDS = ["threads", pytest.param("uring", marks=URING_SKIP)]
 
 _MiB = 1 << 20
 STORE_DEFAULTS = dict(dram_bytes=1 * _MiB, nvme_bytes=8 * _MiB, gpu_bytes=0, gpu_device="cpu",
-                      io_engine="threads", io_threads=2, queue_depth=16, put_timeout_s=30.0)
+                      io_engine="threads", io_threads=2, queue_depth=16, put_timeout_s=10.0)
 
 
 @pytest.fixture(params=ENGINE_KINDS)

@@ -63,12 +63,16 @@ def _seed(key: bytes, version: int) -> int:
     return int.from_bytes(hashlib.blake2b(key + version.to_bytes(8, "little"), digest_size=8).digest(), "little") >> 1
 
 
-def keyed_tensor(key: str | bytes, version: int = 0, max_bytes: int = 48 << 10) -> torch.Tensor:
-    """A tensor that is a pure function of (key, version), with the version readable from its first 8 bytes."""
+KEYED_MAX_BYTES = 24 << 10
+
+
+def keyed_tensor(key: str | bytes, version: int = 0) -> torch.Tensor:
+    """A tensor (at most KEYED_MAX_BYTES) that is a pure function of (key, version), with the
+    version readable from its first 8 bytes."""
     kb = key.encode() if isinstance(key, str) else bytes(key)
     gen = torch.Generator().manual_seed(_seed(kb, version))
     dtype = KEYED_DTYPES[int(torch.randint(0, len(KEYED_DTYPES), (1,), generator=gen))]
-    nbytes = 8 * int(torch.randint(1, max_bytes // 8 + 1, (1,), generator=gen))
+    nbytes = 8 * int(torch.randint(1, KEYED_MAX_BYTES // 8 + 1, (1,), generator=gen))
     raw = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=gen)
     raw[:_VERSION_BYTES] = torch.frombuffer(bytearray(version.to_bytes(_VERSION_BYTES, "little")), dtype=torch.uint8)
     flat = raw.view(dtype)

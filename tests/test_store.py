@@ -442,7 +442,7 @@ def test_items_are_striped_over_every_nvme_dir(open_store, store_config, tmp_pat
 
 def test_flush_makes_everything_durable_across_reopen(store_config, engine_kind):
     cfg = store_config(dram_bytes=512 * KiB, nvme_bytes=8 * MiB, io_engine=engine_kind)
-    values = {f"k{i}": keyed_tensor(f"k{i}", i, max_bytes=40 * KiB) for i in range(80)}
+    values = {f"k{i}": keyed_tensor(f"k{i}", i) for i in range(80)}
     with TieredStore(cfg) as store:
         for k, v in values.items():
             store.put(k, v)
@@ -612,7 +612,7 @@ def test_stats_counters(open_store):
 # ---------------------------------------------------------------------------- concurrency
 def test_concurrent_put_get_delete_from_many_threads(open_store, store_config, engine_kind):
     store = open_store(dram_bytes=384 * KiB, nvme_bytes=16 * MiB, io_engine=engine_kind)
-    n_threads, steps = 6, 150
+    n_threads, steps = 6, 300
     shared = [f"shared{i}" for i in range(12)]
     errors: list[BaseException] = []
     final: dict[str, int | None] = {}
@@ -629,7 +629,7 @@ def test_concurrent_put_get_delete_from_many_threads(open_store, store_config, e
                 op = rng.random()
                 k = rng.choice(own if rng.random() < 0.6 else shared)
                 if op < 0.4:
-                    store.put(k, keyed_tensor(k, version, max_bytes=24 * KiB))
+                    store.put(k, keyed_tensor(k, version))
                     if k in own:
                         last[k] = version
                 elif op < 0.8:
@@ -721,7 +721,7 @@ def test_concurrent_readers_while_flushing_and_evicting(open_store, engine_kind)
     store = open_store(dram_bytes=256 * KiB, nvme_bytes=8 * MiB, io_engine=engine_kind)
     keys = [f"k{i}" for i in range(40)]
     for k in keys[:10]:
-        store.put(k, keyed_tensor(k, 1, max_bytes=20 * KiB))
+        store.put(k, keyed_tensor(k, 1))
     stop = threading.Event()
     errors: list[BaseException] = []
 
@@ -731,7 +731,7 @@ def test_concurrent_readers_while_flushing_and_evicting(open_store, engine_kind)
             while not stop.is_set():
                 k = rng.choice(keys[:10])
                 assert check_keyed(k, store.get(k)) == 1
-                out = keyed_tensor(k, 1, max_bytes=20 * KiB).clone()
+                out = keyed_tensor(k, 1).clone()
                 out.zero_()
                 assert store.get_into(k, out)
                 assert check_keyed(k, out) == 1
@@ -744,7 +744,7 @@ def test_concurrent_readers_while_flushing_and_evicting(open_store, engine_kind)
     try:
         for round_ in range(3):
             for k in keys[10:]:
-                store.put(k, keyed_tensor(k, round_, max_bytes=20 * KiB))
+                store.put(k, keyed_tensor(k, round_))
             store.flush()
             store.drop_cached(keys[:10])
     finally:
@@ -875,7 +875,7 @@ def _uring_ok() -> bool:
 
 
 StoreMachine.TestCase.settings = settings(
-    max_examples=25, stateful_step_count=25, deadline=None,
+    max_examples=60, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 test_store_behaves_like_a_dict = StoreMachine.TestCase

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
 from .llama import LlamaProjector
 from .registry import register
@@ -10,5 +10,5 @@ from .registry import register
 
 @register("qwen3")
 class Qwen3Projector(LlamaProjector):
-    def _key_heads(self, attn: nn.Module, key: Tensor) -> Tensor:
-        return attn.k_norm(key)
+    def _k_norm(self, attn: nn.Module) -> nn.Module | None:
+        return attn.k_norm

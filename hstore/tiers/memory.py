@@ -62,6 +62,10 @@ class MemoryTier(Tier):
         """The slot's payload bytes, as a uint8 view of the arena (no copy)."""
         return self._arena.narrow(0, loc.offset, loc.nbytes)
 
+    def view_range(self, offset: int, nbytes: int) -> torch.Tensor:
+        """Bytes [offset, offset + nbytes) of the arena (several adjacent slots at once)."""
+        return self._arena.narrow(0, offset, nbytes)
+
     def largest_free(self) -> int:
         with self._lock:
             return self._alloc.largest_free

@@ -37,8 +37,12 @@ class _Device:
     """One preallocated data file in one directory."""
 
     def __init__(self, directory: Path, size: int):
-        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreConfigError(f"cannot use {directory} as an NVMe directory: {e.strerror or e}") from e
         self.path = directory / DATA_FILE
+        created = not self.path.exists()
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
         try:
             self.fd = os.open(self.path, flags | os.O_DIRECT, 0o644)
@@ -58,15 +62,38 @@ class _Device:
                 "an NVMe tier cannot shrink (raise nvme_bytes or use a new root)"
             )
         if current < size:
-            try:
-                os.posix_fallocate(self.fd, 0, size)
-            except OSError as e:
-                os.close(self.fd)
-                raise StoreIOError(
-                    f"cannot reserve {size} bytes for the NVMe tier in {directory}: {e.strerror}", e.errno or 0
-                ) from e
+            # Check first: a failed fallocate may have taken every free block before it gave up.
+            vfs = os.statvfs(self.fd)
+            free = vfs.f_bavail * vfs.f_frsize
+            error: StoreIOError | None = None
+            if size - current > free:
+                error = StoreIOError(
+                    f"cannot reserve {size} bytes for the NVMe tier in {directory}: only {free} bytes are free "
+                    "(nvme_bytes is split evenly over nvme_dirs; lower it or free space)", errno.ENOSPC
+                )
+            else:
+                try:
+                    os.posix_fallocate(self.fd, 0, size)
+                except OSError as e:
+                    error = StoreIOError(
+                        f"cannot reserve {size} bytes for the NVMe tier in {directory}: {e.strerror}", e.errno or 0
+                    )
+            if error is not None:
+                self._give_back(current, created)
+                raise error
         self.size = size
         self.alloc = ExtentAllocator(size, unit=ALIGN)
+
+    def _give_back(self, size: int, created: bool) -> None:
+        """Undo a failed reservation: back to `size` bytes, or no file at all if this call made it."""
+        try:
+            if created:
+                os.unlink(self.path)
+            else:
+                os.ftruncate(self.fd, size)
+        except OSError as e:
+            log.warning("could not release the space reserved in %s: %s", self.path, e)
+        self.close()
 
     def close(self) -> None:
         if self.fd >= 0:
