@@ -6,6 +6,7 @@ that read straight into their own buffers (`TieredStore.get_into`) use these.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import torch
@@ -53,3 +54,23 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
     # as_strided, not reshape: a 1-element "contiguous" tensor may keep an odd stride that view() rejects.
     flat = t.as_strided((t.numel(),), (1,))
     return flat if t.dtype == torch.uint8 else flat.view(torch.uint8)
+
+
+def copy_bytes(dst: torch.Tensor, src: torch.Tensor, *, non_blocking: bool = False) -> None:
+    """dst[:] = src for flat uint8 tensors of equal length.
+
+    Host-to-host copies of one chunk go through one `memmove` (which releases
+    the GIL): torch's intra-op thread pool splits even a 512 KiB copy across
+    threads, and on a busy machine waiting for those threads costs more than
+    the copy (measured on 2 cores: 0.07-0.55 GB/s with torch's threads under
+    contention, 14-18 GB/s with one). Anything touching a GPU goes through
+    torch, asynchronously when asked.
+    """
+    if dst.device.type == "cpu" and src.device.type == "cpu":
+        n = dst.numel()
+        if n != src.numel():
+            raise ValueError(f"copy_bytes: {src.numel()} bytes into {n}")
+        if n:
+            ctypes.memmove(dst.data_ptr(), src.data_ptr(), n)
+    else:
+        dst.copy_(src, non_blocking=non_blocking)

@@ -94,8 +94,9 @@ class StoreConfig:
             if len(set(dirs)) != len(dirs):
                 raise StoreConfigError(f"nvme_dirs has duplicates: {self.nvme_dirs}")
             self.nvme_dirs = [Path(d) for d in self.nvme_dirs]
-        if self.put_timeout_s <= 0:
-            raise StoreConfigError("put_timeout_s must be positive")
+        t = self.put_timeout_s
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not t > 0:  # NaN too
+            raise StoreConfigError(f"put_timeout_s must be a positive number of seconds, got {t!r}")
 
     @property
     def nvme_paths(self) -> list[Path]:

@@ -18,13 +18,17 @@ always taken before `_lock`. I/O happens with neither held where possible.
 """
 from __future__ import annotations
 
+import atexit
 import fcntl
 import json
 import logging
+import math
 import os
 import threading
 import time
+import weakref
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -54,6 +58,19 @@ from hstore.tiers.nvme import NvmeTier
 log = logging.getLogger(__name__)
 
 _META_KEY = "layout"
+
+# Stores not closed by their owner are closed (flushed) at interpreter exit, before the
+# flusher, a daemon thread, is frozen mid-copy: that aborted the process and lost the data.
+_open_stores: "weakref.WeakSet[TieredStore]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_stores() -> None:
+    for store in list(_open_stores):
+        try:
+            store.close()
+        except Exception:  # noqa: BLE001 - exiting anyway; say what happened
+            log.exception("closing %s at exit failed", store.config.root)
 
 
 def normalize_key(key: str | bytes) -> bytes:
@@ -122,6 +139,7 @@ class TieredStore:
         self._pending_free: dict[Location, Tier] = {}
         self._deferred: list[_DeferredUnpin] = []
         self._seq = 0
+        self._active = 0  # calls using tiers, engine or index outside the lock; close() waits for them
         self._stats = StoreStats()
         self._last_flush_error: BaseException | None = None
         self._d2h_streams: dict[int, object] = {}
@@ -144,12 +162,16 @@ class TieredStore:
         if self.nvme is not None:
             self._flusher = Flusher(self)
             self._flusher.start()
+        _open_stores.add(self)
 
     # ------------------------------------------------------------------ opening
     def _open(self) -> None:
         cfg = self.config
         root = Path(cfg.root)
-        root.mkdir(parents=True, exist_ok=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreConfigError(f"cannot use {root} as the store root: {e.strerror or e}") from e
         self._lock_fd = os.open(root / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -203,7 +225,9 @@ class TieredStore:
         loaded, bad = [], []
         for ie in self._index.items():
             loc = Location("nvme", ie.device, ie.offset, ie.length, ie.nbytes, ie.checksum)
-            if loc.length != self.nvme.footprint(ie.nbytes) or not self.nvme.reserve(loc):
+            consistent = (ie.nbytes == math.prod(ie.shape) * ie.dtype.itemsize
+                          and loc.length == self.nvme.footprint(ie.nbytes))
+            if not consistent or not self.nvme.reserve(loc):
                 bad.append(ie.key)
                 continue
             e = _Entry(ie.key, ie.dtype, ie.shape, ie.nbytes, 0, durable=loc,
@@ -213,7 +237,7 @@ class TieredStore:
         for e in sorted(loaded, key=lambda e: e.atime):
             self._eviction["nvme"].insert(e.key, e.durable.length, e.cost)
         if bad:
-            log.warning("dropping %d index entries that point outside the NVMe files or overlap", len(bad))
+            log.warning("dropping %d index entries that are inconsistent, leave the NVMe files or overlap", len(bad))
             self._index.delete_many(bad)
         log.info("opened %s: %d items on NVMe", self.config.root, len(loaded))
 
@@ -257,6 +281,10 @@ class TieredStore:
             self._put_group(group, cost, non_blocking)
 
     def _put_group(self, prepared: list, cost: float | None, non_blocking: bool) -> None:
+        with self._operation():
+            self._put_group_open(prepared, cost, non_blocking)
+
+    def _put_group_open(self, prepared: list, cost: float | None, non_blocking: bool) -> None:
         locs: list[Location] = []
         try:
             for _, _, nbytes in prepared:
@@ -304,7 +332,13 @@ class TieredStore:
     def get_many(self, keys: Sequence[str | bytes], device: torch.device | str = "cpu") -> list[torch.Tensor | None]:
         """Batched `get`: NVMe reads for all keys are issued together."""
         device = torch.device(device)
+        if device.type == "meta":
+            raise InvalidItemError("cannot read into meta tensors: they hold no data")
         ks = [normalize_key(k) for k in keys]
+        with self._operation():
+            return self._get_many(ks, device)
+
+    def _get_many(self, ks: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
         result: list[torch.Tensor | None] = [None] * len(ks)
         todo = list(range(len(ks)))
         while todo:  # again for keys overwritten with another dtype or shape while being read
@@ -351,7 +385,8 @@ class TieredStore:
         if len(keys) != len(outs):
             raise ValueError("keys and outs must have the same length")
         ks = [normalize_key(k) for k in keys]
-        return self._read_into(ks, list(outs), non_blocking=non_blocking, promote=promote)
+        with self._operation():
+            return self._read_into(ks, list(outs), non_blocking=non_blocking, promote=promote)
 
     def locate(self, keys: Iterable[str | bytes]) -> list[str | None]:
         """The tier a read of each key would be served from ("gpu", "dram", "nvme") or None."""
@@ -381,9 +416,8 @@ class TieredStore:
     def delete(self, key: str | bytes) -> bool:
         """Remove `key` from every tier (and the index). True if it was present."""
         k = normalize_key(key)
-        with self._index_lock:
+        with self._operation(), self._index_lock:
             with self._lock:
-                self._check_open()
                 e = self._entries.pop(k, None)
                 if e is None:
                     return False
@@ -469,6 +503,8 @@ class TieredStore:
                 return
             self._closed = True
             self._cv.notify_all()
+            while self._active:  # calls already past their open check finish first
+                self._cv.wait()
         if self._flusher is not None:
             self._flusher.stop()
         self._finish_deferred(wait=True)
@@ -609,6 +645,8 @@ class TieredStore:
     def _promote(self, e: _Entry, tier_name: str, src: torch.Tensor) -> None:
         """Copy a just-read item into a faster tier if room can be made without waiting."""
         tier = self._tier(tier_name)
+        if tier.footprint(e.nbytes) > tier.capacity:
+            return  # can never fit (allocate would raise CapacityError): served from where it is
         with self._lock:
             if self._closed or self._entries.get(e.key) is not e or getattr(e, tier_name) is not None:
                 return
@@ -831,7 +869,8 @@ class TieredStore:
             with self._cv:
                 for e, loc in current:
                     prev = e.durable
-                    for h in self._holders(e, prev) if prev is not None else [e]:
+                    # also a newer entry put meanwhile: it inherited `prev` as "what the index holds"
+                    for h in self._holders(e, prev):
                         h.durable = loc
                     e.durable = loc
                     if prev is not None:
@@ -897,9 +936,24 @@ class TieredStore:
         if self._closed:
             raise StoreClosedError("the store is closed")
 
+    @contextmanager
+    def _operation(self):
+        """A public call that uses tiers, the engine or the index outside the lock: close()
+        waits for it rather than closing files, rings and the index under it."""
+        with self._lock:
+            self._check_open()
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._active -= 1
+                if not self._active:
+                    self._cv.notify_all()
+
     def _check_out(self, e: _Entry, out: torch.Tensor) -> None:
-        if not isinstance(out, torch.Tensor) or not out.is_contiguous():
-            raise InvalidItemError("output buffers must be contiguous tensors")
+        if not isinstance(out, torch.Tensor) or not out.is_contiguous() or out.device.type == "meta":
+            raise InvalidItemError("output buffers must be contiguous tensors that hold data (not meta)")
         if out.dtype != e.dtype or out.numel() * out.element_size() != e.nbytes:
             raise InvalidItemError(
                 f"output buffer {out.dtype}{tuple(out.shape)} does not match the item {e.dtype}{e.shape}"

@@ -3,18 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-import hstore.io as hio
 from hstore import StoreConfig
 from hstore.io import FaultyEngine, make_engine
-
-URING_SKIP = pytest.mark.skipif(
-    not hio.uring_available(), reason=f"io_uring unavailable: {hio.uring_unavailable_reason()}"
-)
-ENGINE_KINDS = ["threads", pytest.param("uring", marks=URING_SKIP)]
-
-_MiB = 1 << 20
-STORE_DEFAULTS = dict(dram_bytes=1 * _MiB, nvme_bytes=8 * _MiB, gpu_bytes=0, gpu_device="cpu",
-                      io_engine="threads", io_threads=2, queue_depth=16, put_timeout_s=10.0)
+from store_helpers import ENGINE_KINDS, STORE_DEFAULTS
 
 
 @pytest.fixture(params=ENGINE_KINDS)

@@ -17,13 +17,25 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import torch
 import xxhash
 
+import hstore.io as hio
 from hstore.buffers import align_up
 from hstore.index import Index
 from hstore.record import DTYPE_TO_CODE, HEADER_BYTES, RecordHeader, key_digest
 from hstore.tiers.nvme import DATA_FILE
+
+URING_SKIP = pytest.mark.skipif(
+    not hio.uring_available(), reason=f"io_uring unavailable: {hio.uring_unavailable_reason()}"
+)
+ENGINE_KINDS = ["threads", pytest.param("uring", marks=URING_SKIP)]
+"""Parameters for tests that run on each I/O engine."""
+
+STORE_DEFAULTS = dict(dram_bytes=1 << 20, nvme_bytes=8 << 20, gpu_bytes=0, gpu_device="cpu",
+                      io_engine="threads", io_threads=2, queue_depth=16, put_timeout_s=10.0)
+"""A small store: tests override what they exercise."""
 
 ALL_DTYPES = sorted(DTYPE_TO_CODE, key=str)
 KEYED_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int8,
@@ -33,10 +45,12 @@ _VERSION_BYTES = 8
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
     """The raw bytes of a tensor, in row-major order (bitwise: NaNs and invalid bools compare exactly)."""
-    t = t.detach().cpu().contiguous()
     if t.numel() == 0:
         return b""
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+    # A fresh copy: .contiguous() may keep an odd stride on a size-1 dim, which view() rejects.
+    flat = torch.empty(t.numel(), dtype=t.dtype)
+    flat.copy_(t.detach().cpu().reshape(-1))
+    return flat.view(torch.uint8).numpy().tobytes()
 
 
 def assert_same(got: torch.Tensor | None, want: torch.Tensor) -> None:

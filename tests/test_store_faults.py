@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,33 @@ def flip_byte(path: Path, offset: int) -> None:
         os.fsync(f.fileno())
 
 
+def fill(cfg, values) -> None:
+    """Put `values` into the store at `cfg` and close it (which flushes them)."""
+    with TieredStore(cfg) as store:
+        for k, v in values.items():
+            store.put(k, v)
+
+
+@contextmanager
+def edited_index(cfg):
+    """The closed store's LMDB index, open for hand-made damage."""
+    idx = Index(Path(cfg.root) / "index")
+    try:
+        yield idx
+    finally:
+        idx.close()
+
+
+def cold_store(open_store, cfg, values) -> TieredStore:
+    """An open store holding `values` on NVMe only (flushed, cached copies dropped)."""
+    store = open_store(cfg)
+    for k, v in values.items():
+        store.put(k, v)
+    store.flush()
+    store.drop_cached()
+    return store
+
+
 def flush_until_ok(store, attempts: int = 5) -> None:
     """flush() after a fault cleared: a batch that failed before the clear may still be reported once."""
     for _ in range(attempts - 1):
@@ -60,12 +88,11 @@ def flush_until_ok(store, attempts: int = 5) -> None:
 def test_corrupt_byte_in_data_file_is_a_miss_forever(store_config, engine_kind, caplog, where):
     cfg = store_config(io_engine=engine_kind)
     values = values_for(["left", "victim", "right"], n=3000)  # 12000 bytes: 2 full pages and a tail
-    with TieredStore(cfg) as store:
-        for k, v in values.items():
-            store.put(k, v)
+    fill(cfg, values)
     offset = find_record(data_file(cfg), "victim")
     assert offset is not None
-    flip_byte(data_file(cfg), offset + {"header": 40, "payload": HEADER_BYTES + 5000, "tail": HEADER_BYTES + 11000}[where])
+    at = {"header": 40, "payload": HEADER_BYTES + 5000, "tail": HEADER_BYTES + 11000}[where]
+    flip_byte(data_file(cfg), offset + at)
     assert len(scan_root(cfg.root).problems) == 1  # the offline scan sees it too
 
     caplog.set_level(logging.ERROR, logger="hstore")
@@ -94,9 +121,7 @@ def test_corrupt_byte_in_data_file_is_a_miss_forever(store_config, engine_kind, 
 def test_corrupt_chunk_in_a_batch_read_fails_only_that_key(store_config, engine_kind):
     cfg = store_config(io_engine=engine_kind)
     values = values_for([f"k{i}" for i in range(6)], n=2000)
-    with TieredStore(cfg) as store:
-        for k, v in values.items():
-            store.put(k, v)
+    fill(cfg, values)
     flip_byte(data_file(cfg), find_record(data_file(cfg), "k3") + HEADER_BYTES + 7)
     with TieredStore(cfg) as store:
         got = store.get_many(list(values))
@@ -114,15 +139,12 @@ def test_record_of_another_key_is_not_served(store_config, engine_kind):
     # An index entry that points at a valid record of a different key (e.g. after a
     # bug or a torn update) must be a miss, not the other key's data.
     cfg = store_config(io_engine=engine_kind)
-    with TieredStore(cfg) as store:
-        store.put("a", torch.ones(100))
-        store.put("b", torch.zeros(100))
-    idx = Index(Path(cfg.root) / "index")
-    a = idx.get(b"a")
-    b = idx.get(b"b")
-    idx.put_many([IndexEntry(b"b", a.device, a.offset, a.length, a.nbytes, b.dtype, b.shape, a.checksum, b.created)])
-    idx.delete_many([b"a"])
-    idx.close()
+    fill(cfg, {"a": torch.ones(100), "b": torch.zeros(100)})
+    with edited_index(cfg) as idx:
+        a, b = idx.get(b"a"), idx.get(b"b")
+        swapped = IndexEntry(b"b", a.device, a.offset, a.length, a.nbytes, b.dtype, b.shape, a.checksum, b.created)
+        idx.put_many([swapped])
+        idx.delete_many([b"a"])
     with TieredStore(cfg) as store:
         assert store.get("b") is None
         assert store.stats()["corrupt_chunks"] == 1
@@ -130,19 +152,15 @@ def test_record_of_another_key_is_not_served(store_config, engine_kind):
 
 def test_index_entries_outside_the_files_or_overlapping_are_dropped_at_open(store_config, caplog):
     cfg = store_config()
-    with TieredStore(cfg) as store:
-        store.put("good", torch.ones(100))
-        store.put("twin", torch.ones(100))
-    idx = Index(Path(cfg.root) / "index")
-    good = idx.get(b"good")
-    twin = idx.get(b"twin")
-    idx.put_many([
-        IndexEntry(b"outside", 0, 1 << 40, good.length, good.nbytes, good.dtype, good.shape, good.checksum, 0.0),
-        IndexEntry(b"bad-device", 7, 0, good.length, good.nbytes, good.dtype, good.shape, good.checksum, 0.0),
-        IndexEntry(b"bad-length", 0, twin.offset, 3, good.nbytes, good.dtype, good.shape, good.checksum, 0.0),
-        IndexEntry(b"overlap", 0, good.offset, good.length, good.nbytes, good.dtype, good.shape, good.checksum, 0.0),
-    ])
-    idx.close()
+    fill(cfg, {"good": torch.ones(100), "twin": torch.ones(100)})
+    with edited_index(cfg) as idx:
+        g, twin = idx.get(b"good"), idx.get(b"twin")
+        idx.put_many([
+            IndexEntry(b"outside", 0, 1 << 40, g.length, g.nbytes, g.dtype, g.shape, g.checksum, 0.0),
+            IndexEntry(b"bad-device", 7, 0, g.length, g.nbytes, g.dtype, g.shape, g.checksum, 0.0),
+            IndexEntry(b"bad-length", 0, twin.offset, 3, g.nbytes, g.dtype, g.shape, g.checksum, 0.0),
+            IndexEntry(b"overlap", 0, g.offset, g.length, g.nbytes, g.dtype, g.shape, g.checksum, 0.0),
+        ])
     caplog.set_level(logging.WARNING, logger="hstore")
     with TieredStore(cfg) as store:
         present = set(store.keys())
@@ -157,15 +175,42 @@ def test_index_entries_outside_the_files_or_overlapping_are_dropped_at_open(stor
     assert scan_root(cfg.root).problems == []
 
 
+def test_index_entry_whose_shape_does_not_match_its_size_is_dropped_at_open(store_config):
+    cfg = store_config()
+    fill(cfg, {"k": torch.ones(100), "other": torch.zeros(3)})
+    with edited_index(cfg) as idx:
+        e = idx.get(b"k")
+        idx.put_many([IndexEntry(b"k", e.device, e.offset, e.length, e.nbytes, e.dtype, (7,), e.checksum, e.created)])
+    with TieredStore(cfg) as store:
+        assert store.get("k") is None  # not a ValueError from a wrongly sized buffer
+        assert_same(store.get("other"), torch.zeros(3))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_data_file_truncated_or_deleted_makes_misses_not_garbage(store_config, engine_kind, damage):
+    cfg = store_config(io_engine=engine_kind)
+    values = values_for([f"k{i}" for i in range(5)], n=3000)
+    fill(cfg, values)
+    path = data_file(cfg)
+    if damage == "truncate":
+        os.truncate(path, find_record(path, "k2"))  # k2 and what lies after it are gone
+    else:
+        path.unlink()
+    with TieredStore(cfg) as store:
+        got = store.get_many(list(values))
+        survivors = [k for k, g in zip(values, got) if g is not None]
+        for k in survivors:
+            assert_same(store.get(k), values[k])
+        assert store.stats()["corrupt_chunks"] == len(values) - len(survivors) > 0
+        assert sorted(store.keys()) == sorted(k.encode() for k in survivors)
+    assert scan_root(cfg.root).problems == []
+
+
 # ---------------------------------------------------------------------------- read faults
-def test_eio_on_read_is_a_counted_miss(store_config, faulty_engine, caplog):
+def test_eio_on_read_is_a_counted_miss(open_store, store_config, faulty_engine, caplog):
     cfg = store_config(io_engine=faulty_engine)
     values = values_for(["a", "b"], n=5000)
-    store = TieredStore(cfg)
-    for k, v in values.items():
-        store.put(k, v)
-    store.flush()
-    store.drop_cached()
+    store = cold_store(open_store, cfg, values)
     caplog.set_level(logging.ERROR, logger="hstore")
     rule = faulty_engine.fail(errno.EIO, write=False, times=1)
     assert store.get("a") is None
@@ -181,11 +226,25 @@ def test_eio_on_read_is_a_counted_miss(store_config, faulty_engine, caplog):
         assert again.keys() == [b"b"]
 
 
-def test_short_read_is_a_counted_miss(store_config, faulty_engine):
-    store = TieredStore(store_config(io_engine=faulty_engine))
-    store.put("a", torch.arange(5000.0))
-    store.flush()
-    store.drop_cached()
+def test_eio_on_one_device_fails_only_the_records_there(open_store, store_config, faulty_engine, tmp_path):
+    cfg = store_config(io_engine=faulty_engine, nvme_dirs=[tmp_path / "ssd0", tmp_path / "ssd1"])
+    values = values_for([f"k{i}" for i in range(8)], n=1500)
+    store = cold_store(open_store, cfg, values)
+    faulty_engine.fail(errno.EIO, write=False, fd=store.nvme.devices[1].fd)
+    got = store.get_many(list(values))  # one batch over both devices
+    ok = {k for k, g in zip(values, got) if g is not None}
+    for k in ok:
+        assert_same(store.get(k), values[k])
+    assert 0 < len(ok) < len(values)
+    assert store.stats()["io_errors"] == len(values) - len(ok)
+    store.close()
+    faulty_engine.clear()
+    with TieredStore(cfg) as again:
+        assert set(again.keys()) == {k.encode() for k in ok}
+
+
+def test_short_read_is_a_counted_miss(open_store, store_config, faulty_engine):
+    store = cold_store(open_store, store_config(io_engine=faulty_engine), {"a": torch.arange(5000.0)})
     faulty_engine.short(keep=4096, write=False, times=1)
     out = torch.full((5000,), -1.0)
     assert not store.get_into("a", out)
@@ -194,12 +253,9 @@ def test_short_read_is_a_counted_miss(store_config, faulty_engine):
     store.close()
 
 
-def test_bit_flipped_in_transit_on_read_is_caught_by_the_checksum(store_config, faulty_engine):
-    store = TieredStore(store_config(io_engine=faulty_engine))
-    store.put("a", torch.arange(5000.0))
-    store.put("b", torch.arange(10.0))
-    store.flush()
-    store.drop_cached()
+def test_bit_flipped_in_transit_on_read_is_caught_by_the_checksum(open_store, store_config, faulty_engine):
+    values = {"a": torch.arange(5000.0), "b": torch.arange(10.0)}
+    store = cold_store(open_store, store_config(io_engine=faulty_engine), values)
     faulty_engine.flip(at=HEADER_BYTES + 100, write=False, times=1)
     assert store.get("a") is None
     assert store.stats()["corrupt_chunks"] == 1
@@ -207,8 +263,8 @@ def test_bit_flipped_in_transit_on_read_is_caught_by_the_checksum(store_config, 
     store.close()
 
 
-def test_bit_flipped_on_the_way_to_disk_is_caught_on_read(store_config, faulty_engine):
-    store = TieredStore(store_config(io_engine=faulty_engine))
+def test_bit_flipped_on_the_way_to_disk_is_caught_on_read(open_store, store_config, faulty_engine):
+    store = open_store(store_config(io_engine=faulty_engine))
     value = torch.arange(5000.0)
     faulty_engine.flip(at=HEADER_BYTES + 100, write=True, times=1)
     store.put("a", value)
@@ -222,10 +278,10 @@ def test_bit_flipped_on_the_way_to_disk_is_caught_on_read(store_config, faulty_e
 
 # ---------------------------------------------------------------------------- write faults
 @pytest.mark.parametrize("code", [errno.EIO, errno.ENOSPC])
-def test_write_error_fails_flush_keeps_dram_copy_and_recovers(store_config, faulty_engine, code):
+def test_write_error_fails_flush_keeps_dram_copy_and_recovers(open_store, store_config, faulty_engine, code):
     cfg = store_config(io_engine=faulty_engine)
     before = values_for(["old0", "old1"], n=2000)
-    store = TieredStore(cfg)
+    store = open_store(cfg)
     for k, v in before.items():
         store.put(k, v)
     store.flush()
@@ -257,9 +313,9 @@ def test_write_error_fails_flush_keeps_dram_copy_and_recovers(store_config, faul
             assert_same(again.get(k), v)
 
 
-def test_write_error_until_close_loses_only_the_unflushed_items(store_config, faulty_engine):
+def test_write_error_until_close_loses_only_the_unflushed_items(open_store, store_config, faulty_engine):
     cfg = store_config(io_engine=faulty_engine)
-    store = TieredStore(cfg)
+    store = open_store(cfg)
     store.put("kept", torch.ones(1000))
     store.flush()
     faulty_engine.fail(errno.EIO, write=True)
@@ -274,9 +330,9 @@ def test_write_error_until_close_loses_only_the_unflushed_items(store_config, fa
         assert_same(again.get("kept"), torch.ones(1000))  # the last durable value, exactly
 
 
-def test_failure_of_one_op_fails_the_whole_batch(store_config, faulty_engine):
+def test_failure_of_one_op_fails_the_whole_batch(open_store, store_config, faulty_engine):
     cfg = store_config(io_engine=faulty_engine, nvme_dirs=[Path(store_config().root) / f"d{i}" for i in range(2)])
-    store = TieredStore(cfg)
+    store = open_store(cfg)
     faulty_engine.fail(errno.EIO, write=True, nth=1, times=1)  # the second op of the first batch
     values = values_for([f"k{i}" for i in range(6)], n=1000)
     for k, v in values.items():
@@ -290,9 +346,9 @@ def test_failure_of_one_op_fails_the_whole_batch(store_config, faulty_engine):
             assert_same(again.get(k), v)
 
 
-def test_short_write_fails_flush_then_recovers(store_config, faulty_engine):
+def test_short_write_fails_flush_then_recovers(open_store, store_config, faulty_engine):
     cfg = store_config(io_engine=faulty_engine)
-    store = TieredStore(cfg)
+    store = open_store(cfg)
     faulty_engine.short(keep=4096, write=True, times=1)  # header written, payload not
     store.put("a", torch.arange(5000.0))
     with pytest.raises(StoreIOError, match="short write"):
@@ -304,9 +360,9 @@ def test_short_write_fails_flush_then_recovers(store_config, faulty_engine):
         assert_same(again.get("a"), torch.arange(5000.0))
 
 
-def test_fsync_failure_fails_flush_and_the_data_is_rewritten(store_config, faulty_engine):
+def test_fsync_failure_fails_flush_and_the_data_is_rewritten(open_store, store_config, faulty_engine):
     cfg = store_config(io_engine=faulty_engine)
-    store = TieredStore(cfg)
+    store = open_store(cfg)
     faulty_engine.fail_fsync(errno.EIO)
     store.put("a", torch.arange(3000.0))
     with pytest.raises(StoreIOError, match="fsync"):
@@ -322,8 +378,8 @@ def test_fsync_failure_fails_flush_and_the_data_is_rewritten(store_config, fault
         assert_same(again.get("a"), torch.arange(3000.0))
 
 
-def test_puts_fail_clearly_when_dram_is_full_of_unflushable_data(store_config, faulty_engine):
-    store = TieredStore(store_config(io_engine=faulty_engine, dram_bytes=256 * KiB))
+def test_puts_fail_clearly_when_dram_is_full_of_unflushable_data(open_store, store_config, faulty_engine):
+    store = open_store(store_config(io_engine=faulty_engine, dram_bytes=256 * KiB))
     faulty_engine.fail(errno.EIO, write=True)
     with pytest.raises(StoreIOError, match="flusher is failing"):
         for i in range(100):

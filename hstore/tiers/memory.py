@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 
 from hstore.buffers import ALIGN, aligned_empty, as_bytes
-from hstore.errors import CapacityError, TierFullError
+from hstore.errors import CapacityError, StoreConfigError, TierFullError
 from hstore.tiers.allocator import ExtentAllocator
 from hstore.tiers.base import Location, ReadStatus, Tier, WriteItem
 
@@ -26,12 +26,17 @@ class MemoryTier(Tier):
 
     def __init__(self, name: str, capacity: int, device: torch.device | str, *, pin: bool = False):
         self.name = name
-        self.device = torch.device(device)
         capacity -= capacity % ALIGN
-        if self.device.type == "cpu":
-            self._arena = aligned_empty(capacity, pin=pin)
-        else:
-            self._arena = torch.empty(capacity, dtype=torch.uint8, device=self.device)
+        try:
+            self.device = torch.device(device)
+            if self.device.type == "meta":
+                raise ValueError("meta tensors hold no data")
+            if self.device.type == "cpu":
+                self._arena = aligned_empty(capacity, pin=pin)
+            else:
+                self._arena = torch.empty(capacity, dtype=torch.uint8, device=self.device)
+        except (RuntimeError, AssertionError, ValueError) as e:  # bad device, no CUDA, out of memory
+            raise StoreConfigError(f"cannot allocate the {name} tier ({capacity} bytes on {device!r}): {e}") from e
         self.pinned = bool(pin and self.device.type == "cpu")
         self._alloc = ExtentAllocator(capacity, unit=ALIGN)
         self._lock = threading.Lock()

@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 IOV_MAX = 1024
 DATA_FILE = "hstore.dat"
+MAX_OP_BYTES = 4 << 20  # merged ops stay this small so several are in flight at once
+READ_SLICE_BYTES = 16 << 20  # reads are checked in slices this big, overlapped with the next slice's I/O
 
 
 class _Device:
@@ -125,6 +128,7 @@ class NvmeTier(Tier):
         self.sync = sync
         self.verify = verify
         self._lock = threading.Lock()
+        self._read_pool: ThreadPoolExecutor | None = None
         self.devices: list[_Device] = []
         try:
             for d in dirs:
@@ -297,18 +301,11 @@ class NvmeTier(Tier):
             dests.append(dest)
             records.append((loc.device, loc.offset, iov, i))
         ops = self._coalesce(records, write=False)
-        results = self.engine.run([op for op, _ in ops])
         status = [ReadStatus.OK] * n
-        for (op, members), r in zip(ops, results):
-            if r != op.expected:
-                why = os.strerror(-r) if r < 0 else f"short read ({r} of {op.expected} bytes)"
-                log.error("NVMe read of %d record(s) at device %d offset %d failed: %s", len(members), op.fd, op.offset, why)
-                for i in members:
-                    status[i] = ReadStatus.IO_ERROR
-        for i, loc in enumerate(locs):
-            if status[i] != ReadStatus.OK:
-                continue
-            dest = dests[i]
+
+        def finish(i: int) -> None:
+            """Check record i's header and checksum, and move it into its output."""
+            loc, dest = locs[i], dests[i]
             if i not in bounce_off:
                 body = loc.nbytes // ALIGN * ALIGN
                 if loc.nbytes > body:
@@ -324,10 +321,34 @@ class NvmeTier(Tier):
                 ok = checksum(dest) == loc.checksum
             if not ok:
                 status[i] = ReadStatus.CORRUPT
-                continue
-            if i in bounce_off:
+            elif i in bounce_off:
                 outs_b[i].copy_(dest)
+
+        # Pipeline: while one slice of the batch is checked (checksums, headers), the next is being read.
+        slices = _slices(ops, READ_SLICE_BYTES)
+        pending = self._reader().submit(self.engine.run, [op for op, _ in slices[0]])
+        for k, part in enumerate(slices):
+            results = pending.result()
+            if k + 1 < len(slices):
+                pending = self._reader().submit(self.engine.run, [op for op, _ in slices[k + 1]])
+            for (op, members), r in zip(part, results):
+                if r != op.expected:
+                    why = os.strerror(-r) if r < 0 else f"short read ({r} of {op.expected} bytes)"
+                    log.error("NVMe read of %d record(s) at fd %d offset %d failed: %s", len(members), op.fd, op.offset, why)
+                    for i in members:
+                        status[i] = ReadStatus.IO_ERROR
+                    continue
+                for i in members:
+                    finish(i)
         return status
+
+    def _reader(self) -> ThreadPoolExecutor:
+        """Threads that run the next slice's I/O while the caller checks the previous slice."""
+        if self._read_pool is None:
+            with self._lock:
+                if self._read_pool is None:
+                    self._read_pool = ThreadPoolExecutor(4, thread_name_prefix="hstore-nvme-read")
+        return self._read_pool
 
     def _coalesce(self, records, *, write: bool) -> list[tuple[IoOp, list]]:
         """Merge records that are back to back on one device into one vectored op."""
@@ -337,7 +358,8 @@ class NvmeTier(Tier):
         for i in order:
             dev, off, iov, tag = records[i]
             size = sum(length for _, length in iov)
-            if cur and cur["dev"] == dev and cur["end"] == off and len(cur["iov"]) + len(iov) <= IOV_MAX:
+            if (cur and cur["dev"] == dev and cur["end"] == off and len(cur["iov"]) + len(iov) <= IOV_MAX
+                    and cur["end"] + size - cur["off"] <= MAX_OP_BYTES):
                 cur["iov"].extend(iov)
                 cur["end"] += size
                 cur["tags"].append(tag)
@@ -352,5 +374,22 @@ class NvmeTier(Tier):
         ]
 
     def close(self) -> None:
+        if self._read_pool is not None:
+            self._read_pool.shutdown(wait=True)
+            self._read_pool = None
         for d in self.devices:
             d.close()
+
+
+def _slices(ops: list, max_bytes: int) -> list[list]:
+    """Consecutive groups of ops of about `max_bytes` each (at least one op per group)."""
+    groups, cur, size = [], [], 0
+    for item in ops:
+        if cur and size + item[0].expected > max_bytes:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(item)
+        size += item[0].expected
+    if cur:
+        groups.append(cur)
+    return groups
