@@ -757,7 +757,8 @@ def format_report(report: BenchReport) -> str:
     lines += ["", "  put+get = bytes / (put time + get time); read/ref = read GB/s / the reference's GB/s"]
     seen: set[tuple[str, str]] = set()
     for r in report.rows:
-        generic = re.sub(r"\d+(\.\d+)?", "#", r.note)  # one line per kind of note, not per chunk size
+        # one line per kind of note, not per chunk size (nor for a first row's extra remark)
+        generic = re.sub(r"\d+(\.\d+)?", "#", r.note.split(";")[0])
         if r.note and (r.tier, generic) not in seen:
             seen.add((r.tier, generic))
             lines.append(f"  {r.tier}: {r.note}")

@@ -35,7 +35,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from hstore.buffers import as_bytes, cuda_available
+from hstore.buffers import as_bytes, copy_bytes, cuda_available
 from hstore.config import StoreConfig
 from hstore.errors import (
     CapacityError,
@@ -578,16 +578,20 @@ class TieredStore:
         disk = [p for p in plan if p[2] == "nvme"]
         deferred = _DeferredUnpin(None)
         try:
-            for i, e, src, loc in mem:
-                if e.ready is not None:
-                    e.ready.synchronize()
-                view = self._tier(src).view(loc)
-                ob = as_bytes(outs[i])
+            for run in _adjacent_runs(mem, outs):
+                for _, e, _, _ in run:
+                    if e.ready is not None:
+                        e.ready.synchronize()
+                src, first = run[0][2], run[0][3]
+                nbytes = sum(p[3].nbytes for p in run)
+                view = self._tier(src).view_range(first.offset, nbytes)
+                ob = _byte_span(outs[run[0][0]], nbytes)
                 nb = non_blocking and (ob.is_cuda or view.is_cuda)
-                ob.copy_(view, non_blocking=nb)
-                found[i] = True
-                if nb:
-                    deferred.locs.append(loc)
+                copy_bytes(ob, view, non_blocking=nb)
+                for i, _, _, loc in run:
+                    found[i] = True
+                    if nb:
+                        deferred.locs.append(loc)
             if deferred.locs:
                 deferred.event = torch.cuda.Event()
                 deferred.event.record()
@@ -993,3 +997,37 @@ class TieredStore:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # also releases the flock
             self._lock_fd = -1
+
+
+def _adjacent_runs(plan: list, outs: Sequence[torch.Tensor]) -> list[list]:
+    """Group planned memory-tier reads whose sources and destinations are both back to back.
+
+    A layer's chunks are put together and so usually lie side by side in the
+    arena; so do the caller's per-chunk output views of one buffer. Each run is
+    then one large copy (one DMA to the GPU) instead of one small copy per chunk.
+    """
+    runs: list[list] = []
+    prev = None
+    for p in plan:
+        i, _, src, loc = p
+        if prev is not None:
+            pi, _, psrc, ploc = prev
+            po, o = outs[pi], outs[i]
+            if (src == psrc and loc.offset == ploc.offset + ploc.nbytes and o.device == po.device
+                    and o.data_ptr() == po.data_ptr() + ploc.nbytes
+                    and o.untyped_storage().data_ptr() == po.untyped_storage().data_ptr()):
+                runs[-1].append(p)
+                prev = p
+                continue
+        runs.append([p])
+        prev = p
+    return runs
+
+
+def _byte_span(out: torch.Tensor, nbytes: int) -> torch.Tensor:
+    """`nbytes` of `out`'s storage as a flat uint8 tensor, starting where `out` starts."""
+    if nbytes == out.numel() * out.element_size():
+        return as_bytes(out)
+    storage = out.untyped_storage()
+    start = out.data_ptr() - storage.data_ptr()
+    return torch.empty(0, dtype=torch.uint8, device=out.device).set_(storage, start, (nbytes,), (1,))

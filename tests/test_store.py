@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
@@ -238,6 +238,38 @@ def test_get_many_into_partial_misses_and_promotion_flag(open_store):
     assert store.locate(["a", "b"]) == ["nvme", "nvme"]  # promote=False
     assert store.get_many_into(["a"], [outs[0]], promote=True) == [True]
     assert store.locate(["a"]) == ["dram"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 12),
+    chunk_elems=st.sampled_from([1, 7, 1024, 2048, 3000]),  # 4 KiB multiples and odd sizes
+    deleted=st.sets(st.integers(0, 11), max_size=4),
+    order=st.randoms(use_true_random=False),
+)
+def test_get_many_into_one_buffer_with_adjacent_sources_and_holes(n, chunk_elems, deleted, order):
+    """Adjacent chunks read into adjacent views of one buffer are copied as runs; holes, misses and
+    any key order still give every view exactly its own value and nothing else."""
+    with tempfile.TemporaryDirectory() as root, TieredStore(StoreConfig(root=root, nvme_bytes=0, dram_bytes=1 * MiB)) as store:
+        _check_adjacent_reads(store, n, chunk_elems, deleted, order)
+
+
+def _check_adjacent_reads(store, n, chunk_elems, deleted, order):
+    values = [torch.full((chunk_elems,), float(i + 1)) for i in range(n)]
+    store.put_many([(f"c{i}", v) for i, v in enumerate(values)])
+    for i in deleted & set(range(n)):
+        store.delete(f"c{i}")
+    idx = list(range(n))
+    if order.random() < 0.5:
+        order.shuffle(idx)
+    buf = torch.full((n, chunk_elems), -1.0)
+    found = store.get_many_into([f"c{i}" for i in idx], list(buf.unbind(0)), promote=False)
+    for row, (i, ok) in enumerate(zip(idx, found)):
+        assert ok == (i not in deleted)
+        if ok:
+            assert_same(buf[row], values[i])
+        else:
+            assert torch.all(buf[row] == -1.0)  # a miss leaves its view untouched
 
 
 @pytest.mark.parametrize("bad", [
