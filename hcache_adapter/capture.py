@@ -44,6 +44,9 @@ class StateSaver:
         self._prefix_digest = prefix_digest  # digest of the chunk ending at `start` (None at 0)
         self._pending: dict[int, list[torch.Tensor]] = {l: [] for l, k in enumerate(plan) if k == HIDDEN}
         self._pending_start: dict[int, int] = {l: start for l in self._pending}
+        self._pending_end: dict[int, int] = dict(self._pending_start)  # position after the last pending row
+        dtype = str(hc.dtype).replace("torch.", "")
+        self._manifest = Manifest(hc.fingerprint, plan, self.C, dtype).encode()
         self._kv_saved: dict[int, int] = {l: start // self.C for l, k in enumerate(plan) if k == KV}
         self._manifests_done = start // self.C
         self._digests: list[str] = []
@@ -83,31 +86,43 @@ class StateSaver:
             return self._disable("the model was not called with input_ids")
         if ids.shape[0] != 1:
             return self._disable(f"batch of {ids.shape[0]} sequences (save/restore handles one)")
-        self._ids.append(ids[0].detach())
+        self._ids.append(ids)  # [1, T]; generate runs under no_grad: nothing to detach
         self._step_tokens = ids.shape[1]
 
     def _hidden_hook(self, layer: int):
+        # Runs for every layer at every decoding step: keep it to a few attribute reads.
+        pending, C = self._pending[layer], self.C
+        pending_end = self._pending_end
+
         def hook(module, args, kwargs):
             if not self.enabled:
                 return
             h = args[0] if args else kwargs.get("hidden_states")
             if h is None or h.dim() != 3 or h.shape[0] != 1 or h.shape[1] != self._step_tokens:
                 return self._disable(f"unexpected hidden state at layer {layer}")
-            pending = self._pending[layer]
-            pending.append(h[0].detach())
-            have = self._pending_start[layer] + sum(p.shape[0] for p in pending)
-            done = (have // self.C) * self.C
-            if done <= self._pending_start[layer]:
-                return
-            rows = torch.cat(pending) if len(pending) > 1 else pending[0]
+            pending.append(h)  # [1, T, D], kept by reference: the model does not write it in place
+            end = pending_end[layer] = pending_end[layer] + h.shape[1]
+            if end % C and end // C == (end - h.shape[1]) // C:
+                return  # no chunk completed by this step
+            self._flush_hidden(layer)
+
+        return hook
+
+    def _flush_hidden(self, layer: int) -> None:
+        """Put every whole chunk among `layer`'s pending rows; keep the rest pending."""
+        pending = self._pending[layer]
+        have = self._pending_end[layer]
+        done = (have // self.C) * self.C
+        if done > self._pending_start[layer]:
+            rows = (torch.cat(pending, dim=1) if len(pending) > 1 else pending[0])[0]
             first = self._pending_start[layer]
             self._put([(layer_key(self.hc.namespace, self._digest(a // self.C), "h", layer), rows[a - first : a - first + self.C])
                        for a in range(first, done, self.C)])
             rest = rows[done - first :]
-            self._pending[layer] = [rest] if rest.shape[0] else []
+            pending.clear()
+            if rest.shape[0]:
+                pending.append(rest.unsqueeze(0))
             self._pending_start[layer] = done
-
-        return hook
 
     def _kv_hook(self, layer: int):
         def hook(module, args, output):
@@ -134,10 +149,10 @@ class StateSaver:
             return
         self.next_pos += self._step_tokens
         complete = self.next_pos // self.C
-        dtype = str(self.hc.dtype).replace("torch.", "")
-        m = Manifest(self.hc.fingerprint, self.plan, self.C, dtype).encode()
+        if complete <= self._manifests_done:
+            return
         new = range(self._manifests_done, complete)
-        self._put([(manifest_key(self.hc.namespace, self._digest(c)), m) for c in new], count=False)
+        self._put([(manifest_key(self.hc.namespace, self._digest(c)), self._manifest) for c in new], count=False)
         if self.enabled:
             self.chunks_saved += len(new)
         self._manifests_done = max(self._manifests_done, complete)
@@ -148,7 +163,7 @@ class StateSaver:
         idx = chunk - self.start // self.C
         if idx >= len(self._digests):
             # Every whole chunk fed so far at once: one device-to-host sync per forward, not per chunk.
-            self._ids_cpu = torch.cat(self._ids).tolist()
+            self._ids_cpu = torch.cat(self._ids, dim=1)[0].tolist()
             done = len(self._digests) * self.C
             after = self._digests[-1] if self._digests else self._prefix_digest
             self._digests += self.hc.digests(self._ids_cpu[done:], after=after)

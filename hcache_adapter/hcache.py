@@ -323,18 +323,21 @@ class HCache:
         valid = m
         try:
             if r:
+                loader.prefetch()  # I/O of the loaded layers overlaps the recomputation
                 self._recompute_prefix(ids, cache, r)
             positions = torch.arange(ids.shape[1], device=self.device).unsqueeze(0)
             for i, read in enumerate(reads):
                 loaded = loader.get(i)
-                valid = min(valid, loaded.valid_chunks)
+                if loaded.valid_chunks < valid:
+                    valid = loaded.valid_chunks
+                    positions = positions[:, : valid * self.chunk_tokens]  # one tensor while it holds: rotary reused
                 if valid == 0:
                     loader.release(i)
                     break
                 rows = valid * self.chunk_tokens
                 if read.kind == HIDDEN:
                     hidden = loaded.data[:valid].reshape(1, rows, -1)
-                    k, v = self.projector.project(read.layer, hidden, positions[:, :rows])
+                    k, v = self.projector.project(read.layer, hidden, positions)
                 else:
                     kv = loaded.data[:valid]  # [chunks, 2, kv_heads, C, head_dim]
                     k = kv[:, 0].permute(1, 0, 2, 3).reshape(1, kv.shape[2], rows, kv.shape[-1])

@@ -1,13 +1,21 @@
 """Restoring a stored prefix into a transformers cache, layer-pipelined.
 
-A `LayerLoader` thread reads each loaded layer's chunks from the store into a
-ring of `depth` buffers on the compute device (memory tiers: straight copies on
-a copy stream; NVMe: io_uring into pinned staging, then one host-to-device
-copy), while the caller's thread recomputes the leading layers from tokens and
-then projects (hidden state) or reshapes (K/V) each layer as its data arrives.
-I/O and compute overlap; a buffer is reused only after the compute that read it
-has finished (events on a GPU, a semaphore on the CPU), and a pinned staging
-buffer only after its copy to the GPU has finished.
+A `LayerLoader` reads each loaded layer's chunks from the store into a ring of
+`depth` buffers on the compute device (memory tiers: straight copies on a copy
+stream, one per run of adjacent chunks; NVMe: io_uring into pinned staging,
+then one host-to-device copy per run), while the caller's thread recomputes the
+leading layers from tokens and then projects (hidden state) or reshapes (K/V)
+each layer as its data arrives. I/O and compute overlap; a buffer is reused
+only after the compute that read it has finished (events on a GPU, a semaphore
+on the CPU), and a pinned staging buffer only after its copy to the GPU has
+finished.
+
+Reads that block (NVMe, or any read on a CPU device) run on a background
+thread. On a GPU with every chunk in a memory tier nothing blocks: a copy is
+only queued on the copy stream, so the caller's own thread queues them a few
+layers ahead of its compute (`inline` mode). That keeps the GIL with one
+thread: two threads that both launch GPU work would take turns and leave the
+GPU idle between layers.
 """
 from __future__ import annotations
 
@@ -42,7 +50,9 @@ class LoadedLayer:
 class LayerLoader:
     """Background reader that stays at most `depth` layers ahead of the consumer."""
 
-    def __init__(self, store, reads: list[LayerRead], dtype: torch.dtype, device: torch.device, *, depth: int = 3):
+    def __init__(self, store, reads: list[LayerRead], dtype: torch.dtype, device: torch.device, *, depth: int = 3,
+                 inline: bool | None = None):
+        """`inline`: None chooses (GPU and nothing on NVMe: inline); True/False force it (tests)."""
         self.store = store
         self.reads = reads
         self.dtype = dtype
@@ -64,6 +74,11 @@ class LayerLoader:
         self.stream = torch.cuda.Stream(device=self.device) if self.cuda else None
         self._events: dict[int, object] = {}
         self._thread = threading.Thread(target=self._run, name="hcache-loader", daemon=True)
+        self._inline_choice = inline
+        self.inline = False
+        self._issued = 0  # inline mode: layers whose reads are queued
+
+    INLINE_LOOKAHEAD = 3  # layers queued ahead of the compute in inline mode (after `prefetch`)
 
     def _new_slot(self) -> torch.Tensor:
         if self.cuda:
@@ -71,9 +86,21 @@ class LayerLoader:
         return aligned_empty(self._slot_bytes, pin=False)
 
     def start(self) -> "LayerLoader":
-        if self.reads:
+        if not self.reads:
+            return self
+        if self._inline_choice is not None:
+            self.inline = self._inline_choice
+        elif self.cuda:
+            where = self.store.locate([k for r in self.reads for k in r.keys])
+            self.inline = "nvme" not in where
+        if not self.inline:
             self._thread.start()
         return self
+
+    def prefetch(self) -> None:
+        """Queue reads for every free buffer now (before the caller recomputes leading layers)."""
+        if self.inline:
+            self._issue_until(self.depth)
 
     def close(self) -> None:
         with self._cv:
@@ -87,6 +114,8 @@ class LayerLoader:
     # -- consumer side -------------------------------------------------------------
     def get(self, i: int) -> LoadedLayer:
         """Layer `i` of `reads` (blocks until read); on a GPU the current stream waits for its copy."""
+        if self.inline:
+            self._issue_until(max(i + 1, min(i + self.INLINE_LOOKAHEAD, i + self.depth)))
         with self._cv:
             while i not in self._results:
                 self._cv.wait()
@@ -104,6 +133,18 @@ class LayerLoader:
             ev.record(torch.cuda.current_stream(self.device))
             self._free_event[i % self.depth] = ev
         self._credits.release()
+
+    def _issue_until(self, end: int) -> None:
+        """Inline mode: queue the reads of layers up to `end` (exclusive) whose buffer is free."""
+        end = min(end, len(self.reads))
+        while self._issued < end:
+            j = self._issued
+            try:
+                result = self._load(j, self.reads[j])
+            except BaseException as e:  # raised by get(j), like the thread's errors
+                result = e
+            self._results[j] = result
+            self._issued += 1
 
     # -- loader thread -------------------------------------------------------------
     def _run(self) -> None:

@@ -543,13 +543,15 @@ class TieredStore:
                 if e is not None and expect is None:
                     self._check_out(e, out)
             st = self._stats
+            names = self._tier_names()
+            tier_stats = [st.tier(name) for name in names]
             for i, e in enumerate(entries):
                 if e is None or (expect is not None and e is not expect[i]):
                     if expect is None:  # get_many counts its own misses
                         st.gets += 1
                         st.misses += 1
-                        for name in self._tier_names():
-                            st.tier(name).misses += 1
+                        for ts in tier_stats:
+                            ts.misses += 1
                     elif e is None:
                         st.gets += 1
                         st.misses += 1
@@ -558,21 +560,20 @@ class TieredStore:
                         continue
                     if e is None:
                         continue
-                k = ks[i]
                 src = self._source(e)
                 loc = getattr(e, "durable" if src == "nvme" else src)
                 self._pins[loc] += 1
                 plan.append((i, e, src, loc))
-                self._eviction[src].access(k)
+                self._eviction[src].access(ks[i])
                 e.atime, e.hits, e.stats_changed = now, e.hits + 1, True
                 st.gets += 1
                 st.hits += 1
-                for name in self._tier_names():
+                for name, ts in zip(names, tier_stats):  # a miss in every tier above the one that served it
                     if name == src:
-                        st.tier(name).hits += 1
-                        st.tier(name).bytes_read += e.nbytes
+                        ts.hits += 1
+                        ts.bytes_read += e.nbytes
                         break
-                    st.tier(name).misses += 1
+                    ts.misses += 1
 
         mem = [p for p in plan if p[2] != "nvme"]
         disk = [p for p in plan if p[2] == "nvme"]
@@ -580,8 +581,9 @@ class TieredStore:
         try:
             for run in _adjacent_runs(mem, outs):
                 for _, e, _, _ in run:
-                    if e.ready is not None:
+                    if e.ready is not None:  # a device-to-host put still copying into this slot
                         e.ready.synchronize()
+                        e.ready = None
                 src, first = run[0][2], run[0][3]
                 nbytes = sum(p[3].nbytes for p in run)
                 view = self._tier(src).view_range(first.offset, nbytes)
@@ -605,8 +607,9 @@ class TieredStore:
                         self._on_bad_read(e, loc, status)
         finally:
             with self._lock:
+                held = {id(loc) for loc in deferred.locs}  # unpinned once their copies have run
                 for i, e, src, loc in plan:
-                    if loc not in deferred.locs:
+                    if id(loc) not in held:
                         self._unpin(loc)
                 if deferred.locs:
                     self._deferred.append(deferred)

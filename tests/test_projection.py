@@ -373,3 +373,33 @@ def test_bad_arguments():
     with pytest.raises(ValueError):
         proj.project(0, torch.zeros(2, D))
     assert math.isfinite(proj.kv_bytes_per_token())
+
+
+@pytest.mark.parametrize("name", ["llama_mha", "llama_gqa", "llama_mqa_bias", "mistral_gqa", "qwen2_gqa_bias",
+                                  "qwen3_gqa_knorm", "gemma_mqa"])
+def test_llama_family_projects_through_the_tensor_function(name):
+    """The known RMSNorms are reproduced op for op, so the fast tensors-only path is taken (and is exact)."""
+    model = _build(name)
+    proj = projector_for(model)
+    assert proj._use_tensor_path()
+    assert max(_max_errors(model, proj, _input_ids())) <= ATOL
+
+
+class _ScaledNorm(torch.nn.Module):
+    """A pre-attention norm hcache has no copy of: it must be called as the module it is."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return 2.0 * self.inner(x)
+
+
+def test_unknown_norm_is_called_as_a_module_and_stays_exact():
+    model = _build("llama_gqa")
+    for layer in model.model.layers:
+        layer.input_layernorm = _ScaledNorm(layer.input_layernorm)
+    proj = projector_for(model)
+    assert not proj._use_tensor_path()
+    assert max(_max_errors(model, proj, _input_ids())) <= ATOL

@@ -2,15 +2,18 @@
 
 Layer ``i`` is ``base.layers[i]``; its attention is ``.self_attn`` with separate
 ``k_proj``/``v_proj`` Linears (bias for Qwen2), after the pre-attention norm
-``.input_layernorm`` (Gemma's ``1 + weight`` RMSNorm included: we call the
-module).  GQA/MQA: ``k_proj`` has ``num_key_value_heads * head_dim`` outputs.
-Rotary: one module for the model, ``base.rotary_emb(h, position_ids) -> cos, sin``,
-applied with the modeling module's ``rotate_half``.  Gemma's embedding scale
-(``sqrt(D)``) is applied before layer 0, so it is already inside h.
+``.input_layernorm`` (Gemma's ``1 + weight`` RMSNorm included). GQA/MQA:
+``k_proj`` has ``num_key_value_heads * head_dim`` outputs. Rotary: one module
+for the model, ``base.rotary_emb(h, position_ids) -> cos, sin``, the same for
+every layer, so a restore computes it once and reuses it for all layers.
 
-On a GPU the whole projection (norm, both GEMMs, the rotary tables and the
-key rotation) can run as one `torch.compile`d graph shared by every layer:
-the norm and the rotation then cost one memory pass each instead of several.
+The projection itself is a function of tensors only (`llama_kv`): the norm is
+written out as transformers writes it for the RMSNorm classes it knows, so on a
+GPU it can run as one `torch.compile`d graph whose guards check a few tensors
+(guards over module objects cost ~0.7 ms a call, more than the GPU work).
+Whether our norm matches the model's module is checked once per projector on a
+few random rows; a norm we do not know, or one that differs, is called as a
+module (eager), which is always exact.
 """
 
 from __future__ import annotations
@@ -26,17 +29,30 @@ from .registry import register
 
 log = logging.getLogger(__name__)
 
+# RMSNorm classes whose forward `rms_norm` reproduces, by the style of their formula.
+_RMS_STYLE = {"LlamaRMSNorm": "llama", "MistralRMSNorm": "llama", "Qwen2RMSNorm": "llama",
+              "Qwen3RMSNorm": "llama", "GemmaRMSNorm": "gemma"}
 
-def llama_kv(norm: nn.Module, k_proj: nn.Module, v_proj: nn.Module, k_norm: nn.Module | None,
-             rotary_emb: nn.Module, hidden: Tensor, position_ids: Tensor, head_dim: int, rotate_half) -> KV:
-    """K (rotated) and V of one Llama-style layer, from the layer's input hidden state."""
-    x = norm(hidden)
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, style: str) -> Tensor:
+    """transformers' RMSNorm, op for op: "llama" scales in the input dtype, "gemma" by (1 + w) in float32."""
+    xf = x.to(torch.float32)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if style == "gemma":
+        return (xf * (1.0 + weight.float())).type_as(x)
+    return weight * xf.to(x.dtype)
+
+
+def llama_kv(hidden: Tensor, norm_w: Tensor, norm_eps: float, norm_style: str, wk: Tensor, bk: Tensor | None,
+             wv: Tensor, bv: Tensor | None, knorm_w: Tensor | None, knorm_eps: float, cos: Tensor, sin: Tensor,
+             head_dim: int, rotate_half) -> KV:
+    """K (rotated) and V of one Llama-style layer from its input hidden state; tensors in, tensors out."""
+    x = rms_norm(hidden, norm_w, norm_eps, norm_style)
     heads_shape = (*x.shape[:-1], -1, head_dim)
-    key = k_proj(x).view(heads_shape)
-    if k_norm is not None:
-        key = k_norm(key)
-    value = v_proj(x).view(heads_shape).transpose(1, 2)
-    cos, sin = rotary_emb(hidden, position_ids)
+    key = nn.functional.linear(x, wk, bk).view(heads_shape)
+    if knorm_w is not None:
+        key = rms_norm(key, knorm_w, knorm_eps, "llama")
+    value = nn.functional.linear(x, wv, bv).view(heads_shape).transpose(1, 2)
     return rotate_key(key.transpose(1, 2), cos, sin, rotate_half), value
 
 
@@ -45,9 +61,27 @@ def _compiled_llama_kv():
     return torch.compile(llama_kv, dynamic=True)
 
 
+def _norm_spec(norm: nn.Module | None) -> tuple[str, float] | None:
+    """(style, eps) of a norm module `rms_norm` can stand in for, else None."""
+    if norm is None:
+        return None
+    style = _RMS_STYLE.get(type(norm).__name__)
+    if style is None or not type(norm).__module__.startswith("transformers.models."):
+        return None
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    return (style, float(eps)) if eps is not None else None
+
+
 @register("llama", "mistral", "qwen2", "gemma")
 class LlamaProjector(Projector):
     compile = False  # set by the caller (HCache does on CUDA); eager everywhere else
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self._rope: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # (position_ids, hidden probe, cos, sin)
+        self._tensor_path: bool | None = None  # None: not yet checked against the modules
+        if not any(p.is_meta for p in model.parameters()):
+            self._use_tensor_path()  # now, not inside the first (possibly timed or traced) projection
 
     @property
     def decoder_layers(self) -> list[nn.Module]:
@@ -63,11 +97,66 @@ class LlamaProjector(Projector):
         """A per-head norm applied to K before rotary (Qwen3), or None."""
         return None
 
-    def _project(self, layer: int, hidden: Tensor, position_ids: Tensor | None) -> KV:
+    def _cos_sin(self, hidden: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """The rotary tables for `position_ids`, computed once and reused while the same tensor is passed."""
+        r = self._rope
+        if r is not None and r[0] is position_ids and r[1].dtype == hidden.dtype and r[1].device == hidden.device:
+            return r[2], r[3]
+        cos, sin = self.base_model.rotary_emb(hidden, position_ids)
+        self._rope = (position_ids, hidden[:0], cos, sin)
+        return cos, sin
+
+    def _args(self, layer: int, hidden: Tensor, cos: Tensor, sin: Tensor) -> tuple:
         block = self.decoder_layers[layer]
         attn = block.self_attn
-        args = (block.input_layernorm, attn.k_proj, attn.v_proj, self._k_norm(attn), self.base_model.rotary_emb,
-                hidden, default_position_ids(hidden, position_ids), attn.head_dim, modeling_function(attn, "rotate_half"))
+        style, eps = _norm_spec(block.input_layernorm)
+        k_norm = self._k_norm(attn)
+        knorm_w, knorm_eps = (None, 0.0) if k_norm is None else (k_norm.weight, _norm_spec(k_norm)[1])
+        return (hidden, block.input_layernorm.weight, eps, style, attn.k_proj.weight, attn.k_proj.bias,
+                attn.v_proj.weight, attn.v_proj.bias, knorm_w, knorm_eps, cos, sin, attn.head_dim,
+                modeling_function(attn, "rotate_half"))
+
+    def _module_kv(self, layer: int, hidden: Tensor, cos: Tensor, sin: Tensor) -> KV:
+        """The same projection through the model's own modules (always exact; eager)."""
+        attn = self.decoder_layers[layer].self_attn
+        x = self.decoder_layers[layer].input_layernorm(hidden)
+        heads_shape = (*x.shape[:-1], -1, attn.head_dim)
+        key = attn.k_proj(x).view(heads_shape)
+        k_norm = self._k_norm(attn)
+        if k_norm is not None:
+            key = k_norm(key)
+        value = attn.v_proj(x).view(heads_shape).transpose(1, 2)
+        return rotate_key(key.transpose(1, 2), cos, sin, modeling_function(attn, "rotate_half")), value
+
+    def _use_tensor_path(self) -> bool:
+        """Whether `llama_kv` stands in for the modules: known norms, and equal on a few random rows."""
+        if self._tensor_path is None:
+            attn = self.decoder_layers[0].self_attn
+            known = all(_norm_spec(self.decoder_layers[i].input_layernorm) for i in range(self.num_layers)) and (
+                self._k_norm(attn) is None or _norm_spec(self._k_norm(attn)) is not None)
+            if known and not (isinstance(attn.k_proj, nn.Linear) and isinstance(attn.v_proj, nn.Linear)):
+                known = False  # a quantized or otherwise custom Linear: call it as a module
+            if known:
+                weight = attn.k_proj.weight
+                probe = torch.randn(1, 4, self.hidden_size, generator=torch.Generator().manual_seed(0))
+                probe = probe.to(weight.device, self.dtype)
+                pos = torch.arange(4, device=weight.device).unsqueeze(0)
+                with torch.no_grad():
+                    cos, sin = self.base_model.rotary_emb(probe, pos)
+                    ours = llama_kv(*self._args(0, probe, cos, sin))
+                    theirs = self._module_kv(0, probe, cos, sin)
+                known = all(torch.equal(a, b) for a, b in zip(ours, theirs))
+                if not known:
+                    log.warning("the norm of %s differs from hcache's copy of it; projecting through the modules",
+                                type(self.model).__name__)
+            self._tensor_path = known
+        return self._tensor_path
+
+    def _project(self, layer: int, hidden: Tensor, position_ids: Tensor | None) -> KV:
+        cos, sin = self._cos_sin(hidden, default_position_ids(hidden, position_ids))
+        if not self._use_tensor_path():
+            return self._module_kv(layer, hidden, cos, sin)
+        args = self._args(layer, hidden, cos, sin)
         if self.compile and hidden.is_cuda:
             try:
                 return _compiled_llama_kv()(*args)

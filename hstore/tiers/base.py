@@ -26,6 +26,9 @@ class Location:
     nbytes: int  # payload bytes
     checksum: int = 0  # payload checksum, for tiers that verify reads
 
+    def __hash__(self) -> int:  # on the read path for every chunk: hash what tells two places apart
+        return hash((self.tier, self.device, self.offset))
+
 
 @dataclass(frozen=True, slots=True)
 class WriteItem:
