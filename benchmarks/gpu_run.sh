@@ -47,7 +47,7 @@ for s in "$@"; do
     quick)
       stage quick
       timeout 420 python3 -m hcache_adapter bench --models llama2-7b --contexts 4096 --repeat 3 --tbt-context 1024 \
-        --tbt-tokens 64 --chat-rounds 0 --out "$OUT/quick" 2>&1 | grep -v "it/s\|step/s\|s/step" | tail -30 ;;
+        --tbt-tokens 64 --tbt-pairs 4 --chat-rounds 0 --out "$OUT/quick" 2>&1 | grep -v "it/s\|step/s\|s/step" | tail -30 ;;
     full)
       stage full
       timeout 580 python3 -m hcache_adapter bench --out "$OUT/results" ${BENCH_ARGS:-} 2>&1 \

@@ -51,10 +51,10 @@ def main() -> None:
         gpu = torch.empty(nbytes, dtype=torch.uint8, device=dev)
         floor = time_median(lambda: gpu.copy_(host, non_blocking=True), dev)
         print(f"floor: one pinned H2D copy of {nbytes / 1e9:.2f} GB: {floor * 1e3:.1f} ms ({nbytes / floor / 1e9:.1f} GB/s)")
-        outs = list(gpu.view(torch.float16).view(L * len(digests), 64, D).unbind(0))
+        outs = gpu.view(torch.float16).view(L * len(digests), 64, D)  # stacked rows: one per key
         t = time_median(lambda: store.get_many_into(keys, outs, non_blocking=True, promote=False), dev)
         print(f"store.get_many_into of {len(keys)} chunks to the GPU: {t * 1e3:.1f} ms")
-        cpu_outs = list(host.view(torch.float16).view(L * len(digests), 64, D).unbind(0))
+        cpu_outs = host.view(torch.float16).view(L * len(digests), 64, D)
         samples = []
         for _ in range(3):
             c0 = time.perf_counter()
@@ -68,6 +68,7 @@ def main() -> None:
         pos = torch.arange(n, device=dev).unsqueeze(0)
         proj = time_median(lambda: [hc.projector.project(l, hidden, pos) for l in range(L)], dev)
         print(f"projection of {L} layers x {n} tokens: {proj * 1e3:.1f} ms")
+        project_variants(hc, hidden, pos, dev)
         rest = ids[:, : n + 32]
         for name, h in (("hcache", hc), ("kv", kv)):
             r = time_median(lambda: h.restore(rest), dev)
@@ -78,6 +79,35 @@ def main() -> None:
             hc.restore(rest)
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
+
+
+def project_variants(hc, hidden, pos, dev) -> None:
+    """CPU cost of issuing one layer's projection (what bounds a pipelined restore) and GPU time, per variant."""
+    import hcache_adapter.projection.llama as llama
+
+    proj = hc.projector
+    L = proj.num_layers
+    cos, sin = proj._cos_sin(hidden, pos)
+    variants = {
+        "compiled dynamic=True": llama._compiled_llama_kv(),
+        "compiled mark_dynamic(T)": torch.compile(llama.llama_kv),
+        "eager tensors": llama.llama_kv,
+    }
+    for name, fn in variants.items():
+        def run():
+            h = hidden
+            if name.startswith("compiled mark"):
+                torch._dynamo.mark_dynamic(h, 1)
+            for l in range(L):
+                fn(*proj._args(l, h, cos, sin))
+        run()
+        torch.cuda.synchronize()
+        c0 = time.perf_counter()
+        run()
+        issue = time.perf_counter() - c0
+        torch.cuda.synchronize()
+        gpu = time_median(run, dev)
+        print(f"projection {name:>26}: issue {issue / L * 1e6:7.1f} us/layer on the CPU, {gpu * 1e3:6.1f} ms GPU for {L} layers")
 
 
 if __name__ == "__main__":

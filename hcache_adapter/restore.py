@@ -20,6 +20,7 @@ GPU idle between layers.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -73,12 +74,16 @@ class LayerLoader:
         self._stop = False
         self.stream = torch.cuda.Stream(device=self.device) if self.cuda else None
         self._events: dict[int, object] = {}
-        self._thread = threading.Thread(target=self._run, name="hcache-loader", daemon=True)
+        self._threads = [threading.Thread(target=self._run, name=f"hcache-loader-{w}", daemon=True)
+                         for w in range(max(1, min(self.IO_WORKERS if self.cuda else 2, self.depth)))]
+        self._next = 0  # thread mode: the next layer a worker takes
+        self._fast_switch = False
         self._inline_choice = inline
         self.inline = False
         self._issued = 0  # inline mode: layers whose reads are queued
 
     INLINE_LOOKAHEAD = 3  # layers queued ahead of the compute in inline mode (after `prefetch`)
+    IO_WORKERS = 4  # thread mode: layers read at once (a virtual disk needs several reads in flight)
 
     def _new_slot(self) -> torch.Tensor:
         if self.cuda:
@@ -94,7 +99,10 @@ class LayerLoader:
             where = self.store.locate([k for r in self.reads for k in r.keys])
             self.inline = "nvme" not in where
         if not self.inline:
-            self._thread.start()
+            _switch_interval.lower()
+            self._fast_switch = True
+            for t in self._threads:
+                t.start()
         return self
 
     def prefetch(self) -> None:
@@ -106,10 +114,14 @@ class LayerLoader:
         with self._cv:
             self._stop = True
             self._cv.notify_all()
-        for _ in range(self.depth):
+        for _ in range(self.depth + len(self._threads)):
             self._credits.release()
-        if self._thread.is_alive():
-            self._thread.join()
+        for t in self._threads:
+            if t.is_alive():
+                t.join()
+        if self._fast_switch:
+            self._fast_switch = False
+            _switch_interval.restore()
 
     # -- consumer side -------------------------------------------------------------
     def get(self, i: int) -> LoadedLayer:
@@ -146,14 +158,18 @@ class LayerLoader:
             self._results[j] = result
             self._issued += 1
 
-    # -- loader thread -------------------------------------------------------------
+    # -- loader threads ------------------------------------------------------------
     def _run(self) -> None:
-        for i, read in enumerate(self.reads):
-            self._credits.acquire()
-            if self._stop:
-                return
+        while True:
+            self._credits.acquire()  # a buffer is free: layer `_next` may be read into it
+            with self._cv:
+                if self._stop or self._next >= len(self.reads):
+                    self._credits.release()  # wake the next worker so that it ends too
+                    return
+                i = self._next
+                self._next += 1
             try:
-                result = self._load(i, read)
+                result = self._load(i, self.reads[i])
             except BaseException as e:  # handed to the consumer, which re-raises
                 result = e
             with self._cv:
@@ -165,9 +181,8 @@ class LayerLoader:
         m = len(read.keys)
         buf = self._slots[slot][: m * _numel(read.chunk_shape) * _itemsize(self.dtype)]
         data = buf.view(self.dtype).view(m, *read.chunk_shape)
-        outs = list(data.unbind(0))
         if not self.cuda:
-            found = _read(self.store, read.keys, outs)
+            found = _read(self.store, read.keys, data)
             return LoadedLayer(data, _prefix_len(found))
         with torch.cuda.stream(self.stream):
             if self._free_event[slot] is not None:
@@ -176,7 +191,7 @@ class LayerLoader:
             found = [False] * m
             in_memory = [c for c in range(m) if where[c] in ("gpu", "dram")]
             if in_memory:
-                ok = _read(self.store, [read.keys[c] for c in in_memory], [outs[c] for c in in_memory], non_blocking=True)
+                ok = _read(self.store, [read.keys[c] for c in in_memory], _rows(data, in_memory), non_blocking=True)
                 for c, f in zip(in_memory, ok):
                     found[c] = f
             on_disk = [c for c in range(m) if where[c] == "nvme"]
@@ -194,7 +209,7 @@ class LayerLoader:
         if self._staging[slot] is None:
             self._staging[slot] = aligned_empty(self._slot_bytes, pin=cuda_available())
         staging = self._staging[slot][: data.numel() * data.element_size()].view(self.dtype).view(data.shape)
-        ok = _read(self.store, [read.keys[c] for c in chunks], [staging[c] for c in chunks])
+        ok = _read(self.store, [read.keys[c] for c in chunks], _rows(staging, chunks))
         good = [c for c, f in zip(chunks, ok) if f]
         for c in good:
             found[c] = True
@@ -205,6 +220,40 @@ class LayerLoader:
         self._staging_event[slot] = ev
 
 
+class _SwitchInterval:
+    """Lowers the interpreter's thread switch interval while any threaded restore runs.
+
+    The compute thread (recomputing layers, launching kernels) holds the GIL
+    almost all the time; a reader thread coming back from I/O then waits up to
+    the switch interval (5 ms by default) for it, once per chunk it verifies,
+    and the disk idles. Process-wide, so counted and put back when the last
+    restore ends.
+    """
+
+    FAST_S = 0.0005
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved = None
+
+    def lower(self) -> None:
+        with self._lock:
+            if self._users == 0:
+                self._saved = sys.getswitchinterval()
+                sys.setswitchinterval(min(self._saved, self.FAST_S))
+            self._users += 1
+
+    def restore(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                sys.setswitchinterval(self._saved)
+
+
+_switch_interval = _SwitchInterval()
+
+
 def _read(store, keys, outs, non_blocking: bool = False) -> list[bool]:
     """get_many_into that turns a shape/dtype mismatch into misses (a foreign or stale entry)."""
     try:
@@ -212,6 +261,13 @@ def _read(store, keys, outs, non_blocking: bool = False) -> list[bool]:
     except HStoreError as e:
         log.warning("restore: %s; treating these chunks as missing", e)
         return [False] * len(keys)
+
+
+def _rows(data: torch.Tensor, idx: list[int]):
+    """Rows `idx` of `data` as get_many_into's output: the stacked tensor itself when they are all of it."""
+    if len(idx) == data.shape[0]:
+        return data
+    return [data[c] for c in idx]
 
 
 def _runs(sorted_idx: list[int]) -> list[tuple[int, int]]:

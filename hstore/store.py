@@ -376,6 +376,10 @@ class TieredStore:
     ) -> list[bool]:
         """Read many items straight into preallocated buffers (pinned host or GPU).
 
+        `outs` is a list of buffers, one per key, or one contiguous tensor whose
+        rows (``outs[i]``) are the buffers: the cheap form for many keys, since
+        no per-item view is made unless an item comes from NVMe.
+
         NVMe reads are issued as one batch and verified before this returns.
         Copies from memory tiers honour `non_blocking`: they are queued on the
         current CUDA stream and the source stays pinned until they complete, so
@@ -385,8 +389,9 @@ class TieredStore:
         if len(keys) != len(outs):
             raise ValueError("keys and outs must have the same length")
         ks = [normalize_key(k) for k in keys]
+        rows = _StackedRows(outs) if isinstance(outs, torch.Tensor) else list(outs)
         with self._operation():
-            return self._read_into(ks, list(outs), non_blocking=non_blocking, promote=promote)
+            return self._read_into(ks, rows, non_blocking=non_blocking, promote=promote)
 
     def locate(self, keys: Iterable[str | bytes]) -> list[str | None]:
         """The tier a read of each key would be served from ("gpu", "dram", "nvme") or None."""
@@ -539,9 +544,12 @@ class TieredStore:
             self._check_open()
             self._finish_deferred(wait=False)
             entries = [self._entries.get(k) for k in ks]
-            for e, out in zip(entries, outs):  # before anything is pinned
-                if e is not None and expect is None:
-                    self._check_out(e, out)
+            if isinstance(outs, _StackedRows):  # before anything is pinned
+                outs.check(entries)
+            elif expect is None:
+                for e, out in zip(entries, outs):
+                    if e is not None:
+                        self._check_out(e, out)
             st = self._stats
             names = self._tier_names()
             tier_stats = [st.tier(name) for name in names]
@@ -587,7 +595,7 @@ class TieredStore:
                 src, first = run[0][2], run[0][3]
                 nbytes = sum(p[3].nbytes for p in run)
                 view = self._tier(src).view_range(first.offset, nbytes)
-                ob = _byte_span(outs[run[0][0]], nbytes)
+                ob = outs.span(run[0][0], nbytes) if isinstance(outs, _StackedRows) else _byte_span(outs[run[0][0]], nbytes)
                 nb = non_blocking and (ob.is_cuda or view.is_cuda)
                 copy_bytes(ob, view, non_blocking=nb)
                 for i, _, _, loc in run:
@@ -1009,22 +1017,56 @@ def _adjacent_runs(plan: list, outs: Sequence[torch.Tensor]) -> list[list]:
     arena; so do the caller's per-chunk output views of one buffer. Each run is
     then one large copy (one DMA to the GPU) instead of one small copy per chunk.
     """
+    stacked = isinstance(outs, _StackedRows)
     runs: list[list] = []
     prev = None
     for p in plan:
         i, _, src, loc = p
         if prev is not None:
             pi, _, psrc, ploc = prev
-            po, o = outs[pi], outs[i]
-            if (src == psrc and loc.offset == ploc.offset + ploc.nbytes and o.device == po.device
-                    and o.data_ptr() == po.data_ptr() + ploc.nbytes
-                    and o.untyped_storage().data_ptr() == po.untyped_storage().data_ptr()):
-                runs[-1].append(p)
-                prev = p
-                continue
+            if src == psrc and loc.offset == ploc.offset + ploc.nbytes:
+                if stacked:
+                    adjacent = i == pi + 1  # rows are back to back, and each holds exactly its item
+                else:
+                    po, o = outs[pi], outs[i]
+                    adjacent = (o.device == po.device and o.data_ptr() == po.data_ptr() + ploc.nbytes
+                                and o.untyped_storage().data_ptr() == po.untyped_storage().data_ptr())
+                if adjacent:
+                    runs[-1].append(p)
+                    prev = p
+                    continue
         runs.append([p])
         prev = p
     return runs
+
+
+class _StackedRows:
+    """One contiguous output tensor whose rows receive one item each (see `get_many_into`)."""
+
+    def __init__(self, out: torch.Tensor):
+        if out.dim() < 1 or not out.is_contiguous() or out.device.type == "meta":
+            raise InvalidItemError("a stacked output must be a contiguous tensor with one row per key (not meta)")
+        self.out = out
+        self.dtype = out.dtype
+        self.row_bytes = (out[0].numel() if out.shape[0] else 0) * out.element_size()
+        self.row_shape = tuple(out.shape[1:])
+        self._flat = as_bytes(out)
+
+    def __len__(self) -> int:
+        return self.out.shape[0]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.out[i]
+
+    def check(self, entries) -> None:
+        for e in entries:
+            if e is not None and (e.dtype != self.dtype or e.nbytes != self.row_bytes):
+                raise InvalidItemError(
+                    f"output rows {self.dtype}{self.row_shape} do not match the item {e.dtype}{e.shape}")
+
+    def span(self, i: int, nbytes: int) -> torch.Tensor:
+        """`nbytes` of the output as flat bytes, from the start of row i."""
+        return self._flat.narrow(0, i * self.row_bytes, nbytes)
 
 
 def _byte_span(out: torch.Tensor, nbytes: int) -> torch.Tensor:

@@ -62,3 +62,17 @@ def test_a_missing_chunk_ends_the_valid_prefix(filled, inline):
     finally:
         loader.close()
     assert valid == [CHUNKS, CHUNKS, CHUNKS, 2, CHUNKS, CHUNKS]
+
+
+def test_thread_mode_lowers_the_switch_interval_only_while_it_runs(filled):
+    import sys
+
+    before = sys.getswitchinterval()
+    loaders = [LayerLoader(filled, reads(), torch.float32, torch.device("cpu"), depth=2, inline=False).start()
+               for _ in range(2)]
+    assert sys.getswitchinterval() <= 0.0005
+    loaders[0].close()
+    assert sys.getswitchinterval() <= 0.0005  # the other restore still runs
+    loaders[1].close()
+    loaders[1].close()  # closing twice changes nothing
+    assert sys.getswitchinterval() == before

@@ -246,15 +246,16 @@ def test_get_many_into_partial_misses_and_promotion_flag(open_store):
     chunk_elems=st.sampled_from([1, 7, 1024, 2048, 3000]),  # 4 KiB multiples and odd sizes
     deleted=st.sets(st.integers(0, 11), max_size=4),
     order=st.randoms(use_true_random=False),
+    stacked=st.booleans(),
 )
-def test_get_many_into_one_buffer_with_adjacent_sources_and_holes(n, chunk_elems, deleted, order):
+def test_get_many_into_one_buffer_with_adjacent_sources_and_holes(n, chunk_elems, deleted, order, stacked):
     """Adjacent chunks read into adjacent views of one buffer are copied as runs; holes, misses and
     any key order still give every view exactly its own value and nothing else."""
     with tempfile.TemporaryDirectory() as root, TieredStore(StoreConfig(root=root, nvme_bytes=0, dram_bytes=1 * MiB)) as store:
-        _check_adjacent_reads(store, n, chunk_elems, deleted, order)
+        _check_adjacent_reads(store, n, chunk_elems, deleted, order, stacked)
 
 
-def _check_adjacent_reads(store, n, chunk_elems, deleted, order):
+def _check_adjacent_reads(store, n, chunk_elems, deleted, order, stacked):
     values = [torch.full((chunk_elems,), float(i + 1)) for i in range(n)]
     store.put_many([(f"c{i}", v) for i, v in enumerate(values)])
     for i in deleted & set(range(n)):
@@ -263,13 +264,30 @@ def _check_adjacent_reads(store, n, chunk_elems, deleted, order):
     if order.random() < 0.5:
         order.shuffle(idx)
     buf = torch.full((n, chunk_elems), -1.0)
-    found = store.get_many_into([f"c{i}" for i in idx], list(buf.unbind(0)), promote=False)
+    outs = buf if stacked else list(buf.unbind(0))  # one tensor of rows, or a view per key
+    found = store.get_many_into([f"c{i}" for i in idx], outs, promote=False)
     for row, (i, ok) in enumerate(zip(idx, found)):
         assert ok == (i not in deleted)
         if ok:
             assert_same(buf[row], values[i])
         else:
             assert torch.all(buf[row] == -1.0)  # a miss leaves its view untouched
+
+
+def test_get_many_into_stacked_rows_from_nvme_and_wrong_rows(open_store):
+    store = open_store()
+    values = [torch.full((3000,), float(i)) for i in range(4)]  # not a multiple of 4 KiB: bounce path on NVMe
+    store.put_many([(f"r{i}", v) for i, v in enumerate(values)])
+    cold(store)
+    rows = torch.empty(4, 3000)
+    assert store.get_many_into([f"r{i}" for i in range(4)], rows) == [True] * 4
+    assert all(torch.equal(rows[i], values[i]) for i in range(4))
+    with pytest.raises(InvalidItemError):
+        store.get_many_into(["r0", "r1"], torch.empty(2, 2999))
+    with pytest.raises(InvalidItemError):
+        store.get_many_into(["r0", "r1"], torch.empty(2, 3000, dtype=torch.float64))
+    with pytest.raises(InvalidItemError):
+        store.get_many_into(["r0", "r1"], torch.empty(3000, 2).t())  # not contiguous
 
 
 @pytest.mark.parametrize("bad", [
