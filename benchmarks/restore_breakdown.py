@@ -10,6 +10,9 @@ GPU-resident hidden states, and the full `HCache.restore` (hcache and kv).
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import statistics
 import tempfile
 import time
@@ -35,7 +38,7 @@ def main() -> None:
     L, D, n = model.config.num_hidden_layers, model.config.hidden_size, args.context
     ids = torch.randint(10, model.config.vocab_size, (1, n + 32), device=dev)
     with tempfile.TemporaryDirectory(dir="/tmp") as root, TieredStore(
-        StoreConfig(root=root, dram_bytes=12 << 30, nvme_bytes=0, pin_dram=True)
+        StoreConfig(root=root, dram_bytes=12 << 30, nvme_bytes=16 << 30, pin_dram=True)
     ) as store:
         hc = HCache(model, store, method="hcache")
         kv = HCache(model, store, method="kv", namespace="kv")
@@ -73,12 +76,42 @@ def main() -> None:
         for name, h in (("hcache", hc), ("kv", kv)):
             r = time_median(lambda: h.restore(rest), dev)
             print(f"HCache.restore {name}: {r * 1e3:.1f} ms")
-        import torch.profiler as tp
+        prof = cProfile.Profile()
+        prof.enable()
+        hc.restore(rest)
+        torch.cuda.synchronize()
+        prof.disable()
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(18)
+        print("CPU of one hcache restore from DRAM (cProfile, own time):\n" + "\n".join(out.getvalue().splitlines()[4:30]))
+        nvme_reads(store, hc, keys, digests, L, n, D, dev, rest)
 
-        with tp.profile(activities=[tp.ProfilerActivity.CPU, tp.ProfilerActivity.CUDA]) as prof:
-            hc.restore(rest)
-            torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
+
+def nvme_reads(store, hc, keys, digests, L, n, D, dev, rest) -> None:
+    """The NVMe side: the loader alone (no compute) with 1..8 parallel layer readers, then a restore."""
+    from hcache_adapter.restore import LayerLoader, LayerRead
+
+    store.flush()
+    nbytes = L * n * D * 2
+    reads = [LayerRead(l, "H", keys[l * len(digests):(l + 1) * len(digests)], (64, D)) for l in range(L)]
+    for workers in (1, 2, 4, 8):
+        LayerLoader.IO_WORKERS = workers
+        store.drop_cached()
+        t0 = time.perf_counter()
+        loader = LayerLoader(store, reads, torch.float16, dev, depth=L).start()
+        for i in range(L):
+            loader.get(i)
+            loader.release(i)
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        loader.close()
+        print(f"loader alone, NVMe -> GPU, {workers} reader(s): {dt * 1e3:.0f} ms, {nbytes / dt / 1e9:.2f} GB/s")
+    LayerLoader.IO_WORKERS = 4
+    store.drop_cached()
+    t0 = time.perf_counter()
+    hc.restore(rest)
+    torch.cuda.synchronize()
+    print(f"HCache.restore hcache from NVMe: {(time.perf_counter() - t0) * 1e3:.0f} ms")
 
 
 def project_variants(hc, hidden, pos, dev) -> None:
@@ -90,17 +123,22 @@ def project_variants(hc, hidden, pos, dev) -> None:
     cos, sin = proj._cos_sin(hidden, pos)
     variants = {
         "compiled dynamic=True": llama._compiled_llama_kv(),
-        "compiled mark_dynamic(T)": torch.compile(llama.llama_kv),
+        "compiled dynamic=False": torch.compile(llama.llama_kv, dynamic=False),
         "eager tensors": llama.llama_kv,
     }
+    variants["CUDA graph per layer (replay)"] = lambda: _graphs(proj, L, hidden, cos, sin)
     for name, fn in variants.items():
-        def run():
-            h = hidden
-            if name.startswith("compiled mark"):
-                torch._dynamo.mark_dynamic(h, 1)
-            for l in range(L):
-                fn(*proj._args(l, h, cos, sin))
-        run()
+        try:
+            if name.startswith("CUDA graph"):
+                fn = fn()
+
+            def run():
+                for l in range(L):
+                    fn(*proj._args(l, hidden, cos, sin))
+            run()
+        except Exception as e:  # one variant failing must not hide the others
+            print(f"projection {name:>26}: failed: {type(e).__name__}: {str(e)[:200]}")
+            continue
         torch.cuda.synchronize()
         c0 = time.perf_counter()
         run()
@@ -108,6 +146,33 @@ def project_variants(hc, hidden, pos, dev) -> None:
         torch.cuda.synchronize()
         gpu = time_median(run, dev)
         print(f"projection {name:>26}: issue {issue / L * 1e6:7.1f} us/layer on the CPU, {gpu * 1e3:6.1f} ms GPU for {L} layers")
+
+
+def _graphs(proj, L, hidden, cos, sin):
+    """One captured CUDA graph per layer of the eager projection (static input and rotary tables)."""
+    import hcache_adapter.projection.llama as llama
+
+    graphs = []
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for l in range(L):
+            llama.llama_kv(*proj._args(l, hidden, cos, sin))  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(side)
+    pool = torch.cuda.graph_pool_handle()
+    for l in range(L):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=pool):
+            llama.llama_kv(*proj._args(l, hidden, cos, sin))
+        graphs.append(g)
+
+    def replay(*args):
+        layer = replay.calls % L
+        replay.calls += 1
+        graphs[layer].replay()
+
+    replay.calls = 0
+    return replay
 
 
 if __name__ == "__main__":

@@ -89,5 +89,5 @@ class RecordHeader:
         (stored_sum,) = _HEADER_SUM.unpack_from(block, end)
         if stored_sum != xxhash.xxh3_64_intdigest(block[:end]):
             return None
-        shape = tuple(_SHAPE_DIM.unpack_from(block, _FIXED.size + 8 * i)[0] for i in range(ndim))
+        shape = struct.unpack_from(f"<{ndim}Q", block, _FIXED.size)
         return cls(CODE_TO_DTYPE[code], shape, nbytes, csum, digest)

@@ -669,7 +669,7 @@ class TieredStore:
             if loc is None:
                 return
             self._pins[loc] += 1
-        tier.view(loc).copy_(as_bytes(src))
+        copy_bytes(tier.view(loc), as_bytes(src))
         with self._lock:
             self._unpin(loc)
             if self._entries.get(e.key) is e and getattr(e, tier_name) is None and not self._closed:
@@ -704,7 +704,7 @@ class TieredStore:
         for dst, src in pairs:
             src_b = as_bytes(src)
             if not (non_blocking and src.is_cuda and self.dram.pinned):
-                dst.copy_(src_b)
+                copy_bytes(dst, src_b)
                 continue
             if stream is None:
                 stream = self._d2h_streams.get(src.device.index)
@@ -784,7 +784,7 @@ class TieredStore:
         loc = self._allocate_evicting(self.dram, e.nbytes)
         if loc is None:
             return False
-        self.dram.view(loc).copy_(self.gpu.view(gpu_loc))
+        copy_bytes(self.dram.view(loc), self.gpu.view(gpu_loc))
         e.dram = loc
         self._eviction["dram"].insert(e.key, loc.length, e.cost)
         admitted = self.nvme is not None and self.nvme.footprint(e.nbytes) <= self.nvme.capacity // 2

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from hstore.buffers import ALIGN, align_up, aligned_empty, as_bytes, cuda_available
+from hstore.buffers import ALIGN, align_up, aligned_empty, as_bytes, copy_bytes, cuda_available
 from hstore.errors import StoreConfigError, StoreIOError, TierFullError
 from hstore.io.engine import IoEngine, IoOp
 from hstore.layout import pack_layout
@@ -227,7 +227,7 @@ class NvmeTier(Tier):
             body = n // ALIGN * ALIGN
             if body and payload.data_ptr() % ALIGN:
                 bounce = aligned_empty(n, pin=False)
-                bounce.copy_(payload)
+                copy_bytes(bounce, payload)
                 payload = bounce
             keep.append(payload)
             csum = checksum(payload)
@@ -240,7 +240,7 @@ class NvmeTier(Tier):
             if n > body:
                 tslot = tails.narrow(0, i * ALIGN, ALIGN)
                 tslot.zero_()
-                tslot[: n - body].copy_(payload[body:])
+                copy_bytes(tslot[: n - body], payload[body:])
                 iov.append((tslot.data_ptr(), ALIGN))
             records.append((dev, off, iov, Location(self.name, dev, off, sizes[i], n, csum)))
         ops = self._coalesce(records, write=True)
@@ -309,7 +309,7 @@ class NvmeTier(Tier):
             if i not in bounce_off:
                 body = loc.nbytes // ALIGN * ALIGN
                 if loc.nbytes > body:
-                    dest[body:].copy_(tails[i * ALIGN : i * ALIGN + loc.nbytes - body])
+                    copy_bytes(dest[body:], tails[i * ALIGN : i * ALIGN + loc.nbytes - body])
             hdr = RecordHeader.unpack(headers[i * HEADER_BYTES : (i + 1) * HEADER_BYTES].numpy())
             ok = (
                 hdr is not None
@@ -322,7 +322,7 @@ class NvmeTier(Tier):
             if not ok:
                 status[i] = ReadStatus.CORRUPT
             elif i in bounce_off:
-                outs_b[i].copy_(dest)
+                copy_bytes(outs_b[i], dest)
 
         # Pipeline: while one slice of the batch is checked (checksums, headers), the next is being read.
         slices = _slices(ops, READ_SLICE_BYTES)
