@@ -83,7 +83,7 @@ class LayerLoader:
         self._issued = 0  # inline mode: layers whose reads are queued
 
     INLINE_LOOKAHEAD = 3  # layers queued ahead of the compute in inline mode (after `prefetch`)
-    IO_WORKERS = 4  # thread mode: layers read at once (a virtual disk needs several reads in flight)
+    IO_WORKERS = 8  # thread mode: layers read at once (the lent virtual disk: 1 reader 0.57 GB/s, 8 readers 1.51)
 
     def _new_slot(self) -> torch.Tensor:
         if self.cuda:

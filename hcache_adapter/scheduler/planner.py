@@ -64,15 +64,29 @@ def estimate(
     return RestoreEstimate(r, sum(io_cost), r * rec + sum(comp_cost), total)
 
 
+# A restore that loads state must beat recomputing everything by this much on paper before
+# `auto` takes it: the estimate rests on bandwidths measured once, and a plan that wins by
+# less may lose in practice (the disk slows down, the compute thread starves the reader).
+RECOMPUTE_MARGIN = 0.10
+
+
 def choose_recompute_layers(
-    profile: Profile, plan: str, n_tokens: int, bytes_per_s: float, *, depth: int | None = None
+    profile: Profile, plan: str, n_tokens: int, bytes_per_s: float, *, depth: int | None = None,
+    margin: float = RECOMPUTE_MARGIN,
 ) -> RestoreEstimate:
-    """The number of leading layers to recompute that minimises the estimated restore time."""
+    """The number of leading layers to recompute that minimises the estimated restore time.
+
+    Recomputing every layer is the fallback: any other split must be estimated
+    faster by more than `margin` (a fraction) to be chosen.
+    """
     best = None
     for r in range(min_recompute(plan), len(plan) + 1):
         est = estimate(profile, plan, r, n_tokens, bytes_per_s, depth=depth)
         if best is None or est.total_s < best.total_s - 1e-12:
             best = est
+    everything = estimate(profile, plan, len(plan), n_tokens, bytes_per_s, depth=depth)
+    if best.total_s > everything.total_s * (1 - margin):
+        return everything
     return best
 
 

@@ -62,7 +62,7 @@ def measure_profile(hc: "HCache", *, probe_bytes: int | None = None) -> Profile:
     if device.type == "cuda":
         read_bw["gpu"] = _device_copy_bandwidth(device, probe_bytes)
     if hc.store.nvme is not None:
-        read_bw["nvme"] = _nvme_bandwidth(hc.store, device, min(probe_bytes, hc.store.config.dram_bytes // 2))
+        read_bw["nvme"] = _nvme_bandwidth(hc, min(probe_bytes, hc.store.config.dram_bytes // 2))
     lengths = _lengths(hc)
     proj_points, rec_points = [], []
     vocab = hc.model.config.vocab_size
@@ -105,26 +105,39 @@ def _device_copy_bandwidth(device: torch.device, nbytes: int) -> float:
     return nbytes / time_median(lambda: dst.copy_(src), device)
 
 
-def _nvme_bandwidth(store, device: torch.device, nbytes: int) -> float:
-    """Cold reads through the store's NVMe tier into pinned staging, then to the device."""
-    chunk = 512 << 10
-    count = max(4, nbytes // chunk)
-    keys = [f"__hcache_profile__/{i}" for i in range(count)]
-    data = torch.empty(chunk, dtype=torch.uint8).random_(0, 255)
+def _nvme_bandwidth(hc: "HCache", nbytes: int) -> float:
+    """Cold reads from the store's NVMe tier to the compute device, through the restore's own loader.
+
+    Layer-sized reads of the model's real chunk size, the loader's parallel
+    readers and its staging: the bandwidth a restore sees, which is below what
+    one large batched read gets.
+    """
+    from hcache_adapter.restore import LayerLoader, LayerRead
+
+    store, device, dtype = hc.store, hc.device, hc.dtype
+    kind = "H" if hc.projector is not None else "K"
+    shape = hc._chunk_shape(0, kind)
+    chunk = torch.empty(shape, dtype=dtype)
+    chunk_bytes = chunk.numel() * chunk.element_size()
+    per_layer = max(1, min(64, nbytes // (8 * chunk_bytes)))  # 8 "layers" of up to 64 chunks
+    layers = max(2, nbytes // (per_layer * chunk_bytes))
+    reads = [LayerRead(l, kind, [f"__hcache_profile__/{l}/{c}" for c in range(per_layer)], shape) for l in range(layers)]
+    keys = [k for r in reads for k in r.keys]
     try:
-        for k in keys:
-            store.put(k, data)
+        store.put_many([(k, chunk) for k in keys])
         store.flush()
-        staging = aligned_empty(count * chunk, pin=cuda_available())
-        outs = [staging[i * chunk : (i + 1) * chunk] for i in range(count)]
-        dst = torch.empty(count * chunk, dtype=torch.uint8, device=device)
 
         def read():
             store.drop_cached(keys)
-            store.get_many_into(keys, outs, promote=False)
-            dst.copy_(staging, non_blocking=True)
+            loader = LayerLoader(store, reads, dtype, device, depth=layers).start()
+            try:
+                for i in range(layers):
+                    loader.get(i)
+                    loader.release(i)
+            finally:
+                loader.close()
 
-        return count * chunk / time_median(read, device, repeat=3)
+        return len(keys) * chunk_bytes / time_median(read, device, repeat=3)
     finally:
         for k in keys:
             store.delete(k)
