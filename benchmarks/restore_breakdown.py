@@ -74,7 +74,7 @@ def main() -> None:
         project_variants(hc, hidden, pos, dev)
         rest = ids[:, : n + 32]
         for name, h in (("hcache", hc), ("kv", kv)):
-            r = time_median(lambda: h.restore(rest), dev)
+            r = time_median(lambda: h.restore(rest), dev, warmup=2)
             print(f"HCache.restore {name}: {r * 1e3:.1f} ms")
         prof = cProfile.Profile()
         prof.enable()

@@ -70,3 +70,31 @@ def test_restore_on_gpu_float16_matches_prefill(tmp_path, method, source):
         assert err < 5e-2
         gen = dict(max_new_tokens=8, do_sample=False)
         assert torch.equal(hc.generate(ids, **gen), model.generate(ids, **gen))
+
+
+def test_graphed_restores_equal_ungraphed_ones_and_never_alias(tmp_path):
+    """The second restore of a length replays CUDA graphs; K/V equal the non-graphed path's,
+    and a later restore does not change the K/V an earlier one returned."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+                      intermediate_size=1024, vocab_size=1000)
+    model = LlamaForCausalLM(cfg).to("cuda", torch.float16).eval()
+    with TieredStore(StoreConfig(root=tmp_path, dram_bytes=64 << 20, nvme_bytes=0)) as store:
+        plain = HCache(model, store, method="hcache", cuda_graphs=False)
+        ids = torch.randint(0, 1000, (1, 600), device="cuda")
+        plain.save(ids[:, :512])
+        ref, n = plain.restore(ids)
+        graphed = HCache(model, store, method="hcache", cuda_graphs=True)
+        first, _ = graphed.restore(ids)  # counts the bucket
+        second, _ = graphed.restore(ids)  # captures and replays
+        snapshot = [(l.keys.clone(), l.values.clone()) for l in second.layers]
+        third, _ = graphed.restore(ids)  # replays again into the same graph memory
+        assert graphed.projector._graphs.replays >= 2 * cfg.num_hidden_layers
+        for a, b, (k, v), c in zip(ref.layers, second.layers, snapshot, third.layers):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+            assert torch.equal(b.keys, k) and torch.equal(b.values, v)  # untouched by the third restore
+            assert torch.equal(c.keys, k) and torch.equal(c.values, v)
+        gen = dict(max_new_tokens=8, do_sample=False)
+        assert torch.equal(graphed.generate(ids, **gen), model.generate(ids, **gen))

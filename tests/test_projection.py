@@ -403,3 +403,16 @@ def test_unknown_norm_is_called_as_a_module_and_stays_exact():
     proj = projector_for(model)
     assert not proj._use_tensor_path()
     assert max(_max_errors(model, proj, _input_ids())) <= ATOL
+
+
+def test_graph_buckets_pad_by_at_most_a_quarter_and_are_few():
+    from hcache_adapter.projection.graphs import bucket_rows
+
+    seen = set()
+    for n in range(1, 20000, 7):
+        b = bucket_rows(n)
+        assert b >= n and b % 256 == 0
+        assert b - n < max(256, n // 4 + 1)
+        seen.add(b)
+    assert bucket_rows(4096) == 4096 and bucket_rows(1024) == 1024 and bucket_rows(8192) == 8192
+    assert len(seen) < 60  # ~4 per doubling of the length

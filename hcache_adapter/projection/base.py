@@ -126,6 +126,14 @@ class Projector(ABC):
         with torch.no_grad():
             return self._project(layer_idx, hidden, position_ids)
 
+    def project_prefix(self, layer_idx: int, hidden: Tensor, position_ids: Tensor) -> KV:
+        """`project` for a restored prefix: one sequence whose positions are ``arange(T)``.
+
+        `position_ids` must be exactly that (the caller made it); families that
+        can replay a captured graph for this common case do (see ``graphs.py``).
+        """
+        return self.project(layer_idx, hidden, position_ids)
+
 
 # ---------------------------------------------------------------------- rotary
 def modeling_function(module: nn.Module, name: str) -> Callable[..., Any]:

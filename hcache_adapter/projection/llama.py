@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import KV, Projector, default_position_ids, modeling_function, rotate_key
+from .graphs import PrefixGraphs
 from .registry import register
 
 log = logging.getLogger(__name__)
@@ -75,11 +76,13 @@ def _norm_spec(norm: nn.Module | None) -> tuple[str, float] | None:
 @register("llama", "mistral", "qwen2", "gemma")
 class LlamaProjector(Projector):
     compile = False  # set by the caller (HCache does on CUDA); eager everywhere else
+    graphs = False  # replay CUDA graphs in project_prefix (HCache turns it on with CUDA)
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         self._rope: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # (position_ids, hidden probe, cos, sin)
         self._tensor_path: bool | None = None  # None: not yet checked against the modules
+        self._graphs: PrefixGraphs | None = None
         if not any(p.is_meta for p in model.parameters()):
             self._use_tensor_path()  # now, not inside the first (possibly timed or traced) projection
 
@@ -151,6 +154,25 @@ class LlamaProjector(Projector):
                                 type(self.model).__name__)
             self._tensor_path = known
         return self._tensor_path
+
+    def project_prefix(self, layer_idx: int, hidden: Tensor, position_ids: Tensor) -> KV:
+        if self.graphs and hidden.is_cuda and hidden.shape[0] == 1 and self._use_tensor_path():
+            if self._graphs is None:
+                self._graphs = PrefixGraphs(self._tensor_kv, self.base_model.rotary_emb)
+            try:
+                with torch.no_grad():
+                    kv = self._graphs.project(layer_idx, hidden)
+                if kv is not None:
+                    return kv
+            except Exception as e:  # a capture problem must never break a restore
+                log.warning("CUDA graph projection failed (%s); not using graphs from now on", e)
+                self.graphs = False
+                self._graphs = None
+        return self.project(layer_idx, hidden, position_ids)
+
+    def _tensor_kv(self, layer: int, hidden: Tensor, cos: Tensor, sin: Tensor) -> KV:
+        args = self._args(layer, hidden, cos, sin)
+        return _compiled_llama_kv()(*args) if self.compile else llama_kv(*args)
 
     def _project(self, layer: int, hidden: Tensor, position_ids: Tensor | None) -> KV:
         cos, sin = self._cos_sin(hidden, default_position_ids(hidden, position_ids))
