@@ -117,6 +117,8 @@ class HCache:
         self._plan = plan
         self.fingerprint = model_id or model_fingerprint(model)
         self._profile = profile
+        self._io_efficiency: dict[str, float] = {}  # tier -> observed / profiled bandwidth in split restores
+        self._estimate = None
         self._cache_kw = cache_kwarg(model)
         self._base_cache_kw = cache_kwarg(model.base_model)
         self.last_restore = RestoreInfo()
@@ -243,7 +245,12 @@ class HCache:
         digests = digests[:m]
         n = m * self.chunk_tokens
         r, sources = self._plan_restore(plan, digests, n)
+        t_run = time.perf_counter()
         valid = self._run_restore(ids[:, :n], cache, plan, r, digests)
+        if self._estimate is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # a split restore's time is known only when its work is done
+            self._calibrate(time.perf_counter() - t_run)
         if valid < m:
             log.warning("restore: chunk %d of the prefix is missing or corrupt; recomputing from there", valid)
             _truncate(cache, valid * self.chunk_tokens)
@@ -297,12 +304,36 @@ class HCache:
         for where, size in zip(self.store.locate(keys), sizes):
             sources[where or "missing"] = sources.get(where or "missing", 0) + size
         r = min_recompute(plan)
+        self._estimate = None
         if self.method == "auto":
             known = {s: b for s, b in sources.items() if s in self.profile.read_bytes_per_s}
-            bw = effective_bandwidth(self.profile, known)
+            tier = max(known, key=known.get) if known else None
+            bw = effective_bandwidth(self.profile, known) * self._io_efficiency.get(tier, 1.0)
             depth = self._ring_depth(len(digests), plan)
-            r = choose_recompute_layers(self.profile, plan, n, bw, depth=depth).recompute_layers
+            est = choose_recompute_layers(self.profile, plan, n, bw, depth=depth)
+            r = est.recompute_layers
+            if 0 < r < len(plan):
+                self._estimate = (tier, est)
         return r, sources
+
+    def _calibrate(self, seconds: float) -> None:
+        """Learn from a restore that mixed recomputation and loading how fast loading really was.
+
+        The profile's bandwidth was measured alone; while the compute thread
+        recomputes, reads go slower (they share the CPU and the GIL). When a
+        split restore takes longer than estimated, the tier's bandwidth is
+        scaled down for later plans, until recomputing everything wins; when it
+        is faster, it creeps back up.
+        """
+        if self._estimate is None:
+            return
+        tier, est = self._estimate
+        eff = self._io_efficiency.get(tier, 1.0)
+        if seconds > est.total_s * 1.05:
+            eff *= est.total_s / seconds
+        else:
+            eff = min(1.0, eff * 1.05)
+        self._io_efficiency[tier] = max(eff, 0.05)
 
     def _ring_depth(self, n_chunks: int, plan: str) -> int:
         """How many layers the loader may read ahead: as many as fit the prefetch budget (at least 2).

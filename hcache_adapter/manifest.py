@@ -7,6 +7,7 @@ entry, because after a crash any subset may be durable.
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass
 
@@ -37,10 +38,16 @@ class Manifest:
         """None for anything that is not a manifest of this format."""
         if t is None or t.dtype != torch.uint8 or t.dim() != 1:
             return None
-        try:
-            d = json.loads(bytes(t.cpu().numpy()).decode())
-            if d.get("format") != FORMAT:
-                return None
-            return cls(**d)
-        except (ValueError, TypeError, UnicodeDecodeError):
+        return _decode(bytes(t.cpu().numpy()))
+
+
+@functools.lru_cache(maxsize=64)
+def _decode(raw: bytes) -> Manifest | None:
+    """Every chunk of a prefix carries the same manifest: parse it once (instances are frozen)."""
+    try:
+        d = json.loads(raw.decode())
+        if d.get("format") != FORMAT:
             return None
+        return Manifest(**d)
+    except (ValueError, TypeError, UnicodeDecodeError):
+        return None

@@ -279,3 +279,30 @@ def test_save_stores_a_document_ahead_of_time(method, store):
     assert n == 24
     assert_cache_exact(model, cache, question, n)
     assert torch.equal(hc.generate(question, **GEN), model.generate(question, **GEN))
+
+
+def test_auto_learns_when_loading_is_slower_than_profiled_and_then_recomputes(tmp_path):
+    """A split restore that overruns its estimate lowers the tier's bandwidth for later plans,
+    until recomputing every layer wins; the restored state stays exact throughout."""
+    model = _build("llama_mha")
+    L = model.config.num_hidden_layers
+    with open_store(tmp_path / "s") as store:
+        probe = HCache(model, store, method="kv", chunk_tokens=C)
+        hidden_bpt = probe._entry_bytes_per_token(0, "H")
+        rec = 1e-6  # seconds per token and layer; reading a layer's hidden state costs the same on paper
+        profile = Profile(L, hidden_bpt, 2 * hidden_bpt, {"dram": hidden_bpt / rec, "nvme": hidden_bpt / rec},
+                          (0.0, 1e-12), (0.0, rec, 0.0))
+        hc = HCache(model, store, method="auto", chunk_tokens=C, profile=profile, plan="H" * L)
+        ids = prompt(model, 40)
+        hc.save(ids[:, :32])
+        store.flush()
+        store.drop_cached()
+        cache, n = hc.restore(ids)
+        assert 0 < hc.last_restore.recompute_layers < L  # the profile says: split
+        assert_cache_exact(model, cache, ids, n)
+        for _ in range(20):  # it took "forever" every time
+            hc._calibrate(1e3)
+        store.drop_cached()
+        cache, n = hc.restore(ids)
+        assert hc.last_restore.recompute_layers == L
+        assert_cache_exact(model, cache, ids, n)
