@@ -8,6 +8,7 @@
 #   tests      the GPU tests (GPU tier, async puts, fp16 restores; projections bit-exact per architecture)
 #   errors     fp16 max abs error of restored K/V per architecture and method (DRAM and NVMe)
 #   breakdown  where a 7B/4K restore's time goes (benchmarks/restore_breakdown.py)
+#   chatid     is greedy-token identity a fair check on a GPU (benchmarks/chat_identity.py)
 #   tbt        where saving during decoding costs time (benchmarks/tbt_profile.py)
 #   store      `hstore bench` on the machine's disk: NVMe vs raw O_DIRECT, DRAM, NVMe -> pinned -> GPU
 #   quick      `hcache bench` on llama2-7b at 4K only (a fast look at the targets)
@@ -37,6 +38,9 @@ for s in "$@"; do
     breakdown)
       stage breakdown
       timeout 240 python3 benchmarks/restore_breakdown.py --context 4096 2>&1 | tee "$OUT/breakdown.log" | head -60 ;;
+    chatid)
+      stage chatid
+      timeout 240 python3 benchmarks/chat_identity.py 2>&1 | tee "$OUT/chat_identity.log" | tail -20 ;;
     tbt)
       stage tbt
       timeout 240 python3 benchmarks/tbt_profile.py 2>&1 | tee "$OUT/tbt.log" | head -80 ;;

@@ -26,7 +26,13 @@ from hcache_adapter.keys import chunk_digests, layer_key, manifest_key, model_fi
 from hcache_adapter.manifest import HIDDEN, KV, RECOMPUTE, Manifest
 from hcache_adapter.projection import projector_for
 from hcache_adapter.restore import LayerLoader, LayerRead
-from hcache_adapter.scheduler.planner import choose_recompute_layers, choose_save_plan, effective_bandwidth, min_recompute
+from hcache_adapter.scheduler.planner import (
+    choose_recompute_layers,
+    choose_save_plan,
+    effective_bandwidth,
+    estimate,
+    min_recompute,
+)
 from hcache_adapter.scheduler.profile import Profile
 
 log = logging.getLogger(__name__)
@@ -310,10 +316,13 @@ class HCache:
             tier = max(known, key=known.get) if known else None
             bw = effective_bandwidth(self.profile, known) * self._io_efficiency.get(tier, 1.0)
             depth = self._ring_depth(len(digests), plan)
+            if bw <= 0:  # learned: loading from this tier loses to recomputation
+                return len(plan), sources
             est = choose_recompute_layers(self.profile, plan, n, bw, depth=depth)
             r = est.recompute_layers
             if 0 < r < len(plan):
-                self._estimate = (tier, est)
+                everything = estimate(self.profile, plan, len(plan), n, bw, depth=depth)
+                self._estimate = (tier, est, everything.total_s)
         return r, sources
 
     def _calibrate(self, seconds: float) -> None:
@@ -327,13 +336,15 @@ class HCache:
         """
         if self._estimate is None:
             return
-        tier, est = self._estimate
+        tier, est, everything_s = self._estimate
         eff = self._io_efficiency.get(tier, 1.0)
-        if seconds > est.total_s * 1.05:
+        if seconds > everything_s:
+            eff = 0.0  # slower than recomputing everything would have been: stop loading from this tier
+        elif seconds > est.total_s * 1.05:
             eff *= est.total_s / seconds
         else:
             eff = min(1.0, eff * 1.05)
-        self._io_efficiency[tier] = max(eff, 0.05)
+        self._io_efficiency[tier] = eff
 
     def _ring_depth(self, n_chunks: int, plan: str) -> int:
         """How many layers the loader may read ahead: as many as fit the prefetch budget (at least 2).

@@ -306,3 +306,20 @@ def test_auto_learns_when_loading_is_slower_than_profiled_and_then_recomputes(tm
         cache, n = hc.restore(ids)
         assert hc.last_restore.recompute_layers == L
         assert_cache_exact(model, cache, ids, n)
+
+
+def test_measuring_the_profile_never_evicts_stored_state(tmp_path):
+    """The NVMe probe takes at most a quarter of the free space: the user's chunks all stay."""
+    model = _build("llama_mha")
+    L = model.config.num_hidden_layers
+    with TieredStore(StoreConfig(root=tmp_path / "s", dram_bytes=16 << 20, nvme_bytes=32 << 20)) as store:
+        hc = HCache(model, store, method="auto", chunk_tokens=C, plan="H" * L)
+        ids = prompt(model, 48)
+        hc.save(ids[:, :40])
+        store.flush()
+        before = set(store.keys())
+        assert "nvme" in hc.profile.read_bytes_per_s  # measured now
+        assert before == set(store.keys())
+        cache, n = hc.restore(ids)
+        assert n == 40
+        assert_cache_exact(model, cache, ids, n)

@@ -115,12 +115,22 @@ class PrefixGraphs:
                 k, v = self.fn(layer, b.hidden, b.cos, b.sin)
                 b.k_out, b.v_out = torch.empty_like(k), torch.empty_like(v)
             torch.cuda.current_stream(b.hidden.device).wait_stream(side)
+        # Not `torch.cuda.graph(...)`: its entry synchronizes the device, collects garbage and
+        # empties the allocator's cache, ~50 ms a layer in a busy process. thread_local: the
+        # store's and the loader's threads may use CUDA meanwhile.
+        current = torch.cuda.current_stream(b.hidden.device)
+        capture = torch.cuda.Stream(device=b.hidden.device)
+        capture.wait_stream(current)
         g = torch.cuda.CUDAGraph()
-        # thread_local: the store's and the loader's threads may use CUDA meanwhile
-        with torch.cuda.graph(g, pool=b.pool, capture_error_mode="thread_local"):
-            k, v = self.fn(layer, b.hidden, b.cos, b.sin)
-            b.k_out.copy_(k)
-            b.v_out.copy_(v)
+        with torch.cuda.stream(capture):
+            g.capture_begin(pool=b.pool, capture_error_mode="thread_local")
+            try:
+                k, v = self.fn(layer, b.hidden, b.cos, b.sin)
+                b.k_out.copy_(k)
+                b.v_out.copy_(v)
+            finally:
+                g.capture_end()
+        current.wait_stream(capture)
         b.graphs[layer] = g
         self.captures += 1
         return g

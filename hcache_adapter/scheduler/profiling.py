@@ -119,8 +119,12 @@ def _nvme_bandwidth(hc: "HCache", nbytes: int) -> float:
     shape = hc._chunk_shape(0, kind)
     chunk = torch.empty(shape, dtype=dtype)
     chunk_bytes = chunk.numel() * chunk.element_size()
-    per_layer = max(1, min(64, nbytes // (8 * chunk_bytes)))  # 8 "layers" of up to 64 chunks
-    layers = max(2, nbytes // (per_layer * chunk_bytes))
+    # The probe must not push the user's state out of either tier: a quarter of what is free, at most.
+    free_nvme = (store.nvme.capacity - store.nvme.used) // 4 // store.nvme.footprint(chunk_bytes)
+    free_dram = (store.dram.capacity - store.dram.used) // 4 // store.dram.footprint(chunk_bytes)
+    chunks = max(8, min(nbytes // chunk_bytes, free_nvme, free_dram, 4096))
+    per_layer = max(1, min(64, chunks // 8))  # 8 "layers" of up to 64 chunks
+    layers = max(2, chunks // per_layer)
     reads = [LayerRead(l, kind, [f"__hcache_profile__/{l}/{c}" for c in range(per_layer)], shape) for l in range(layers)]
     keys = [k for r in reads for k in r.keys]
     try:
