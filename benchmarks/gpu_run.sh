@@ -54,8 +54,9 @@ for s in "$@"; do
         --tbt-tokens 64 --tbt-pairs 4 --chat-rounds 0 --out "$OUT/quick" 2>&1 | grep -v "it/s\|step/s\|s/step" | tail -30 ;;
     full)
       stage full
+      mkdir -p "$OUT/results"
       timeout 580 python3 -m hcache_adapter bench --out "$OUT/results" ${BENCH_ARGS:-} 2>&1 \
-        | grep -v "it/s\|step/s\|s/step" | tail -60 ;;
+        | grep -v "it/s\|step/s\|s/step" | tee "$OUT/results/full.log" | tail -60 ;;
     *) echo "unknown stage $s" ;;
   esac
 done
