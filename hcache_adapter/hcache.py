@@ -314,25 +314,28 @@ class HCache:
         if self.method == "auto":
             known = {s: b for s, b in sources.items() if s in self.profile.read_bytes_per_s}
             tier = max(known, key=known.get) if known else None
-            bw = effective_bandwidth(self.profile, known) * self._io_efficiency.get(tier, 1.0)
-            depth = self._ring_depth(len(digests), plan)
-            if bw <= 0:  # learned: loading from this tier loses to recomputation
+            eff = self._io_efficiency.get("nvme", 1.0)
+            if known.get("nvme") and eff <= 0:  # learned: loading from NVMe loses to recomputation
                 return len(plan), sources
+            bw = effective_bandwidth(self.profile, known, scale={"nvme": eff})
+            depth = self._ring_depth(len(digests), plan)
             est = choose_recompute_layers(self.profile, plan, n, bw, depth=depth)
             r = est.recompute_layers
-            if 0 < r < len(plan):
+            if 0 < r < len(plan) and tier == "nvme":
                 everything = estimate(self.profile, plan, len(plan), n, bw, depth=depth)
                 self._estimate = (tier, est, everything.total_s)
         return r, sources
 
     def _calibrate(self, seconds: float) -> None:
-        """Learn from a restore that mixed recomputation and loading how fast loading really was.
+        """Learn from a restore that mixed recomputation and NVMe reads how fast the reads really were.
 
         The profile's bandwidth was measured alone; while the compute thread
         recomputes, reads go slower (they share the CPU and the GIL). When a
-        split restore takes longer than estimated, the tier's bandwidth is
-        scaled down for later plans, until recomputing everything wins; when it
-        is faster, it creeps back up.
+        split restore takes longer than estimated, NVMe's bandwidth is scaled
+        down for later plans; when it took longer than recomputing everything
+        would have, loading from NVMe stops; when it is faster, it creeps back
+        up. Only NVMe: from memory tiers a restore's time is mostly fixed CPU
+        cost, which says nothing about bandwidth.
         """
         if self._estimate is None:
             return

@@ -323,3 +323,23 @@ def test_measuring_the_profile_never_evicts_stored_state(tmp_path):
         cache, n = hc.restore(ids)
         assert n == 40
         assert_cache_exact(model, cache, ids, n)
+
+
+def test_auto_does_not_learn_from_memory_tier_restores(tmp_path):
+    """From DRAM a restore's time is mostly fixed CPU cost: it must not lower any bandwidth."""
+    model = _build("llama_mha")
+    L = model.config.num_hidden_layers
+    with open_store(tmp_path / "s", dram=8 << 20) as store:
+        probe = HCache(model, store, method="kv", chunk_tokens=C)
+        hidden_bpt = probe._entry_bytes_per_token(0, "H")
+        rec = 1e-6
+        profile = Profile(L, hidden_bpt, 2 * hidden_bpt, {"dram": hidden_bpt / rec, "nvme": hidden_bpt / rec},
+                          (0.0, 1e-12), (0.0, rec, 0.0))
+        hc = HCache(model, store, method="auto", chunk_tokens=C, profile=profile, plan="H" * L)
+        ids = prompt(model, 40)
+        hc.save(ids[:, :32])
+        for _ in range(3):
+            cache, n = hc.restore(ids)
+            assert hc.last_restore.sources.get("dram", 0) > 0
+            assert_cache_exact(model, cache, ids, n)
+        assert hc._io_efficiency == {}

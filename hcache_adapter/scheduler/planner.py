@@ -111,10 +111,21 @@ def choose_save_plan(profile: Profile, n_tokens: int = 4096, sources: tuple[str,
     return best_plan
 
 
-def effective_bandwidth(profile: Profile, bytes_by_source: dict[str, int]) -> float:
-    """Bandwidth of a read spread over several tiers (they are read one after the other in the worst case)."""
+def effective_bandwidth(profile: Profile, bytes_by_source: dict[str, int], scale: dict[str, float] | None = None) -> float:
+    """Bandwidth of a read spread over several tiers (they are read one after the other in the worst case).
+
+    `scale` multiplies a tier's profiled bandwidth (what restores have shown it
+    really delivers); a tier scaled to 0 makes the whole read infinitely slow.
+    """
+    scale = scale or {}
     total = sum(bytes_by_source.values())
     if total == 0:
         return max(profile.read_bytes_per_s.values())
-    seconds = sum(b / profile.read_bytes_per_s[s] for s, b in bytes_by_source.items() if b)
+    seconds = 0.0
+    for s, b in bytes_by_source.items():
+        if b:
+            bw = profile.read_bytes_per_s[s] * scale.get(s, 1.0)
+            if bw <= 0:
+                return 0.0
+            seconds += b / bw
     return total / seconds
