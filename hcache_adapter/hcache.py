@@ -27,11 +27,11 @@ from hcache_adapter.manifest import HIDDEN, KV, RECOMPUTE, Manifest
 from hcache_adapter.projection import projector_for
 from hcache_adapter.restore import LayerLoader, LayerRead
 from hcache_adapter.scheduler.planner import (
-    choose_recompute_layers,
     choose_save_plan,
     effective_bandwidth,
     estimate,
     min_recompute,
+    restore_estimate,
 )
 from hcache_adapter.scheduler.profile import Profile
 
@@ -319,7 +319,7 @@ class HCache:
                 return len(plan), sources
             bw = effective_bandwidth(self.profile, known, scale={"nvme": eff})
             depth = self._ring_depth(len(digests), plan)
-            est = choose_recompute_layers(self.profile, plan, n, bw, depth=depth)
+            est = restore_estimate(self.profile, plan, n, tier or "dram", depth=depth, bytes_per_s=bw)
             r = est.recompute_layers
             if 0 < r < len(plan) and tier == "nvme":
                 everything = estimate(self.profile, plan, len(plan), n, bw, depth=depth)

@@ -221,8 +221,22 @@ def test_auto_recomputes_everything_when_reading_is_slow_and_compute_is_free(sto
     hc = HCache(model, store, method="auto", chunk_tokens=C, profile=profile)
     ids = prompt(model, 40)
     out = hc.generate(ids, **GEN)
+    store.flush()
+    store.drop_cached()  # on the slow tier: only there does auto weigh recomputation against reading
     cache, n = hc.restore(out)
     assert n > 0 and hc.last_restore.recompute_layers == 2
+    assert_cache_exact(model, cache, out, n)
+
+
+def test_auto_loads_everything_from_memory_tiers_whatever_the_profile_says(store):
+    """From DRAM the pipeline is bound by the host CPU, which the estimate does not model: no split."""
+    model = _build("llama_mha")
+    profile = slow_disk_profile(2, 256, 512, recompute_cheap=True)
+    hc = HCache(model, store, method="auto", chunk_tokens=C, profile=profile)
+    ids = prompt(model, 40)
+    out = hc.generate(ids, **GEN)
+    cache, n = hc.restore(out)
+    assert n > 0 and hc.last_restore.sources.get("dram", 0) > 0 and hc.last_restore.recompute_layers == 0
     assert_cache_exact(model, cache, out, n)
 
 

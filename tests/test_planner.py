@@ -132,6 +132,24 @@ def test_a_split_that_barely_beats_recomputation_is_not_taken():
     assert choose_recompute_layers(p, plan, 4096, hi).recompute_layers == 32
 
 
+def test_equal_restore_times_choose_the_plan_that_stores_less():
+    """From a disk so slow that every plan recomputes everything, the smaller state wins the tie."""
+    mha = h100_llama7b(nvme_gbps=0.001)
+    assert choose_save_plan(mha, sources=("nvme",)) == "H" * 32  # hidden: half of K+V
+    gqa = gqa_llama3_8b()
+    gqa.read_bytes_per_s["nvme"] = 0.001 * GB
+    assert choose_save_plan(gqa, sources=("nvme",)) == "K" * 32  # K+V: half of the hidden state
+
+
+def test_memory_tiers_never_split_but_a_slow_disk_does():
+    from hcache_adapter.scheduler.planner import restore_estimate
+
+    p = h100_llama7b(nvme_gbps=2.0)
+    p.read_bytes_per_s["dram"] = 2.0 * GB  # even a DRAM tier as slow as the disk
+    assert restore_estimate(p, "H" * 32, 4096, "dram").recompute_layers == 0
+    assert 0 < restore_estimate(p, "H" * 32, 4096, "nvme").recompute_layers < 32
+
+
 def test_effective_bandwidth_of_a_mixed_read():
     p = h100_llama7b(nvme_gbps=2.0)
     assert effective_bandwidth(p, {"dram": 100}) == pytest.approx(54.7 * GB)
