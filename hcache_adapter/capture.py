@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 class StateSaver:
     """Captures state for positions >= `start` (a chunk boundary) and puts every completed chunk."""
 
-    def __init__(self, hc: "HCache", plan: str, start: int, cache, prefix_digest: str | None):
+    def __init__(self, hc: "HCache", plan: str, start: int, cache, prefix_digest: str | None, stored_chunks: int = 0):
+        """`stored_chunks`: leading chunks already in the store (restored by recomputation): not put again."""
         self.hc = hc
         self.plan = plan
         self.C = hc.chunk_tokens
@@ -48,7 +49,8 @@ class StateSaver:
         dtype = str(hc.dtype).replace("torch.", "")
         self._manifest = Manifest(hc.fingerprint, plan, self.C, dtype).encode()
         self._kv_saved: dict[int, int] = {l: start // self.C for l, k in enumerate(plan) if k == KV}
-        self._manifests_done = start // self.C
+        self._manifests_done = max(start // self.C, stored_chunks)
+        self._stored_chunks = stored_chunks
         self._digests: list[str] = []
         self._handles = []
         self.enabled = True
@@ -117,7 +119,7 @@ class StateSaver:
             rows = (torch.cat(pending, dim=1) if len(pending) > 1 else pending[0])[0]
             first = self._pending_start[layer]
             self._put([(layer_key(self.hc.namespace, self._digest(a // self.C), "h", layer), rows[a - first : a - first + self.C])
-                       for a in range(first, done, self.C)])
+                       for a in range(first, done, self.C) if a // self.C >= self._stored_chunks])
             rest = rows[done - first :]
             pending.clear()
             if rest.shape[0]:
@@ -135,9 +137,10 @@ class StateSaver:
             while (c + 1) * self.C <= end:
                 if kv is None or kv[0].shape[0] != 1 or kv[0].shape[-2] < (c + 1) * self.C:
                     return self._disable(f"layer {layer} does not keep the K/V of every position (sliding window?)")
-                k, v = kv
-                chunk = torch.stack([k[0, :, c * self.C : (c + 1) * self.C], v[0, :, c * self.C : (c + 1) * self.C]])
-                items.append((layer_key(self.hc.namespace, self._digest(c), "kv", layer), chunk))
+                if c >= self._stored_chunks:
+                    k, v = kv
+                    chunk = torch.stack([k[0, :, c * self.C : (c + 1) * self.C], v[0, :, c * self.C : (c + 1) * self.C]])
+                    items.append((layer_key(self.hc.namespace, self._digest(c), "kv", layer), chunk))
                 c += 1
             self._put(items)
             self._kv_saved[layer] = c

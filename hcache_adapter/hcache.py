@@ -125,6 +125,8 @@ class HCache:
         self._profile = profile
         self._io_efficiency: dict[str, float] = {}  # tier -> observed / profiled bandwidth in split restores
         self._estimate = None
+        self._stored_chunks = 0
+        self._restored_digests: list[str] = []
         self._cache_kw = cache_kwarg(model)
         self._base_cache_kw = cache_kwarg(model.base_model)
         self.last_restore = RestoreInfo()
@@ -185,7 +187,7 @@ class HCache:
         cache, n = self.restore(input_ids)
         prefix_digest = self._restored_digests[-1] if n else None
         kwargs[self._cache_kw] = cache
-        with StateSaver(self, self.save_plan(), n, cache, prefix_digest):
+        with StateSaver(self, self.save_plan(), n, cache, prefix_digest, stored_chunks=self._stored_chunks):
             return self.model.generate(input_ids, **kwargs)
 
     @torch.no_grad()
@@ -202,9 +204,10 @@ class HCache:
         cache, n = self.restore(input_ids)
         prefix_digest = self._restored_digests[-1] if n else None
         ids = input_ids.to(self.device)
-        with StateSaver(self, self.save_plan(), n, cache, prefix_digest) as saver:
+        stored = self._stored_chunks
+        with StateSaver(self, self.save_plan(), n, cache, prefix_digest, stored_chunks=stored) as saver:
             self.model.base_model(input_ids=ids[:, n:], use_cache=True, **{self._base_cache_kw: cache})
-        return n + (saver.chunks_saved * self.chunk_tokens if saver.enabled else 0)
+        return max(n, stored * self.chunk_tokens) + (saver.chunks_saved * self.chunk_tokens if saver.enabled else 0)
 
     def _manageable(self, input_ids, kwargs) -> bool:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
@@ -226,7 +229,9 @@ class HCache:
 
         n is the longest stored whole-chunk prefix that leaves at least one
         token to run (0 when nothing is stored). For method "recompute" it is
-        the chunk-aligned prefix, prefilled from tokens.
+        the chunk-aligned prefix, prefilled from tokens. For "auto" it is also 0
+        when the plan is to recompute every layer: the caller's prefill of all
+        tokens in one pass does that best.
         """
         t0 = time.perf_counter()
         if input_ids.dim() == 1:
@@ -236,6 +241,7 @@ class HCache:
         ids = input_ids.to(self.device)
         max_chunks = (ids.shape[1] - 1) // self.chunk_tokens
         self._restored_digests: list[str] = []
+        self._stored_chunks = 0  # chunks stored but left to the caller to recompute (auto)
         cache = new_cache(self.model)
         if self.method == "recompute":
             n = max_chunks * self.chunk_tokens
@@ -251,6 +257,13 @@ class HCache:
         digests = digests[:m]
         n = m * self.chunk_tokens
         r, sources = self._plan_restore(plan, digests, n)
+        if self.method == "auto" and r == self.num_layers:
+            # Recomputing every layer is a prefill: leave it to the caller's own forward, which then
+            # runs the prefix and the new tokens in one pass (one pass is faster than two). The
+            # stored chunks stay as they are and are not saved again.
+            self._stored_chunks = m
+            self.last_restore = RestoreInfo(0, plan, self.num_layers, sources, time.perf_counter() - t0)
+            return cache, 0
         t_run = time.perf_counter()
         valid = self._run_restore(ids[:, :n], cache, plan, r, digests)
         if self._estimate is not None:
