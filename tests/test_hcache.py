@@ -215,12 +215,15 @@ def test_explicit_auto_plan_is_stored_and_honoured(plan, store):
     assert_cache_exact(model, cache, out, n)
 
 
-def test_auto_recomputes_everything_when_reading_is_slow_and_compute_is_free(store):
+def _auto_after_a_round_where_recomputing_is_free(store):
     model = _build("llama_mha")
     profile = slow_disk_profile(2, 256, 512, recompute_cheap=True)
     hc = HCache(model, store, method="auto", chunk_tokens=C, profile=profile)
-    ids = prompt(model, 40)
-    out = hc.generate(ids, **GEN)
+    return model, hc, hc.generate(prompt(model, 40), **GEN)
+
+
+def test_auto_recomputes_everything_when_reading_is_slow_and_compute_is_free(store):
+    model, hc, out = _auto_after_a_round_where_recomputing_is_free(store)
     store.flush()
     store.drop_cached()  # on the slow tier: only there does auto weigh recomputation against reading
     cache, n = hc.restore(out)
@@ -236,11 +239,7 @@ def test_auto_recomputes_everything_when_reading_is_slow_and_compute_is_free(sto
 
 def test_auto_loads_everything_from_memory_tiers_whatever_the_profile_says(store):
     """From DRAM the pipeline is bound by the host CPU, which the estimate does not model: no split."""
-    model = _build("llama_mha")
-    profile = slow_disk_profile(2, 256, 512, recompute_cheap=True)
-    hc = HCache(model, store, method="auto", chunk_tokens=C, profile=profile)
-    ids = prompt(model, 40)
-    out = hc.generate(ids, **GEN)
+    model, hc, out = _auto_after_a_round_where_recomputing_is_free(store)
     cache, n = hc.restore(out)
     assert n > 0 and hc.last_restore.sources.get("dram", 0) > 0 and hc.last_restore.recompute_layers == 0
     assert_cache_exact(model, cache, out, n)
