@@ -348,7 +348,7 @@ class TieredStore:
             outs = [torch.empty(e.shape, dtype=e.dtype, device=device) if e is not None else None for e in metas]
             present = [j for j, o in enumerate(outs) if o is not None]
             replaced: list[int] = []
-            found = self._read_into([ks[todo[j]] for j in present], [outs[j] for j in present],
+            found = self._read_into([ks[todo[j]] for j in present], _BufferList([outs[j] for j in present]),
                                     expect=[metas[j] for j in present], replaced=replaced)
             for j, ok in zip(present, found):
                 result[todo[j]] = outs[j] if ok else None
@@ -389,7 +389,7 @@ class TieredStore:
         if len(keys) != len(outs):
             raise ValueError("keys and outs must have the same length")
         ks = [normalize_key(k) for k in keys]
-        rows = _StackedRows(outs) if isinstance(outs, torch.Tensor) else list(outs)
+        rows = _StackedRows(outs) if isinstance(outs, torch.Tensor) else _BufferList(outs)
         with self._operation():
             return self._read_into(ks, rows, non_blocking=non_blocking, promote=promote)
 
@@ -544,12 +544,8 @@ class TieredStore:
             self._check_open()
             self._finish_deferred(wait=False)
             entries = [self._entries.get(k) for k in ks]
-            if isinstance(outs, _StackedRows):  # before anything is pinned
+            if expect is None:  # before anything is pinned (get_many sized its outputs itself)
                 outs.check(entries)
-            elif expect is None:
-                for e, out in zip(entries, outs):
-                    if e is not None:
-                        self._check_out(e, out)
             st = self._stats
             names = self._tier_names()
             tier_stats = [st.tier(name) for name in names]
@@ -595,7 +591,7 @@ class TieredStore:
                 src, first = run[0][2], run[0][3]
                 nbytes = sum(p[3].nbytes for p in run)
                 view = self._tier(src).view_range(first.offset, nbytes)
-                ob = outs.span(run[0][0], nbytes) if isinstance(outs, _StackedRows) else _byte_span(outs[run[0][0]], nbytes)
+                ob = outs.span(run[0][0], nbytes)
                 nb = non_blocking and (ob.is_cuda or view.is_cuda)
                 copy_bytes(ob, view, non_blocking=nb)
                 for i, _, _, loc in run:
@@ -966,14 +962,6 @@ class TieredStore:
                 if not self._active:
                     self._cv.notify_all()
 
-    def _check_out(self, e: _Entry, out: torch.Tensor) -> None:
-        if not isinstance(out, torch.Tensor) or not out.is_contiguous() or out.device.type == "meta":
-            raise InvalidItemError("output buffers must be contiguous tensors that hold data (not meta)")
-        if out.dtype != e.dtype or out.numel() * out.element_size() != e.nbytes:
-            raise InvalidItemError(
-                f"output buffer {out.dtype}{tuple(out.shape)} does not match the item {e.dtype}{e.shape}"
-            )
-
     def _source(self, e: _Entry | None) -> str | None:
         if e is None:
             return None
@@ -1010,34 +998,65 @@ class TieredStore:
             self._lock_fd = -1
 
 
-def _adjacent_runs(plan: list, outs: Sequence[torch.Tensor]) -> list[list]:
+def _adjacent_runs(plan: list, outs: "_BufferList | _StackedRows") -> list[list]:
     """Group planned memory-tier reads whose sources and destinations are both back to back.
 
     A layer's chunks are put together and so usually lie side by side in the
     arena; so do the caller's per-chunk output views of one buffer. Each run is
     then one large copy (one DMA to the GPU) instead of one small copy per chunk.
     """
-    stacked = isinstance(outs, _StackedRows)
     runs: list[list] = []
     prev = None
     for p in plan:
         i, _, src, loc = p
         if prev is not None:
             pi, _, psrc, ploc = prev
-            if src == psrc and loc.offset == ploc.offset + ploc.nbytes:
-                if stacked:
-                    adjacent = i == pi + 1  # rows are back to back, and each holds exactly its item
-                else:
-                    po, o = outs[pi], outs[i]
-                    adjacent = (o.device == po.device and o.data_ptr() == po.data_ptr() + ploc.nbytes
-                                and o.untyped_storage().data_ptr() == po.untyped_storage().data_ptr())
-                if adjacent:
-                    runs[-1].append(p)
-                    prev = p
-                    continue
+            if src == psrc and loc.offset == ploc.offset + ploc.nbytes and outs.follows(pi, i, ploc.nbytes):
+                runs[-1].append(p)
+                prev = p
+                continue
         runs.append([p])
         prev = p
     return runs
+
+
+class _BufferList:
+    """get_many_into's outputs as a list of tensors, one per key."""
+
+    def __init__(self, outs: Sequence[torch.Tensor]):
+        self.outs = list(outs)
+
+    def __len__(self) -> int:
+        return len(self.outs)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.outs[i]
+
+    def check(self, entries) -> None:
+        for e, out in zip(entries, self.outs):
+            if e is None:
+                continue
+            if not isinstance(out, torch.Tensor) or not out.is_contiguous() or out.device.type == "meta":
+                raise InvalidItemError("output buffers must be contiguous tensors that hold data (not meta)")
+            if out.dtype != e.dtype or out.numel() * out.element_size() != e.nbytes:
+                raise InvalidItemError(
+                    f"output buffer {out.dtype}{tuple(out.shape)} does not match the item {e.dtype}{e.shape}"
+                )
+
+    def follows(self, prev: int, i: int, prev_nbytes: int) -> bool:
+        """Output i starts right where output `prev` (of `prev_nbytes`) ends, in the same allocation."""
+        po, o = self.outs[prev], self.outs[i]
+        return (o.device == po.device and o.data_ptr() == po.data_ptr() + prev_nbytes
+                and o.untyped_storage().data_ptr() == po.untyped_storage().data_ptr())
+
+    def span(self, i: int, nbytes: int) -> torch.Tensor:
+        """`nbytes` of output i's storage as a flat uint8 tensor, starting where output i starts."""
+        out = self.outs[i]
+        if nbytes == out.numel() * out.element_size():
+            return as_bytes(out)
+        storage = out.untyped_storage()
+        start = out.data_ptr() - storage.data_ptr()
+        return torch.empty(0, dtype=torch.uint8, device=out.device).set_(storage, start, (nbytes,), (1,))
 
 
 class _StackedRows:
@@ -1064,15 +1083,9 @@ class _StackedRows:
                 raise InvalidItemError(
                     f"output rows {self.dtype}{self.row_shape} do not match the item {e.dtype}{e.shape}")
 
+    def follows(self, prev: int, i: int, prev_nbytes: int) -> bool:
+        return i == prev + 1  # rows are back to back, and each holds exactly its item (checked)
+
     def span(self, i: int, nbytes: int) -> torch.Tensor:
         """`nbytes` of the output as flat bytes, from the start of row i."""
         return self._flat.narrow(0, i * self.row_bytes, nbytes)
-
-
-def _byte_span(out: torch.Tensor, nbytes: int) -> torch.Tensor:
-    """`nbytes` of `out`'s storage as a flat uint8 tensor, starting where `out` starts."""
-    if nbytes == out.numel() * out.element_size():
-        return as_bytes(out)
-    storage = out.untyped_storage()
-    start = out.data_ptr() - storage.data_ptr()
-    return torch.empty(0, dtype=torch.uint8, device=out.device).set_(storage, start, (nbytes,), (1,))
