@@ -123,8 +123,8 @@ class HCache:
         self._plan = plan
         self.fingerprint = model_id or model_fingerprint(model)
         self._profile = profile
-        self._io_efficiency: dict[str, float] = {}  # tier -> observed / profiled bandwidth in split restores
-        self._estimate = None
+        self._nvme_efficiency = 1.0  # NVMe bandwidth split restores have seen / the profile's
+        self._estimate = None  # (estimate, estimate of recomputing everything) of a split NVMe restore
         self._stored_chunks = 0
         self._restored_digests: list[str] = []
         self._cache_kw = cache_kwarg(model)
@@ -327,7 +327,7 @@ class HCache:
         if self.method == "auto":
             known = {s: b for s, b in sources.items() if s in self.profile.read_bytes_per_s}
             tier = max(known, key=known.get) if known else None
-            eff = self._io_efficiency.get("nvme", 1.0)
+            eff = self._nvme_efficiency
             if known.get("nvme") and eff <= 0:  # learned: loading from NVMe loses to recomputation
                 return len(plan), sources
             bw = effective_bandwidth(self.profile, known, scale={"nvme": eff})
@@ -336,7 +336,7 @@ class HCache:
             r = est.recompute_layers
             if 0 < r < len(plan) and tier == "nvme":
                 everything = estimate(self.profile, plan, len(plan), n, bw, depth=depth)
-                self._estimate = (tier, est, everything.total_s)
+                self._estimate = (est, everything.total_s)
         return r, sources
 
     def _calibrate(self, seconds: float) -> None:
@@ -352,15 +352,15 @@ class HCache:
         """
         if self._estimate is None:
             return
-        tier, est, everything_s = self._estimate
-        eff = self._io_efficiency.get(tier, 1.0)
+        est, everything_s = self._estimate
+        eff = self._nvme_efficiency
         if seconds > everything_s:
-            eff = 0.0  # slower than recomputing everything would have been: stop loading from this tier
+            eff = 0.0  # slower than recomputing everything would have been: stop loading from NVMe
         elif seconds > est.total_s * 1.05:
             eff *= est.total_s / seconds
         else:
             eff = min(1.0, eff * 1.05)
-        self._io_efficiency[tier] = eff
+        self._nvme_efficiency = eff
 
     def _ring_depth(self, n_chunks: int, plan: str) -> int:
         """How many layers the loader may read ahead: as many as fit the prefetch budget (at least 2).

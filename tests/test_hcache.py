@@ -361,4 +361,4 @@ def test_auto_does_not_learn_from_memory_tier_restores(tmp_path):
             cache, n = hc.restore(ids)
             assert hc.last_restore.sources.get("dram", 0) > 0
             assert_cache_exact(model, cache, ids, n)
-        assert hc._io_efficiency == {}
+        assert hc._nvme_efficiency == 1.0 and hc._estimate is None
