@@ -79,6 +79,7 @@ class LayerLoader:
         self._next = 0  # thread mode: the next layer a worker takes
         self._fast_switch = False
         self._inline_choice = inline
+        self._where: dict[int, list] = {}  # inline mode: each read's tiers, as located by start()
         self.inline = False
         self._issued = 0  # inline mode: layers whose reads are queued
 
@@ -98,6 +99,11 @@ class LayerLoader:
         elif self.cuda:
             where = self.store.locate([k for r in self.reads for k in r.keys])
             self.inline = "nvme" not in where
+            if self.inline:  # the same thread queues the reads right away: these locations are current
+                starts = [0]
+                for r in self.reads:
+                    starts.append(starts[-1] + len(r.keys))
+                self._where = {i: where[a:b] for i, (a, b) in enumerate(zip(starts, starts[1:]))}
         if not self.inline:
             _switch_interval.lower()
             self._fast_switch = True
@@ -187,7 +193,7 @@ class LayerLoader:
         with torch.cuda.stream(self.stream):
             if self._free_event[slot] is not None:
                 self.stream.wait_event(self._free_event[slot])
-            where = self.store.locate(read.keys)
+            where = self._where.pop(i, None) or self.store.locate(read.keys)
             found = [False] * m
             in_memory = [c for c in range(m) if where[c] in ("gpu", "dram")]
             if in_memory:
