@@ -172,17 +172,16 @@ class LlamaProjector(Projector):
 
     def _tensor_kv(self, layer: int, hidden: Tensor, cos: Tensor, sin: Tensor) -> KV:
         args = self._args(layer, hidden, cos, sin)
-        return _compiled_llama_kv()(*args) if self.compile else llama_kv(*args)
-
-    def _project(self, layer: int, hidden: Tensor, position_ids: Tensor | None) -> KV:
-        cos, sin = self._cos_sin(hidden, default_position_ids(hidden, position_ids))
-        if not self._use_tensor_path():
-            return self._module_kv(layer, hidden, cos, sin)
-        args = self._args(layer, hidden, cos, sin)
         if self.compile and hidden.is_cuda:
             try:
                 return _compiled_llama_kv()(*args)
             except Exception as e:  # a compiler problem must never break a restore
                 log.warning("compiled projection failed (%s); using eager mode from now on", e)
-                type(self).compile = False
+                self.compile = False  # the instance's flag: HCache sets it per instance
         return llama_kv(*args)
+
+    def _project(self, layer: int, hidden: Tensor, position_ids: Tensor | None) -> KV:
+        cos, sin = self._cos_sin(hidden, default_position_ids(hidden, position_ids))
+        if not self._use_tensor_path():
+            return self._module_kv(layer, hidden, cos, sin)
+        return self._tensor_kv(layer, hidden, cos, sin)
