@@ -5,7 +5,7 @@ import pytest
 
 from hstore import StoreConfig
 from hstore.io import FaultyEngine, make_engine
-from store_helpers import ENGINE_KINDS, STORE_DEFAULTS
+from tests.helpers.store import ENGINE_KINDS, STORE_DEFAULTS
 
 
 @pytest.fixture(params=ENGINE_KINDS)

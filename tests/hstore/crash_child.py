@@ -17,8 +17,11 @@ from __future__ import annotations
 import os
 import random
 import sys
+from pathlib import Path
 
-from store_helpers import check_keyed, keyed_tensor
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: the repo root holds `tests.helpers`
+
+from tests.helpers.store import check_keyed, keyed_tensor
 
 from hstore import StoreConfig, TieredStore
 

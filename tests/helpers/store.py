@@ -180,12 +180,12 @@ def scan_root_elsewhere(root: str | os.PathLike) -> ScanReport:
     """`scan_root` from another process: LMDB refuses a second open in this one, so this is
     how to scan a store that is still open here (what a crash right now would leave)."""
     code = (
-        "import json, sys\nfrom store_helpers import scan_root\n"
+        "import json, sys\nfrom tests.helpers.store import scan_root\n"
         "r = scan_root(sys.argv[1])\n"
         "print(json.dumps({'entries': r.entries, 'keys': [k.hex() for k in r.keys], 'problems': r.problems}))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).parent)
+                          cwd=Path(__file__).resolve().parents[2])
     if proc.returncode:
         raise AssertionError(f"scan failed: {proc.stderr}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])

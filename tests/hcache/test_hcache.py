@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from test_projection import CASES, _build
+from tests.helpers.models import CASES, build as _build
 
 from hcache_adapter import HCache, Profile
 from hcache_adapter.compat import cache_kwarg, new_cache

@@ -22,7 +22,7 @@ from hstore import StoreConfigError, StoreIOError, TieredStore
 from hstore.index import Index, IndexEntry
 from hstore.record import HEADER_BYTES
 from hstore.tiers.nvme import DATA_FILE
-from store_helpers import assert_same, find_record, keyed_tensor, scan_root
+from tests.helpers.store import assert_same, find_record, keyed_tensor, scan_root
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -440,7 +440,7 @@ def test_bad_nvme_directory_is_a_clear_error(store_config, tmp_path):
 
 def _index_keys_in_subprocess(root) -> set[bytes]:
     """Keys the on-disk index holds right now (read from another process: the store is open here)."""
-    from store_helpers import scan_root_elsewhere
+    from tests.helpers.store import scan_root_elsewhere
 
     report = scan_root_elsewhere(root)
     assert report.problems == []

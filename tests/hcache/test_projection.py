@@ -9,150 +9,16 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import pytest
 import torch
 import transformers
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import (
-    BloomConfig,
-    BloomForCausalLM,
-    DynamicCache,
-    FalconConfig,
-    FalconForCausalLM,
-    GemmaConfig,
-    GemmaForCausalLM,
-    GPT2Config,
-    GPT2LMHeadModel,
-    GPTNeoXConfig,
-    GPTNeoXForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    OPTConfig,
-    OPTForCausalLM,
-    Phi3Config,
-    Phi3ForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
+from transformers import BloomConfig, BloomForCausalLM, DynamicCache
+
+from tests.helpers.models import ATOL, BATCH, CASES, D, HD, HEADS, LAYERS, SEQ, VOCAB, build
 
 from hcache_adapter.projection import Projector, projector_for, register, supported_model_types
-
-ATOL = 1e-5
-BATCH, SEQ, VOCAB = 2, 7, 128
-D, HEADS, LAYERS = 64, 4, 2
-HD = D // HEADS
-SMALL = dict(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS)
-SMALL_LLAMA = dict(SMALL, intermediate_size=128, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
-                   eos_token_id=2)
-
-
-QueryRows = Callable[[torch.nn.Module], tuple[torch.nn.Parameter, object]]
-
-
-@dataclass(frozen=True)
-class Case:
-    build: Callable[[], torch.nn.Module]
-    kv_groups: int  # KV heads the K/V GEMM computes (before any repeat transformers does)
-    cache_heads: int  # heads per layer in the model's cache
-    query_rows: QueryRows | None  # decoder layer -> (weight, its query rows), known independently of the code
-
-
-def _q_proj(layer):
-    return layer.self_attn.q_proj.weight, slice(None)
-
-
-def _fused(attr: str, query_rows: Callable[[torch.Tensor], torch.Tensor]) -> QueryRows:
-    """Query rows of a fused projection `layer.<attr>`; query_rows maps arange(rows) to them."""
-
-    def query(layer):
-        module = layer
-        for name in attr.split("."):
-            module = getattr(module, name)
-        return module.weight, query_rows(torch.arange(module.weight.shape[0]))
-
-    return query
-
-
-def _q_first(r):  # [Q | K | V] blocks (Phi-3, Falcon multi-query)
-    return r[:D]
-
-
-def _q_per_head(r):  # [H, 3, hd] interleaved (GPT-NeoX, classic Falcon)
-    return r.view(HEADS, 3, HD)[:, 0]
-
-
-def _q_per_group(kv):  # [kv, H/kv + 2, hd] (Falcon new decoder architecture)
-    return lambda r: r.view(kv, HEADS // kv + 2, HD)[:, :-2]
-
-
-def _llama_like(model_cls, config_cls, kv, **kw):
-    return Case(lambda: model_cls(config_cls(**SMALL_LLAMA, num_key_value_heads=kv, **kw)), kv, kv, _q_proj)
-
-
-def _opt(pre_ln: bool):
-    config = dict(SMALL, ffn_dim=128, max_position_embeddings=64, word_embed_proj_dim=D, pad_token_id=1)
-    return Case(lambda: OPTForCausalLM(OPTConfig(**config, do_layer_norm_before=pre_ln)), HEADS, HEADS, _q_proj)
-
-
-def _neox(**kw):
-    config = dict(SMALL, intermediate_size=128, max_position_embeddings=64, **kw)
-    return Case(lambda: GPTNeoXForCausalLM(GPTNeoXConfig(**config)), HEADS, HEADS,
-                _fused("attention.query_key_value", _q_per_head))
-
-
-def _falcon(kv_groups, cache_heads, query_rows, **kw):
-    config = dict(SMALL, bos_token_id=1, eos_token_id=2, **kw)
-    return Case(lambda: FalconForCausalLM(FalconConfig(**config)), kv_groups, cache_heads,
-                _fused("self_attention.query_key_value", query_rows))
-
-
-CASES: dict[str, Case] = {
-    "llama_mha": _llama_like(LlamaForCausalLM, LlamaConfig, kv=HEADS),
-    "llama_gqa": _llama_like(LlamaForCausalLM, LlamaConfig, kv=2),
-    "llama_mqa_bias": _llama_like(LlamaForCausalLM, LlamaConfig, kv=1, attention_bias=True),
-    "mistral_gqa": _llama_like(MistralForCausalLM, MistralConfig, kv=2),
-    "qwen2_gqa_bias": _llama_like(Qwen2ForCausalLM, Qwen2Config, kv=2),
-    "qwen3_gqa_knorm": _llama_like(Qwen3ForCausalLM, Qwen3Config, kv=2, head_dim=HD),
-    "gemma_mqa": _llama_like(GemmaForCausalLM, GemmaConfig, kv=1, head_dim=HD),
-    "phi3_gqa": Case(lambda: Phi3ForCausalLM(Phi3Config(**SMALL_LLAMA, num_key_value_heads=2)), 2, 2,
-                     _fused("self_attn.qkv_proj", _q_first)),
-    "phi3_partial_rotary": Case(
-        lambda: Phi3ForCausalLM(Phi3Config(**SMALL_LLAMA, num_key_value_heads=2, partial_rotary_factor=0.5)),
-        2, 2, _fused("self_attn.qkv_proj", _q_first)),
-    "gpt2": Case(lambda: GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=D, n_layer=LAYERS, n_head=HEADS,
-                                                    n_positions=64, bos_token_id=1, eos_token_id=2)),
-                 HEADS, HEADS, lambda layer: (layer.attn.c_attn.weight, (slice(None), slice(0, D)))),
-    "opt_pre_ln": _opt(pre_ln=True),
-    "opt_post_ln": _opt(pre_ln=False),
-    "gpt_neox_partial_rotary": _neox(rotary_pct=0.25),
-    "gpt_neox_full_rotary_seq_residual": _neox(rotary_pct=1.0, use_parallel_residual=False),
-    "falcon_multi_query_rotary": _falcon(1, 1, _q_first, multi_query=True),
-    "falcon_mha_rotary": _falcon(HEADS, HEADS, _q_per_head, multi_query=False, parallel_attn=False),
-    "falcon_mha_alibi_bias": _falcon(HEADS, HEADS, _q_per_head, multi_query=False, alibi=True, bias=True),
-    "falcon_new_arch_2ln": _falcon(2, HEADS, _q_per_group(2), new_decoder_architecture=True, num_kv_heads=2),
-    "falcon_new_arch_1ln_mqa": _falcon(1, HEADS, _q_per_group(1), new_decoder_architecture=True, num_kv_heads=1,
-                                       num_ln_in_parallel_attn=1),
-}
-
-
-def _build(name: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = CASES[name].build().to(dtype).eval()
-    with torch.no_grad():  # perturb norms and biases so a wrong norm or a missing bias shows
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.2)
-            else:
-                p.mul_(5.0)  # default init (std 0.02) makes K, V tiny; make the 1e-5 bound meaningful
-    return model
-
 
 def _cache_kwarg(model: torch.nn.Module) -> str:
     """5.24 names it `cache` (`past_key_values` is a deprecated alias); 5.17 `past_key_values`."""
@@ -204,7 +70,7 @@ def _input_ids():
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_projection_matches_model_cache(name, record_property):
-    model = _build(name)
+    model = build(name)
     proj = projector_for(model)
     assert proj is not None
     errors = _max_errors(model, proj, _input_ids())
@@ -223,7 +89,7 @@ def test_projection_is_bit_exact_on_cuda(name, dtype):
     This is what catches a GEMM that rounds differently from the model's own
     (e.g. a fused bias add where FalconLinear adds the bias after the product).
     """
-    model = _build(name, dtype).cuda()
+    model = build(name, dtype).cuda()
     proj = projector_for(model)
     cached, hidden = _prefill(model, proj, _input_ids().cuda())
     position_ids = torch.arange(SEQ, device="cuda").expand(BATCH, SEQ)
@@ -235,7 +101,7 @@ def test_projection_is_bit_exact_on_cuda(name, dtype):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_project_runs_only_kv_gemms(name):
     """GEMM FLOPs are exactly those of K and V: no query projection (a few rotary FLOPs in 5.17 aside)."""
-    model = _build(name)
+    model = build(name)
     proj = projector_for(model)
     case = CASES[name]
     assert proj.num_kv_heads() == case.cache_heads
@@ -250,7 +116,7 @@ def test_project_runs_only_kv_gemms(name):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_query_weights_are_never_read(name):
     """Poisoning the query rows with NaN leaves the projection intact."""
-    model = _build(name)
+    model = build(name)
     proj = projector_for(model)
     input_ids = _input_ids()
     cached, hidden = _prefill(model, proj, input_ids)
@@ -267,7 +133,7 @@ def test_query_weights_are_never_read(name):
 @pytest.mark.parametrize("name", ["phi3_gqa", "gpt_neox_partial_rotary", "falcon_new_arch_2ln", "gpt2"])
 def test_fused_weight_selection_follows_the_module(name):
     """The cached K/V weight selection is rebuilt after `.to()` and after an in-place edit."""
-    model = _build(name)
+    model = build(name)
     proj = projector_for(model)
     input_ids = _input_ids()
     assert max(_max_errors(model, proj, input_ids)) <= ATOL  # fills the selection cache
@@ -289,7 +155,7 @@ class _OwnForwardLinear(torch.nn.Linear):
 
 def test_fused_module_with_unknown_forward_runs_whole():
     """A fused module that cannot be sliced is run whole and its K/V features selected."""
-    model = _build("phi3_gqa")
+    model = build("phi3_gqa")
     proj = projector_for(model)
     for layer in proj.decoder_layers:
         layer.self_attn.qkv_proj.__class__ = _OwnForwardLinear
@@ -300,7 +166,7 @@ def test_fused_module_with_unknown_forward_runs_whole():
 
 
 def test_base_model_is_accepted():
-    model = _build("llama_gqa")
+    model = build("llama_gqa")
     base = model.model
     proj = projector_for(base)
     assert proj is not None and proj.decoder_layers == projector_for(model).decoder_layers
@@ -309,7 +175,7 @@ def test_base_model_is_accepted():
 
 
 def test_position_ids_default_to_a_prefix_from_zero():
-    model = _build("qwen3_gqa_knorm")
+    model = build("qwen3_gqa_knorm")
     proj = projector_for(model)
     cached, hidden = _prefill(model, proj, _input_ids())
     k, v = proj.project(1, hidden[1])
@@ -343,7 +209,7 @@ def test_bytes_per_token(dtype):
         "falcon_multi_query_rotary": 1, "falcon_new_arch_2ln": HEADS,
     }
     for name, kv_heads in expectations.items():
-        proj = projector_for(_build(name, dtype))
+        proj = projector_for(build(name, dtype))
         assert proj.dtype == dtype
         assert proj.num_layers == LAYERS and proj.hidden_size == D
         for layer in range(proj.num_layers):
@@ -356,7 +222,7 @@ def test_bytes_per_token(dtype):
 
 def test_batch_rows_are_independent():
     """Projecting a batch of 2 equals projecting each row alone."""
-    model = _build("gpt_neox_partial_rotary")
+    model = build("gpt_neox_partial_rotary")
     proj = projector_for(model)
     _, hidden = _prefill(model, proj, _input_ids())
     pos = torch.arange(SEQ).expand(BATCH, SEQ)
@@ -367,7 +233,7 @@ def test_batch_rows_are_independent():
 
 
 def test_bad_arguments():
-    proj = projector_for(_build("llama_gqa"))
+    proj = projector_for(build("llama_gqa"))
     with pytest.raises(IndexError):
         proj.project(LAYERS, torch.zeros(1, 2, D))
     with pytest.raises(ValueError):
@@ -379,7 +245,7 @@ def test_bad_arguments():
                                   "qwen3_gqa_knorm", "gemma_mqa"])
 def test_llama_family_projects_through_the_tensor_function(name):
     """The known RMSNorms are reproduced op for op, so the fast tensors-only path is taken (and is exact)."""
-    model = _build(name)
+    model = build(name)
     proj = projector_for(model)
     assert proj._use_tensor_path()
     assert max(_max_errors(model, proj, _input_ids())) <= ATOL
@@ -397,7 +263,7 @@ class _ScaledNorm(torch.nn.Module):
 
 
 def test_unknown_norm_is_called_as_a_module_and_stays_exact():
-    model = _build("llama_gqa")
+    model = build("llama_gqa")
     for layer in model.model.layers:
         layer.input_layernorm = _ScaledNorm(layer.input_layernorm)
     proj = projector_for(model)

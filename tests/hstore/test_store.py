@@ -34,7 +34,7 @@ from hstore import (
 from hstore.io import uring_available
 from hstore.record import MAGIC
 from hstore.tiers.nvme import DATA_FILE
-from store_helpers import (
+from tests.helpers.store import (
     ALL_DTYPES,
     ENGINE_KINDS,
     STORE_DEFAULTS,
@@ -552,7 +552,7 @@ def test_second_open_of_a_root_is_refused_until_closed(open_store, store_config,
         "except StoreLockedError as e:\n    print('locked', e)\n    sys.exit(0)\nsys.exit(1)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                          cwd=Path(__file__).resolve().parents[1])
+                          cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert_same(store.get("k"), torch.ones(2))  # the refused opens did not disturb the open store
     store.close()

@@ -26,7 +26,7 @@ from pathlib import Path
 from hstore import TieredStore
 from hstore.io import uring_available
 from hstore.ondisk import verify_store
-from store_helpers import check_keyed, scan_root
+from tests.helpers.store import check_keyed, scan_root
 
 import crash_child
 
