@@ -32,13 +32,14 @@ class StateSaver:
 
     def __init__(self, layout: StateLayout, store, plan: str, *, start: int, cache, prefix_digest: str | None,
                  stored_chunks: int = 0, decoder_layers=None, embeddings=None, internal=None, prefill_rows: int = 1,
-                 prefill_only: bool = False, limit: int | None = None):
+                 prefill_only: bool = False, limit: int | None = None, prompt: list[int] | None = None):
         """`stored_chunks`: leading chunks already in the store (left to the prefill): not put again.
         `decoder_layers`/`embeddings`: the modules to hook (None: the caller feeds `step()` itself).
         `prefill_rows`: rows of the first step that repeat one prompt (beams): its first row is saved.
         `prefill_only`: save what the first step completes and nothing after it (beams that diverge,
         draft tokens that may be rolled back). `limit`: no chunk reaching past this position is saved
-        (the prompt's end, when the first step also feeds draft tokens)."""
+        (the prompt's end, when the first step also feeds draft tokens). `prompt`: the request's token
+        ids on the host, so the prompt's chunk digests need no device-to-host copy."""
         self.layout = layout
         self.store = store
         self.plan = plan
@@ -58,6 +59,7 @@ class StateSaver:
         self._manifests_done = max(start // self.C, stored_chunks)
         self._stored_chunks = stored_chunks
         self._digests: list[str] = []
+        self._prompt = prompt
         self._decoder_layers = decoder_layers
         self._embeddings = embeddings
         self._internal = internal
@@ -228,8 +230,10 @@ class StateSaver:
         """Digest of chunk `chunk` (absolute index), from the prefix digest plus the ids seen so far."""
         idx = chunk - self.start // self.C
         if idx >= len(self._digests):
-            # Every whole chunk fed so far at once: one device-to-host sync per forward, not per chunk.
-            ids = torch.cat(self._ids, dim=1)[0].tolist()
+            if self._prompt is not None and (chunk + 1) * self.C <= len(self._prompt):
+                ids = self._prompt[self.start:]
+            else:  # every whole chunk fed so far at once: one device-to-host sync per forward, not per chunk
+                ids = torch.cat(self._ids, dim=1)[0].tolist()
             done = len(self._digests) * self.C
             after = self._digests[-1] if self._digests else self._prefix_digest
             self._digests += self.layout.digests(ids[done:], after=after)

@@ -77,3 +77,12 @@ def chunked_prefill_respects_cache() -> bool:
         return False
     chunked = source.split("chunk_size = generation_config.prefill_chunk_size", 1)
     return len(chunked) == 2 and "next_sequence_length" in chunked[1].split("torch.split", 1)[0]
+
+
+def causal_lm_output(logits: torch.Tensor, cache):
+    """A CausalLMOutputWithPast holding `cache` under this version's field name (`cache` from 5.2x, else
+    `past_key_values`), as generate() reads it back."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+    return CausalLMOutputWithPast(logits=logits, **{field: cache})

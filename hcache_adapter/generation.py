@@ -60,8 +60,8 @@ class GenerateCall:
         return not self.static and not self.offloaded and self.expand == 1
 
 
-def inspect_call(model: torch.nn.Module, input_ids: Any, kwargs: dict) -> GenerateCall:
-    """Classify a `generate(input_ids, **kwargs)` call for `model`."""
+def inspect_call(model: torch.nn.Module, input_ids: Any, kwargs: dict, prompt: list[int] | None = None) -> GenerateCall:
+    """Classify a `generate(input_ids, **kwargs)` call for `model` (`prompt`: input_ids[0] on the host)."""
     if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
         return GenerateCall(False, "the caller passed a cache: it is used as given, nothing is restored")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
@@ -76,6 +76,9 @@ def inspect_call(model: torch.nn.Module, input_ids: Any, kwargs: dict) -> Genera
         return GenerateCall(False, "use_cache=False")
     if getattr(gc, "prefill_chunk_size", None) and not chunked_prefill_respects_cache():
         return GenerateCall(False, "this transformers' chunked prefill ignores a restored cache")
+    if _masked(kwargs.get("attention_mask"), gc, prompt):
+        return GenerateCall(False, "part of the prompt is masked (padding): its state depends on the mask, not "
+                                   "on the tokens alone")
     impl = gc.cache_implementation
     if impl not in DYNAMIC_IMPLEMENTATIONS and impl not in STATIC_IMPLEMENTATIONS:
         return GenerateCall(False, f"cache_implementation={impl!r} is not restored into")
@@ -90,6 +93,20 @@ def inspect_call(model: torch.nn.Module, input_ids: Any, kwargs: dict) -> Genera
     speculative = any(kwargs.get(k) is not None for k in SPECULATIVE_ARGS) or bool(
         getattr(gc, "prompt_lookup_num_tokens", None))
     return GenerateCall(True, "", impl, expand, max_length, speculative)
+
+
+def _masked(mask, gc, prompt: list[int] | None) -> bool:
+    """Whether generate() will mask some prompt position: a given mask with zeros, or (as generate infers
+    one) a pad token in the prompt that is not also the end-of-sequence token."""
+    if mask is not None:
+        return not bool(torch.as_tensor(mask).all())
+    pad = gc.pad_token_id
+    if pad is None or prompt is None:
+        return False
+    pads = set(pad) if isinstance(pad, (list, tuple)) else {pad}
+    eos = gc.eos_token_id
+    eos = set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
+    return not (pads & eos) and any(t in pads for t in prompt)
 
 
 @contextmanager

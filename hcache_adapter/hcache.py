@@ -32,6 +32,7 @@ from hcache_adapter.firstforward import first_forward, skip_cached_tokens
 from hcache_adapter.generation import cache_for_call, inspect_call, with_cache
 from hcache_adapter.layout import StateLayout
 from hcache_adapter.manifest import HIDDEN, KV, RECOMPUTE
+from hcache_adapter.prefill_graph import CapturedPrefill
 from hcache_adapter.prefix import locate_layers, stored_prefix
 from hcache_adapter.projection import projector_for
 from hcache_adapter.recompute import Recomputer
@@ -57,8 +58,10 @@ class HCache:
     against compute for the tier the state is actually in.
 
     On a GPU the projection runs `torch.compile`d (`compile=`) and, for restore
-    lengths seen before, as replayed CUDA graphs (`cuda_graphs=`); both default
-    to on with CUDA and off elsewhere.
+    lengths seen before, as replayed CUDA graphs (`cuda_graphs=`), and generate()'s
+    first forward over a restored prefix is replayed from a CUDA graph
+    (`captured_prefill=`); all default to on with CUDA and off elsewhere (on a
+    CPU, `captured_prefill=True` runs the same static-shape forward eagerly).
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class HCache:
         prefetch_bytes: int | None = None,
         compile: bool | None = None,
         cuda_graphs: bool | None = None,
+        captured_prefill: bool | None = None,
     ):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -106,6 +110,9 @@ class HCache:
         self._profile = profile
         self.scheduler = AutoScheduler(self.layout, lambda: self.profile, plan) if method == "auto" else None
         self._cache_kw = cache_kwarg(model)
+        use_graph = on_gpu if captured_prefill is None else captured_prefill
+        self.prefill = (CapturedPrefill(model, self.decoder_layers, self._cache_kw, self.recomputer.internal)
+                        if use_graph and CapturedPrefill.supported(model) else None)
         self.last_restore = RestoreResult(cache=None)  # for benchmarks and the demo; nothing reads it back
 
     # ------------------------------------------------------------------ properties
@@ -142,7 +149,10 @@ class HCache:
             path = Path(self.store.config.root) / "profiles" / f"{self.fingerprint}-{self.device.type}.json"
             self._profile = Profile.load(path)
             if self._profile is None:
-                self._profile = measure_profile(self.store, self.layout, self.projector, self.recomputer, self.device)
+                devices = [self.device] if self.device.type == "cuda" else []
+                with torch.random.fork_rng(devices=devices):  # the probes draw random inputs: not from the user's RNG
+                    self._profile = measure_profile(self.store, self.layout, self.projector, self.recomputer,
+                                                    self.device)
                 self._profile.save(path)
         return self._profile
 
@@ -171,23 +181,33 @@ class HCache:
         Takes and returns exactly what `model.generate` does (see `generation` for
         the calls that go to the model untouched).
         """
-        call = inspect_call(self.model, input_ids, kwargs)
+        prompt = input_ids[0].tolist() if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 else None
+        call = inspect_call(self.model, input_ids, kwargs, prompt)  # `prompt`: the host copy digests and saver share
         if self.method == "recompute" or not call.restorable:
             if not call.restorable:
                 log.debug("hc.generate: nothing restored or saved: %s", call.reason)
             return self.model.generate(input_ids, **kwargs)
         with torch.no_grad():
-            result = self._restore(input_ids, lazy=call.lazy)
+            result = self._restore(input_ids, lazy=call.lazy, prompt=prompt)
         try:
             cache = cache_for_call(call, self.model, result.cache)
             saver = self._saver(result, cache, prefill_rows=call.expand, prefill_only=call.save_after_prefill,
-                                limit=input_ids.shape[1] if call.speculative else None)
+                                limit=input_ids.shape[1] if call.speculative else None, prompt=prompt)
             with saver, with_cache(self.model, kwargs, self._cache_kw, cache) as kw, ExitStack() as stack:
                 if call.speculative and result.tokens:  # its first forward feeds the whole prompt, cached or not
                     stack.enter_context(first_forward(self.model, skip_cached_tokens(self._cache_kw)))
+                elif self._graph_prefill(call, result):
+                    hidden = [l for l, kind in enumerate(saver.plan) if kind == HIDDEN]
+                    stack.enter_context(first_forward(self.model, self.prefill.handler(
+                        cache, result.tokens, saver.step, hidden)))
                 return self.model.generate(input_ids, **kw)
         finally:
             result.close()
+
+    def _graph_prefill(self, call, result: RestoreResult) -> bool:
+        """Whether generate()'s first forward may run from the captured prefill: a restored prefix under
+        the default cache (calls with masked prompt positions are never restored at all)."""
+        return self.prefill is not None and self.prefill.enabled and call.lazy and bool(result.tokens)
 
     @torch.no_grad()
     def save(self, input_ids: torch.Tensor) -> int:
@@ -212,12 +232,12 @@ class HCache:
         return done + (saver.chunks_saved * self.chunk_tokens if saver.enabled else 0)
 
     def _saver(self, result: RestoreResult, cache, prefill_rows: int = 1, prefill_only: bool = False,
-               limit: int | None = None) -> StateSaver:
+               limit: int | None = None, prompt: list[int] | None = None) -> StateSaver:
         return StateSaver(self.layout, self.store, self.save_plan(), start=result.tokens, cache=cache,
                           prefix_digest=result.prefix_digest, stored_chunks=result.stored_chunks,
                           decoder_layers=self.decoder_layers, embeddings=self.model.get_input_embeddings(),
                           internal=self.recomputer.internal, prefill_rows=prefill_rows, prefill_only=prefill_only,
-                          limit=limit)
+                          limit=limit, prompt=prompt)
 
     # ------------------------------------------------------------------ restore
     @torch.no_grad()
@@ -233,7 +253,7 @@ class HCache:
         """
         return self._restore(input_ids, lazy=False)
 
-    def _restore(self, input_ids: torch.Tensor, *, lazy: bool) -> RestoreResult:
+    def _restore(self, input_ids: torch.Tensor, *, lazy: bool, prompt: list[int] | None = None) -> RestoreResult:
         t0 = time.perf_counter()
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
@@ -246,7 +266,7 @@ class HCache:
             n = max_chunks * C
             cache = self.recomputer.prefix(ids[:, :n], L) if n else new_cache(self.model)
             return self._done(RestoreResult(cache, n, RECOMPUTE * L, L, seconds=time.perf_counter() - t0))
-        digests = self.layout.digests(ids[0, : max_chunks * C])
+        digests = self.layout.digests(prompt[: max_chunks * C] if prompt is not None else ids[0, : max_chunks * C])
         plan, m = stored_prefix(self.store, self.layout, digests)
         if m == 0:
             return self._done(RestoreResult(new_cache(self.model), seconds=time.perf_counter() - t0))

@@ -66,6 +66,12 @@ class LazyLayer(DynamicLayer):
     def ready(self) -> bool:
         return self._pending is None
 
+    def defer(self, source: LayerSource, n_tokens: int) -> None:
+        """Hand the layer's content over to `source` again, holding `n_tokens` positions until fetched
+        (the captured prefill leaves K/V in graph memory: copied out only when something reads them)."""
+        self._pending, self._n = source, n_tokens
+        self._keys = self._values = None
+
     def materialize(self) -> None:
         source, self._pending = self._pending, None
         if source is not None:

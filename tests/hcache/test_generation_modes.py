@@ -10,7 +10,7 @@ import logging
 
 import pytest
 import torch
-from tests.helpers.models import build
+from tests.helpers.models import build as build_model
 
 from hcache_adapter import HCache
 from hcache_adapter.compat import cache_kwarg, chunked_prefill_respects_cache, new_cache
@@ -24,6 +24,14 @@ C = 8
 def store(tmp_path):
     with TieredStore(StoreConfig(root=tmp_path / "s", dram_bytes=4 << 20, nvme_bytes=32 << 20)) as s:
         yield s
+
+
+def build(arch):
+    """A tiny model whose generate() never infers a padding mask (pad = eos), so that generated tokens that
+    happen to equal the pad id do not make the next round's prompt unrestorable (see the padding test)."""
+    model = build_model(arch)
+    model.generation_config.pad_token_id = model.generation_config.eos_token_id
+    return model
 
 
 def prompt(model, n, seed=0):
@@ -168,3 +176,56 @@ def test_unreadable_chunk_found_during_generate_is_recomputed_not_served(tmp_pat
         for mine, theirs in zip(cache.layers, ref.layers):
             assert torch.allclose(mine.keys, theirs.keys, atol=1e-5)
             assert torch.allclose(mine.values, theirs.values, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sampling", "dict_with_scores", "repetition_penalty"])
+@pytest.mark.parametrize("arch,method", [("llama_gqa", "hcache"), ("qwen3_gqa_knorm", "kv"), ("gpt2", "hcache"),
+                                         ("llama_mha", "auto")])
+def test_static_shape_prefill_gives_the_models_tokens(mode, arch, method, store):
+    """The captured prefill's static path (padded suffix, static cache, positions, 4D mask, hidden states
+    handed to the saver), run eagerly on the CPU: the same tokens, and the saved state restores."""
+    model = build(arch)
+    plan = "HK" if method == "auto" else None  # a mixed plan, read from DRAM: restored, never recomputed
+    hc = HCache(model, store, method=method, chunk_tokens=C, captured_prefill=True, plan=plan)
+    assert hc.prefill is not None
+    two_rounds(hc, model, MODES[mode], seed=3)
+    assert hc.prefill.runs >= 1
+    ids = prompt(model, 40, seed=9)
+    hc.generate(ids, max_new_tokens=3, do_sample=False)  # saves through the static path
+    assert hc.restore(torch.cat([ids, prompt(model, 3)], dim=1)).tokens == 40 // C * C
+
+
+def test_static_prefill_leaves_earlier_caches_intact(store):
+    """Each run writes the bucket's static memory again: a cache from an earlier run still reads its own K/V."""
+    model = build("llama_mha")
+    hc = HCache(model, store, chunk_tokens=C, captured_prefill=True)
+    first = prompt(model, 30, seed=1)
+    second = prompt(model, 30, seed=2)
+    for ids in (first, second):
+        hc.generate(ids, max_new_tokens=2, do_sample=False)
+    out1 = hc.generate(first, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    keep = [l.keys.clone() for l in out1.past_key_values.layers] if hasattr(out1, "past_key_values") else None
+    cache1 = getattr(out1, "past_key_values", None) or getattr(out1, "cache")
+    hc.generate(second, max_new_tokens=2, do_sample=False)  # reuses the bucket
+    ref = new_cache(model)
+    with torch.no_grad():
+        model(out1.sequences[:, :-1], use_cache=True, **{cache_kwarg(model): ref})
+    for mine, theirs in zip(cache1.layers, ref.layers):
+        assert torch.allclose(mine.keys, theirs.keys, atol=1e-5)
+    assert keep is None or all(torch.equal(k, l.keys) for k, l in zip(keep, cache1.layers))
+
+
+def test_prompt_with_padding_is_neither_restored_nor_saved(store):
+    """generate() masks pad tokens it finds in a prompt: such a prefix's state depends on the mask, so
+    HCache leaves the call to the model."""
+    model = build_model("llama_mha")  # pad 0 != eos 2
+    hc = HCache(model, store, chunk_tokens=C)
+    ids = prompt(model, 30)
+    hc.generate(ids, max_new_tokens=2, do_sample=False)
+    padded = ids.clone()
+    padded[0, 5] = model.generation_config.pad_token_id
+    gen = dict(max_new_tokens=4, do_sample=False)
+    assert torch.equal(hc.generate(padded, **gen), model.generate(padded, **gen))
+    mask = torch.ones_like(ids)
+    mask[0, 3] = 0
+    assert torch.equal(hc.generate(ids, attention_mask=mask, **gen), model.generate(ids, attention_mask=mask, **gen))
