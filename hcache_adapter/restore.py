@@ -78,8 +78,8 @@ class Restorer:
         self.cuda = self.device.type == "cuda"
         self.prefetch_bytes = prefetch_bytes if prefetch_bytes is not None else (
             (2 << 30) if self.cuda else (256 << 20))
-        self._compute_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
-        self._copy_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
+        self.compute_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
+        self.copy_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
 
     def ring_depth(self, n_chunks: int, plan: str) -> int:
         """Layers the loader may hold at once: as many as fit the prefetch budget (at least 2).
@@ -157,11 +157,11 @@ class PrefixSource:
             self._open_loader()
         if self.loader is not None and self.loader.inline:
             # Nothing blocks (memory tiers, GPU): queue every layer's copy and compute now, on a side stream.
-            with torch.cuda.stream(r._compute_stream):
+            with torch.cuda.stream(r.compute_stream):
                 for read in self.reads:
                     k, v, valid = self._compute(read)
                     ev = torch.cuda.Event()
-                    ev.record(r._compute_stream)
+                    ev.record(r.compute_stream)
                     self._ready[read.layer] = (k, v, valid, ev)
             self._close_loader()
 
@@ -172,7 +172,7 @@ class PrefixSource:
             first = self.recompute_layers
             where = [w for l, kind in enumerate(self.plan) if l >= first for w in self.where.get(l, [])]
         self.loader = LayerLoader(r.store, self.reads, r.layout.dtype, r.device,
-                                  depth=r.ring_depth(self.m, self.plan), stream=r._copy_stream,
+                                  depth=r.ring_depth(self.m, self.plan), stream=r.copy_stream,
                                   where=where if where and len(where) == sum(len(x.keys) for x in self.reads) else None
                                   ).start()
 
