@@ -241,17 +241,22 @@ class HCache:
 
     # ------------------------------------------------------------------ restore
     @torch.no_grad()
-    def restore(self, input_ids: torch.Tensor) -> RestoreResult:
-        """The K/V of the longest stored prefix of `input_ids`, every layer ready (`result.cache`).
+    def restore(self, input_ids: torch.Tensor, *, lazy: bool = False) -> RestoreResult:
+        """The K/V of the longest stored prefix of `input_ids` (`result.cache`, `result.tokens`).
 
         `result.tokens` is the longest stored whole-chunk prefix that leaves at
-        least one token to run (0 when nothing is stored; chunks that cannot be
-        read cut it short). For method "recompute" it is the chunk-aligned prefix,
-        prefilled from tokens. For "auto" it is also 0 when the plan is to
-        recompute every layer: the caller's prefill of all tokens in one pass does
-        that best. Unpacks as ``cache, n``.
+        least one token to run (0 when nothing is stored). For method "recompute"
+        it is the chunk-aligned prefix, prefilled from tokens. For "auto" it is
+        also 0 when the plan is to recompute every layer: the caller's prefill of
+        all tokens in one pass does that best. Unpacks as ``cache, n``.
+
+        By default every layer is ready on return, and chunks that cannot be read
+        cut the prefix short. With `lazy=True` (what `generate` uses) the cache's
+        layers are made ready when the model first uses them, the GPU work queued
+        on side streams; the length is fixed up front and a layer that cannot be
+        read is recomputed from tokens. `result.close()` ends a lazy restore early.
         """
-        return self._restore(input_ids, lazy=False)
+        return self._restore(input_ids, lazy=lazy)
 
     def _restore(self, input_ids: torch.Tensor, *, lazy: bool, prompt: list[int] | None = None) -> RestoreResult:
         t0 = time.perf_counter()

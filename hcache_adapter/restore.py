@@ -19,6 +19,7 @@ the chunks every layer could read (`restore()`'s contract).
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -105,6 +106,7 @@ class Restorer:
                 if not cache.make_lazy(l, source, source.n_tokens, self.layout.dtype, self.device):
                     k, v = source.take(l)  # a layer type we do not make lazy (sliding window, ...): fill it now
                     fill_layer(cache, l, k, v)
+            weakref.finalize(cache, source.close)  # a cache dropped before every layer was taken ends its readers
             return cache, len(digests), source.close
         try:
             produced = [source.produce(l) for l in range(self.layout.num_layers)]
