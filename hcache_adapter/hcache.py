@@ -284,13 +284,14 @@ class HCache:
             # the prefix and the new tokens in one pass. The stored chunks are not saved again.
             return self._done(RestoreResult(new_cache(self.model), 0, plan, L, sources, stored_chunks=m,
                                             seconds=time.perf_counter() - t0))
-        learn = decision.estimate is not None  # a split NVMe restore: its real time teaches auto
         t_run = time.perf_counter()
-        cache, valid, release = self.restorer.restore(ids, digests, plan, r, lazy=lazy and not learn, where=where)
-        if learn:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)  # its time is known only when its work is done
-            self.scheduler.observe(decision, time.perf_counter() - t_run)
+        on_done = None
+        if decision.estimate is not None:  # a split NVMe restore: its real time teaches auto
+            def on_done():
+                if self.device.type == "cuda":
+                    torch.cuda.current_stream(self.device).synchronize()  # known only once its work is done
+                self.scheduler.observe(decision, time.perf_counter() - t_run)
+        cache, valid, release = self.restorer.restore(ids, digests, plan, r, lazy=lazy, where=where, on_done=on_done)
         if valid < m:
             log.warning("restore: chunk %d of the prefix is missing or corrupt; recomputing from there", valid)
         if valid == 0:
