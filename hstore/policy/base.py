@@ -41,6 +41,13 @@ class EvictionPolicy(ABC):
         Inserting a key already present updates its size/cost and counts as an access.
         """
 
+    def check_cost(self, cost: float | None) -> None:
+        """Raise ValueError if this policy cannot take `cost` as a hint.
+
+        The store asks before it installs anything, so a put with a bad hint changes
+        nothing. Policies that ignore costs accept any number.
+        """
+
     @abstractmethod
     def access(self, key: bytes) -> None:
         """`key` was hit. Unknown keys are ignored."""

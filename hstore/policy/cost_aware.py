@@ -84,6 +84,10 @@ class CostAwarePolicy(EvictionPolicy):
 
     # -- interface -----------------------------------------------------------
 
+    def check_cost(self, cost: float | None) -> None:
+        if cost is not None:
+            _check_cost(cost)
+
     def insert(self, key: bytes, size: int, cost: float | None = None) -> None:
         check_size(size)
         if cost is not None:
