@@ -24,8 +24,8 @@ import xxhash
 import hstore.io as hio
 from hstore.buffers import align_up
 from hstore.index import Index
-from hstore.record import DTYPE_TO_CODE, HEADER_BYTES, RecordHeader, key_digest
-from hstore.tiers.nvme import DATA_FILE
+from hstore.format import LAYOUT_META_KEY, data_file, index_path
+from hstore.record import DTYPE_TO_CODE, HEADER_BYTES, RecordHeader
 
 URING_SKIP = pytest.mark.skipif(
     not hio.uring_available(), reason=f"io_uring unavailable: {hio.uring_unavailable_reason()}"
@@ -117,15 +117,15 @@ class ScanReport:
 def scan_root(root: str | os.PathLike) -> ScanReport:
     """Check every index entry of a closed store against the bytes in its data file."""
     report = ScanReport()
-    idx = Index(Path(root) / "index", readonly=True)
+    idx = Index(index_path(root), readonly=True)
     try:
-        meta = idx.meta_get("layout")
+        meta = idx.meta_get(LAYOUT_META_KEY)
         entries = list(idx.items())
         report.entries = len(entries)
         if not entries:
             return report
         dirs = json.loads(meta)["nvme_dirs"]
-        files = [open(Path(d) / DATA_FILE, "rb") for d in dirs]
+        files = [open(data_file(d), "rb") for d in dirs]
         try:
             extents: list[tuple[int, int, int, bytes]] = []
             for e in entries:
@@ -145,9 +145,7 @@ def scan_root(root: str | os.PathLike) -> ScanReport:
                 payload = block[HEADER_BYTES : HEADER_BYTES + e.nbytes]
                 if hdr is None:
                     report.problems.append(f"{name}: no valid record header")
-                elif (hdr.key_digest, hdr.nbytes, hdr.checksum, hdr.dtype, hdr.shape) != (
-                    key_digest(e.key), e.nbytes, e.checksum, e.dtype, e.shape
-                ):
+                elif not hdr.describes(e.key, e.dtype, e.shape, e.nbytes, e.checksum):
                     report.problems.append(f"{name}: header {hdr} does not match the index {e}")
                 elif xxhash.xxh3_64_intdigest(payload) != e.checksum:
                     report.problems.append(f"{name}: payload checksum mismatch")
@@ -163,14 +161,14 @@ def scan_root(root: str | os.PathLike) -> ScanReport:
     return report
 
 
-def find_record(data_file: str | os.PathLike, key: str | bytes) -> int | None:
+def find_record(path: str | os.PathLike, key: str | bytes) -> int | None:
     """Offset of the (first) record header of `key` in a data file, found by scanning headers."""
-    digest = key_digest(key.encode() if isinstance(key, str) else bytes(key))
-    with open(data_file, "rb") as f:
+    key = key.encode() if isinstance(key, str) else bytes(key)
+    with open(path, "rb") as f:
         offset = 0
         while block := f.read(HEADER_BYTES):
             hdr = RecordHeader.unpack(block)
-            if hdr is not None and hdr.key_digest == digest:
+            if hdr is not None and hdr.names(key):
                 return offset
             offset += HEADER_BYTES
     return None

@@ -22,7 +22,7 @@ from hstore.cli import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, main
 from hstore.index import Index
 from hstore.ondisk import existing_config
 from hstore.record import HEADER_BYTES
-from hstore.tiers.nvme import DATA_FILE
+from hstore.format import DATA_FILE
 
 _MiB = 1 << 20
 

@@ -33,7 +33,7 @@ from hstore import (
 )
 from hstore.io import uring_available
 from hstore.record import MAGIC
-from hstore.tiers.nvme import DATA_FILE
+from hstore.format import DATA_FILE
 from tests.helpers.store import (
     ALL_DTYPES,
     ENGINE_KINDS,
@@ -387,9 +387,21 @@ def test_eviction_policy_factory_is_called_per_tier(open_store):
         made.append(LruPolicy())
         return made[-1]
 
-    store = open_store(eviction=factory)
+    store = open_store(eviction=factory, gpu_bytes=64 * KiB)
     store.put("k", torch.ones(2))
-    assert len(made) == 3 and len({id(p) for p in made}) == 3
+    assert len(store.tiers) == 3
+    assert len(made) == 3 and len({id(p) for p in made}) == 3  # one policy per tier, none shared
+
+
+def test_an_eviction_policy_instance_is_refused_with_what_to_pass_instead(store_config):
+    from hstore.policy import LruPolicy
+
+    with pytest.raises(StoreConfigError, match="LruPolicy"):
+        store_config(eviction=LruPolicy())
+    with pytest.raises(StoreConfigError, match="EvictionPolicy"):
+        TieredStore(store_config(eviction=lambda: "not a policy"))
+    with TieredStore(store_config(eviction=LruPolicy)) as store:  # the class is a factory
+        store.put("k", torch.ones(2))
 
 
 def test_second_hit_admission_keeps_one_hit_wonders_off_nvme(open_store, store_config):
@@ -844,38 +856,6 @@ def test_concurrent_readers_while_flushing_and_evicting(open_store, engine_kind)
             t.join()
     if errors:
         raise errors[0]
-
-
-@pytest.mark.parametrize("then", ["delete", "flush-then-delete"])
-def test_overwrite_while_the_flusher_indexes_the_old_value(open_store, store_config, then):
-    # A put that lands while the flusher writes the index entry of the previous value must
-    # learn what the index now holds: else a delete leaves the key indexed (it comes back
-    # after reopen), or the old record's NVMe space is never freed.
-    store = open_store()
-    index = store._index
-    put_many = index.put_many
-    overwritten = threading.Event()
-
-    def put_many_then_overwrite(entries):  # runs on the flusher thread, inside _publish
-        entries = list(entries)
-        put_many(entries)
-        if not overwritten.is_set() and any(e.key == b"a" for e in entries):
-            store.put("a", torch.full((256,), 2.0))
-            overwritten.set()
-
-    index.put_many = put_many_then_overwrite
-    store.put("a", torch.full((256,), 1.0))
-    assert overwritten.wait(30)
-    assert_same(store.get("a"), torch.full((256,), 2.0))
-    if then == "flush-then-delete":
-        store.flush()
-    assert store.delete("a")
-    store.flush()
-    store.close()
-    assert store.stats()["tiers"]["nvme"]["used"] == 0  # nothing leaked
-    assert scan_root(store_config().root).entries == 0
-    with TieredStore(store_config()) as again:
-        assert "a" not in again and again.get("a") is None
 
 
 def test_close_while_other_threads_read_write_and_delete(store_config, engine_kind):
