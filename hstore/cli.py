@@ -1,6 +1,7 @@
 """The `hstore` command: look at, check and measure a store from the shell.
 
     hstore stats ROOT [--json]          summary, read-only, never takes the lock
+    hstore recover ROOT [--nvme-dir D]  rebuild a lost or damaged index from the data files
     hstore verify ROOT [--repair]       read back and check every record
     hstore bench ROOT [...]             tier bandwidth next to the hardware's
 
@@ -119,6 +120,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["auto", "uring", "threads"], default="auto", help="I/O engine (default auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "recover", help="rebuild a lost or damaged index from the data files",
+        description=_wrap("Rebuild the index of the store at ROOT from its data files' record headers, keeping per "
+                    "key the newest record whose checksum verifies. The old index folder is moved aside "
+                    "(ROOT/index.damaged-...), never deleted. Takes the store's lock. Records written before "
+                    "format 2 (and keys over 3.7 KiB) name their key only by a digest: they are counted, not "
+                    "recovered. Keys deleted whose space was not reused yet come back."),
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("root", metavar="ROOT", help="the store's root directory")
+    p.add_argument("--nvme-dir", action="append", metavar="DIR", dest="nvme_dirs",
+                   help="an NVMe directory of the store, in order (repeat; default: as recorded, else ROOT/nvme)")
+    p.add_argument("--engine", choices=["auto", "uring", "threads"], default="auto", help="I/O engine (default auto)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=cmd_recover)
 
     p = sub.add_parser(
         "bench", help="measure tier bandwidth against the raw device and pinned H2D copies",
@@ -256,6 +273,24 @@ def cmd_verify(args: argparse.Namespace) -> int:
         elif report.corrupt or report.unreadable:
             print("run with --repair to delete the bad entries")
     return EXIT_PROBLEMS if report.bad else EXIT_OK
+
+
+# ---------------------------------------------------------------------------- recover
+def cmd_recover(args: argparse.Namespace) -> int:
+    from hstore.ondisk import recover_store
+
+    report = recover_store(args.root, nvme_dirs=args.nvme_dirs, io_engine=args.engine)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return EXIT_OK
+    print(f"recovered {report.recovered} keys from {report.records} verified records in {report.seconds:.1f} s "
+          f"({report.superseded} older versions skipped)")
+    if report.digest_only:
+        print(f"  {report.digest_only} records name their key only by a digest (format 1, or keys over 3.7 KiB): "
+              "not recoverable, their space is reused")
+    if report.moved_aside:
+        print(f"  the previous index is kept at {report.moved_aside}")
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------- bench

@@ -1,4 +1,4 @@
-"""A store as it lies on disk: summarise it without opening it, and verify it.
+"""A store as it lies on disk: summarise it without opening it, verify it, rebuild its index.
 
 The CLI's `stats` must work while a serving process holds the store, so it
 reads the LMDB index read-only and never takes the writer lock. `verify` must
@@ -25,8 +25,10 @@ import lmdb
 
 from hstore.config import StoreConfig
 from hstore.errors import StoreConfigError, StoreIOError
-from hstore.format import INDEX_DIR, LAYOUT_META_KEY, data_file, index_data_file, index_path, lock_path
+from hstore.format import INDEX_DIR, LAYOUT_META_KEY, data_file, default_nvme_dir, index_data_file, index_path, lock_path
 from hstore.index import Index, IndexEntry
+from hstore.opening import RootLock, read_layout_file
+from hstore.recovery import RecoveryReport, move_aside
 from hstore.tiers.base import ReadStatus
 
 _MiB = 1 << 20
@@ -330,4 +332,41 @@ def verify_store(
             for key in report.corrupt + report.unreadable:
                 report.repaired += bool(store.delete(key))
     report.seconds = time.perf_counter() - start
+    return report
+
+
+# ---------------------------------------------------------------------------- recover
+def recover_store(
+    root: str | os.PathLike,
+    *,
+    nvme_dirs: list[str | os.PathLike] | None = None,
+    io_engine: str = "auto",
+) -> RecoveryReport:
+    """Rebuild the index of the store at `root` from its data files' record headers.
+
+    The old index folder (damaged, or merely distrusted) is moved aside, never deleted.
+    The NVMe directories come from `nvme_dirs`, else the layout file beside the index,
+    else the default ROOT/nvme. Takes the store's lock (StoreLockedError when it is open).
+    """
+    from hstore.store import TieredStore  # heavy import, only for the commands that open a store
+
+    path = Path(root)
+    if not path.is_dir():
+        raise NotAStoreError(f"{path}: no such directory")
+    dirs = [Path(d) for d in nvme_dirs] if nvme_dirs else read_layout_file(path) or [default_nvme_dir(path)]
+    sizes = [data_file(d).stat().st_size for d in dirs if data_file(d).exists()]
+    if len(sizes) != len(dirs) or not all(sizes):
+        missing = [str(data_file(d)) for d in dirs if not data_file(d).exists()]
+        raise NotAStoreError(f"{path}: no data files to recover from (missing: {', '.join(missing)}); "
+                             "name the NVMe directories with --nvme-dir")
+    lock = RootLock(path)
+    try:
+        moved = move_aside(index_path(path))
+    finally:
+        lock.release()
+    cfg = StoreConfig(root=path, nvme_dirs=dirs, nvme_bytes=max(sizes) * len(dirs), dram_bytes=64 * _MiB,
+                      gpu_bytes=0, pin_dram=False, io_engine=io_engine, recover_index=True)
+    with TieredStore(cfg) as store:
+        report = store.recovery
+    report.moved_aside = str(moved) if moved else None
     return report
