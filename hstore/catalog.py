@@ -35,37 +35,12 @@ from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import torch
 
-from hstore.errors import StoreClosedError
+from hstore.entry import NEEDS_DURABLE, NEEDS_REMOTE, Entry, index_entry
+from hstore.errors import StoreClosedError, StoreIOError
 from hstore.index import IndexEntry
 from hstore.policy.base import EvictionPolicy
 from hstore.stats import StoreStats
 from hstore.tiers.base import Location, WriteItem
-
-NEEDS_DURABLE = 1
-NEEDS_REMOTE = 2
-
-
-@dataclass(eq=False, slots=True)
-class Entry:
-    """The catalog's view of one key: its metadata and the copy each tier holds."""
-
-    key: bytes
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    nbytes: int
-    seq: int
-    cost: float | None
-    copies: list  # Location | None per rung
-    best: int = -1  # rung a read is served from; -1: no local copy
-    pending: int = 0  # NEEDS_DURABLE | NEEDS_REMOTE: writes the flusher still owes this value
-    memory_only: bool = False  # the durable tier declined it (admission, size): it is never made durable
-    flushing: Location | None = None  # the DRAM copy the flusher is writing (pinned until it ends)
-    ready: object = None  # CUDA event of a pending device-to-host copy into the landing slot
-    created: float = 0.0
-    atime: float = 0.0
-    hits: int = 0
-    saved_hits: int = 0  # hits the index has; access statistics are persisted at close when they differ
-
 
 class IndexWriter(Protocol):
     """What the catalog needs of the LMDB index: short write transactions."""
@@ -478,8 +453,6 @@ class Catalog:
 
         Raises StoreIOError when a batch fails while waiting, or the flusher has stopped.
         """
-        from hstore.errors import StoreIOError
-
         with self.cv:
             failures = self.flush_failures
             self.cv.notify_all()
@@ -499,9 +472,3 @@ class Catalog:
     def memory_only_keys(self, target: int) -> tuple[bytes, ...]:
         with self.lock:
             return tuple(k for k, e in self.memory_only.items() if e.seq <= target)
-
-
-def index_entry(e: Entry, loc: Location) -> IndexEntry:
-    """The index record of entry `e` whose durable record is at `loc`."""
-    return IndexEntry(e.key, loc.device, loc.offset, loc.length, loc.nbytes, e.dtype, e.shape,
-                      loc.checksum, e.created, e.atime, e.hits)

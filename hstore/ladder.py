@@ -19,7 +19,8 @@ from typing import Sequence
 import torch
 
 from hstore.buffers import as_bytes, copy_bytes
-from hstore.catalog import NEEDS_DURABLE, Catalog, Entry
+from hstore.catalog import Catalog
+from hstore.entry import NEEDS_DURABLE, Entry
 from hstore.stats import StoreStats, TierStats
 from hstore.tiers.base import ArenaTier, DurableTier, Location, RemoteTier
 

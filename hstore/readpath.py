@@ -29,7 +29,8 @@ from typing import Callable, Sequence
 import torch
 
 from hstore.buffers import as_bytes, copy_bytes
-from hstore.catalog import Catalog, Entry
+from hstore.catalog import Catalog
+from hstore.entry import Entry
 from hstore.ladder import TierLadder
 from hstore.errors import DeviceError, InvalidItemError
 from hstore.readouts import BufferList, StackedRows, readouts

@@ -28,7 +28,8 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from hstore.buffers import cuda_available
-from hstore.catalog import Catalog, index_entry
+from hstore.catalog import Catalog
+from hstore.entry import index_entry
 from hstore.config import StoreConfig
 from hstore.errors import HStoreError, InvalidItemError, StoreConfigError, StoreIOError
 from hstore.flusher import Flusher

@@ -17,7 +17,8 @@ from typing import Callable, Sequence
 import torch
 
 from hstore.buffers import as_bytes, copy_bytes
-from hstore.catalog import NEEDS_DURABLE, NEEDS_REMOTE, Catalog
+from hstore.catalog import Catalog
+from hstore.entry import NEEDS_DURABLE, NEEDS_REMOTE
 from hstore.errors import CapacityError, InvalidItemError, StoreClosedError, StoreIOError, TierFullError
 from hstore.layout import cut_by_size
 from hstore.ladder import TierLadder
