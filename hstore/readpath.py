@@ -55,6 +55,7 @@ class ReadPlan:
     event: object = None
     bad: list[tuple[Read, ReadStatus]] = field(default_factory=list)
     remote_found: list[int] = field(default_factory=list)
+    remote_bytes: int = 0
 
 
 def plan_reads(catalog: Catalog, keys: Sequence[bytes], outs: BufferList | StackedRows,
@@ -236,6 +237,7 @@ def account(stats: StoreStats, ladder: TierLadder, plan: ReadPlan, n_keys: int) 
         rs = stats.tier(ladder.remote.name)
         rs.hits += remote_hits
         rs.misses += len(plan.absent) - remote_hits
+        rs.bytes_read += plan.remote_bytes
     stats.gets += n_keys - len(plan.replaced)
     stats.hits += hits
     stats.misses += misses
@@ -362,6 +364,7 @@ class Reader:
             for i, _ in placed:
                 plan.found[i] = True
             plan.remote_found = [i for i, _ in placed]
+            plan.remote_bytes = sum(rec.payload.numel() for _, rec in placed)
             if promote:
                 for i, rec in placed:
                     self._adopt(keys[i], rec)

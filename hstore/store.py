@@ -363,11 +363,15 @@ class TieredStore:
             snap["memory_only_items"] = len(cat.memory_only)
             snap["memory_only_bytes"] = sum(e.nbytes for e in cat.memory_only.values())
             snap["io_engine"] = getattr(self._engine, "name", None)
-        if self._remote is not None:
+        if self._remote is not None:  # the store's own counts, then what only the tier knows (errors, latency)
             try:
-                snap["tiers"].setdefault(self._remote.name, {}).update(self._remote.stats())
+                own = self._remote.stats()
             except Exception as e:  # noqa: BLE001 - stats must not fail because a server is away
                 log.warning("remote tier stats failed: %s", e)
+                own = {}
+            t = snap["tiers"].setdefault(self._remote.name, {})
+            for k, v in own.items():
+                t.setdefault(k, v)
         return snap
 
     # ------------------------------------------------------------------ deprecated tier attributes
