@@ -188,3 +188,34 @@ def scan_root_elsewhere(root: str | os.PathLike) -> ScanReport:
         raise AssertionError(f"scan failed: {proc.stderr}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     return ScanReport(out["entries"], {bytes.fromhex(k) for k in out["keys"]}, out["problems"])
+
+
+def memory_ladder(dram: int = 256 << 10, gpu: int = 0):
+    """(catalog, ladder) over real memory tiers (a GPU tier on CPU memory when `gpu`), wired as the store wires them."""
+    from hstore.catalog import Catalog
+    from hstore.ladder import TierLadder
+    from hstore.policy import LruPolicy
+    from hstore.stats import StoreStats
+    from hstore.tiers.memory import DramTier, GpuTier
+
+    tiers = ([GpuTier(gpu, "cpu")] if gpu else []) + [DramTier(dram)]
+    stats = StoreStats()
+    ladder = TierLadder(tiers, stats)
+    cat = Catalog([LruPolicy() for _ in tiers], landing=ladder.landing.index, durable=None, free=ladder.free,
+                  view=ladder.view, index=None, stats=stats)
+    ladder.attach(cat)
+    return cat, ladder
+
+
+def put_in_landing(cat, ladder, key: bytes, value: torch.Tensor):
+    """Install `value` under `key` with one copy in the landing tier (what a put does, minus the checks)."""
+    import time
+
+    tier = ladder.landing.tier
+    loc = tier.allocate(value.numel() * value.element_size())
+    tier.view(loc).copy_(value.reshape(-1).view(torch.uint8))
+    with cat.lock:
+        e = cat.new_entry_locked(key, value.dtype, tuple(value.shape), loc.nbytes, None, time.time())
+        cat.install_locked(e, 0, False)
+        cat.add_copy_locked(e, ladder.landing.index, loc)
+    return e
