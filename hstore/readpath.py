@@ -73,7 +73,7 @@ def plan_reads(catalog: Catalog, keys: Sequence[bytes], outs: BufferList | Stack
         if expect is None:
             outs.check(entries)  # before anything is pinned
         d = catalog.durable
-        policies = catalog.policies
+        rungs = set()
         for i, e in enumerate(entries):
             if e is None:
                 absent.append(i)
@@ -85,11 +85,18 @@ def plan_reads(catalog: Catalog, keys: Sequence[bytes], outs: BufferList | Stack
                     continue
             r = e.best
             (durable if r == d else memory).append((i, e, r, e.copies[r]))
-            policies[r].access(e.key)
+            rungs.add(r)
             e.hits += 1
             e.atime = now
-        catalog.pin_locked([p[3] for p in memory])
-        catalog.pin_locked([p[3] for p in durable])
+        policies = catalog.policies
+        for reads in (memory, durable):
+            if reads:
+                if len(rungs) == 1:  # the usual case: one tier serves the whole batch
+                    policies[reads[0][2]].access_many([p[1].key for p in reads])
+                else:
+                    for p in reads:
+                        policies[p[2]].access(p[1].key)
+                catalog.pin_locked([p[3] for p in reads])
     return plan
 
 
@@ -115,6 +122,8 @@ def adjacent_runs(reads: Sequence[Read], outs: BufferList | StackedRows) -> list
 def copy_from_memory(plan: ReadPlan, ladder: TierLadder, outs: BufferList | StackedRows, non_blocking: bool) -> None:
     """Copy every planned arena read into its output, one copy per adjacent run."""
     if not plan.memory:
+        return
+    if isinstance(outs, StackedRows) and outs.cpu and _copy_host_rows(plan, ladder, outs):
         return
     rungs = ladder.rungs
     found = plan.found
@@ -146,6 +155,36 @@ def copy_from_memory(plan: ReadPlan, ladder: TierLadder, outs: BufferList | Stac
     if held:
         plan.event = torch.cuda.Event()
         plan.event.record()
+
+
+def _copy_host_rows(plan: ReadPlan, ladder: TierLadder, outs: StackedRows) -> bool:
+    """`copy_from_memory` for host arenas into the host rows of one tensor: runs found and copied
+    in one pass, by address (no tensor views). False, having done nothing, if a source is on a device."""
+    bases = [None if r.durable else r.tier.host_address(0) for r in ladder.rungs]
+    on_device = any(b is None and not r.durable for r, b in zip(ladder.rungs, bases))
+    if on_device and any(bases[p[2]] is None for p in plan.memory):
+        return False
+    memmove = ctypes.memmove
+    found = plan.found
+    row, obase = outs.row_bytes, outs.address(0)
+    src = dst = length = 0
+    prev_r = prev_i = prev_end = -1
+    for i, e, r, loc in plan.memory:
+        ready = e.ready
+        if ready is not None:  # a device-to-host put still copying into this slot
+            ready.synchronize()
+            e.ready = None
+        if r == prev_r and i == prev_i + 1 and loc.offset == prev_end:
+            length += loc.nbytes
+        else:
+            if length:
+                memmove(dst, src, length)
+            src, dst, length = bases[r] + loc.offset, obase + i * row, loc.nbytes
+        prev_r, prev_i, prev_end = r, i, loc.offset + loc.nbytes
+        found[i] = True
+    if length:
+        memmove(dst, src, length)
+    return True
 
 
 def read_durable(plan: ReadPlan, ladder: TierLadder, outs: BufferList | StackedRows) -> None:

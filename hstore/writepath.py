@@ -39,12 +39,8 @@ def normalize_key(key: str | bytes) -> bytes:
 
 
 def normalize_keys(keys) -> list[bytes]:
-    """`normalize_key` for a batch (str keys, the common case, encoded without a call each)."""
-    out = []
-    for k in keys:
-        t = type(k)
-        out.append(k if t is bytes else k.encode("utf-8") if t is str else normalize_key(k))
-    return out
+    """`normalize_key` for a batch (str and bytes keys, the common cases, without a call each)."""
+    return [k.encode() if type(k) is str else k if type(k) is bytes else normalize_key(k) for k in keys]
 
 
 def validate_tensor(tensor) -> torch.Tensor:

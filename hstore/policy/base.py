@@ -10,7 +10,7 @@ policy shared by two stores (or driven from two threads) needs one too.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 
 def check_size(size: int) -> int:
@@ -51,6 +51,11 @@ class EvictionPolicy(ABC):
     @abstractmethod
     def access(self, key: bytes) -> None:
         """`key` was hit. Unknown keys are ignored."""
+
+    def access_many(self, keys: Iterable[bytes]) -> None:
+        """`access` for a batch of hits, in order (a read of many keys calls this once)."""
+        for key in keys:
+            self.access(key)
 
     @abstractmethod
     def remove(self, key: bytes) -> None:
