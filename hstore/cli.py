@@ -5,7 +5,7 @@
     hstore verify ROOT [--repair]       read back and check every record
     hstore bench ROOT [...]             tier bandwidth next to the hardware's
 
-The commands are thin: `hstore.ondisk` and `hstore.bench` do the work and
+The commands are thin: `hstore.ondisk` and `hstore_bench` (outside the library) do the work and
 return data; this module parses arguments, draws progress bars on stderr and
 formats results on stdout. Expected failures (no store there, store in use,
 I/O errors) print one line on stderr, never a traceback.
@@ -44,7 +44,7 @@ def _version() -> str:
 
 
 def _size_arg(text: str) -> int:
-    from hstore.bench import parse_size
+    from hstore.units import parse_size
 
     try:
         return parse_size(text)
@@ -60,7 +60,7 @@ def _sizes_arg(text: str) -> list[int]:
 
 
 def _tiers_arg(text: str) -> list[str]:
-    from hstore.bench import TIERS
+    from hstore_bench import TIERS
 
     tiers = [t.strip().lower() for t in text.split(",") if t.strip()]
     bad = [t for t in tiers if t not in TIERS]
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------- stats
 def cmd_stats(args: argparse.Namespace) -> int:
-    from hstore.bench import human_bytes
+    from hstore.units import human_bytes
     from hstore.ondisk import summarize
 
     s = summarize(args.root)
@@ -243,7 +243,7 @@ class _Bar:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from hstore.bench import human_bytes
+    from hstore.units import human_bytes
     from hstore.ondisk import display_key, verify_store
 
     bar = _Bar(not args.no_progress, desc="verify", unit="B", unit_scale=True, unit_divisor=1024)
@@ -297,7 +297,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from hstore.bench import BenchConfig, format_report, run_bench, write_csv
+    from hstore_bench import BenchConfig, format_report, run_bench, write_csv
 
     try:
         cfg = BenchConfig(root=args.root, sizes=args.sizes, total=args.total, tiers=args.tiers, engine=args.engine,

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from hstore import StoreConfig, TieredStore
-from hstore.bench import CSV_COLUMNS, format_size, parse_size
+from hstore.units import format_size, parse_size
+from hstore_bench import CSV_COLUMNS
 from hstore.buffers import align_up
 from hstore.cli import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, main
 from hstore.index import Index
