@@ -78,6 +78,11 @@ class CostAwarePolicy(EvictionPolicy):
         self._hint_count = 0
 
     @property
+    def heap_size(self) -> int:
+        """Pairs in the heap, live and stale: kept within about twice the tracked keys."""
+        return len(self._heap)
+
+    @property
     def inflation(self) -> float:
         """GDSF's L: the priority of the last victim (never decreases)."""
         return self._inflation

@@ -73,6 +73,17 @@ def random_tensor(gen: torch.Generator, dtype: torch.dtype, shape: tuple[int, ..
     return raw.view(dtype).reshape(shape)
 
 
+def rand(shape, dtype=torch.float32, seed=0) -> torch.Tensor:
+    """random_tensor with a seed: the same call gives the same tensor."""
+    return random_tensor(torch.Generator().manual_seed(seed), dtype, tuple(shape))
+
+
+def cold(store) -> None:
+    """Make every following read of a store come from NVMe."""
+    store.flush()
+    store.drop_cached()
+
+
 def _seed(key: bytes, version: int) -> int:
     return int.from_bytes(hashlib.blake2b(key + version.to_bytes(8, "little"), digest_size=8).digest(), "little") >> 1
 

@@ -304,7 +304,7 @@ def test_cost_heap_stays_bounded() -> None:
         gdsf.insert(key(i), 1)
     for n in range(10_000):
         gdsf.access(key(n % 10))
-    assert len(gdsf._heap) <= 2 * len(gdsf) + 65  # lazy invalidation is compacted
+    assert gdsf.heap_size <= 2 * len(gdsf) + 65  # lazy invalidation is compacted
 
 
 # -- admission -----------------------------------------------------------------
