@@ -14,7 +14,7 @@ import math
 import os
 from pathlib import Path
 
-from hstore.errors import IndexCorruptError, StoreConfigError, StoreLockedError
+from hstore.errors import IndexCorruptError, StoreConfigError, StoreIOError, StoreLockedError
 from hstore.format import (
     LAYOUT_FORMAT,
     LAYOUT_META_KEY,
@@ -25,7 +25,7 @@ from hstore.format import (
     lock_path,
 )
 from hstore.index import Index
-from hstore.recovery import RecoveryReport, move_aside, rebuild_index
+from hstore.recovery import RecoveryReport, move_aside
 from hstore.tiers.base import DurableTier, Location
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,11 @@ def read_layout_file(root: Path) -> list[Path] | None:
 
 def _write_layout_file(root: Path, dirs: list[str]) -> None:
     tmp = layout_path(root).with_suffix(".tmp")
-    tmp.write_text(json.dumps({"format": LAYOUT_FORMAT, "nvme_dirs": dirs}))
-    os.replace(tmp, layout_path(root))
+    try:
+        tmp.write_text(json.dumps({"format": LAYOUT_FORMAT, "nvme_dirs": dirs}))
+        os.replace(tmp, layout_path(root))
+    except OSError as e:
+        raise StoreIOError(f"cannot write {layout_path(root)}: {e.strerror or e}", e.errno or 0) from e
 
 
 def open_index(root: Path, dirs: list[str], *, map_size: int, sync: bool, recover: bool) -> tuple[Index, RecoveryReport | None]:
