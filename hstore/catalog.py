@@ -301,8 +301,8 @@ class Catalog:
     def drop_indexed_committing(self, keys: Sequence[bytes], only: Sequence[Location] | None = None) -> int:
         """`drop_indexed` for a caller that holds `commit_lock` already."""
         with self.lock:
-            victims = [(k, self.indexed[k]) for i, k in enumerate(keys)
-                       if k in self.indexed and (only is None or self.indexed[k] is only[i])]
+            victims = list({k: self.indexed[k] for i, k in enumerate(keys)
+                            if k in self.indexed and (only is None or self.indexed[k] is only[i])}.items())
         if not victims:
             return 0
         self._index.delete_many([k for k, _ in victims])
@@ -312,9 +312,10 @@ class Catalog:
         return len(victims)
 
     def _unindex_locked(self, key: bytes, loc: Location) -> None:
-        if self.indexed.get(key) is loc:
-            del self.indexed[key]
-            self.policies[self.durable].remove(key)
+        if self.indexed.get(key) is not loc:
+            return  # already dropped (a key named twice in one call)
+        del self.indexed[key]
+        self.policies[self.durable].remove(key)
         e = self.entries.get(key)
         if e is not None and e.copies[self.durable] is loc:
             self.drop_copy_locked(e, self.durable)

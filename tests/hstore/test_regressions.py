@@ -210,3 +210,16 @@ def test_record_whose_dtype_or_shape_differs_from_the_index_is_a_miss(store_conf
         assert store.get("k") is None
         assert store.stats()["corrupt_chunks"] == 1
         assert_same(store.get("other"), torch.zeros(3))
+
+
+def test_put_many_naming_a_durable_key_twice_with_declined_values(store_config):
+    # Found by the model test: the old record was dropped from the index once per mention, and its
+    # space freed twice (KeyError from the allocator).
+    admission = SwitchAdmission()
+    with TieredStore(store_config(admission=admission)) as store:
+        store.put("a", torch.ones(3))
+        store.flush()
+        admission.open = False
+        store.put_many([("a", torch.zeros(3)), ("a", torch.full((2,), 5.0))])
+        assert_same(store.get("a"), torch.full((2,), 5.0))
+        assert store.stats()["tiers"]["nvme"]["used"] == 0

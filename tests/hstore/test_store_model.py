@@ -1,5 +1,6 @@
 """The store against a model dict (hypothesis stateful): every read answers what the dict holds,
-across flushes, dropped caches and reopens, on both engines and every eviction policy.
+across put / overwrite / delete / flush / evict / reopen, on both engines and every eviction
+policy, with an admission policy that declines some values (memory-only) on the way.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from hstore import StoreConfig, TieredStore
 from hstore.io import uring_available
+from hstore.policy import AdmissionPolicy
 from tests.helpers.store import ALL_DTYPES, STORE_DEFAULTS, assert_same, random_tensor, scan_root
 
 KiB = 1 << 10
@@ -33,6 +35,9 @@ _SHAPES = st.one_of(
 )
 
 
+_ADMIT = st.sampled_from([True, True, False])  # a third of the puts are declined by NVMe: memory-only
+
+
 @st.composite
 def tensors(draw) -> torch.Tensor:
     dtype = draw(st.sampled_from(ALL_DTYPES))
@@ -46,78 +51,112 @@ def tensors(draw) -> torch.Tensor:
     return t
 
 
-class StoreMachine(RuleBasedStateMachine):
-    """The store against a dict: every get answers what the dict holds, across flushes and reopens."""
+class SwitchAdmission(AdmissionPolicy):
+    """NVMe admits while `open` is true: the machine declines some puts (memory-only values)."""
 
+    name = "switch"
+
+    def __init__(self) -> None:
+        self.open = True
+
+    def admit(self, key: bytes, size: int, cost: float | None = None) -> bool:
+        return self.open
+
+
+class StoreMachine(RuleBasedStateMachine):
+    """The store against a dict: every read answers what the dict holds, across put / overwrite /
+    delete / flush / evict / reopen. Values NVMe declines are memory-only: they may be evicted
+    (then missing) and are gone after a reopen, but are never read back as anything else."""
 
     def __init__(self):
         super().__init__()
         self.root = Path(tempfile.mkdtemp(prefix="hstore-sm-"))
         self.store: TieredStore | None = None
         self.model: dict[bytes, torch.Tensor] = {}
+        self.memory_only: set[bytes] = set()  # keys whose latest value NVMe declined
+        self.admission = SwitchAdmission()
 
     @initialize(engine=st.sampled_from(["threads", "uring"] if uring_available() else ["threads"]),
                 eviction=st.sampled_from(["lru", "s3fifo", "cost"]))
     def open(self, engine, eviction):
         # A GPU tier (on CPU memory) smaller than DRAM: promotions, GPU evictions and write-backs happen.
         self.config = StoreConfig(**dict(STORE_DEFAULTS, root=self.root, dram_bytes=128 * KiB, gpu_bytes=64 * KiB,
-                                         nvme_bytes=4 * MiB, io_engine=engine, eviction=eviction))
+                                         nvme_bytes=4 * MiB, io_engine=engine, eviction=eviction,
+                                         admission=self.admission))
         self.store = TieredStore(self.config)
 
     @staticmethod
     def norm(k) -> bytes:
         return k.encode() if isinstance(k, str) else k
 
-    @rule(key=_KEYS, value=tensors())
-    def put(self, key, value):
-        self.store.put(key, value)
-        self.model[self.norm(key)] = value.contiguous().clone()
+    def _stored(self, key, value) -> None:
+        k = self.norm(key)
+        self.model[k] = value.contiguous().clone()
+        (self.memory_only.discard if self.admission.open else self.memory_only.add)(k)
 
-    @rule(items=st.lists(st.tuples(_KEYS, tensors()), max_size=4))
-    def put_many(self, items):
+    def _forget(self, k: bytes) -> None:
+        self.model.pop(k, None)
+        self.memory_only.discard(k)
+
+    def _check(self, key, got) -> None:
+        k = self.norm(key)
+        want = self.model.get(k)
+        if want is None:
+            assert got is None
+        elif got is None:
+            assert k in self.memory_only, f"{k[:40]!r} lost"  # only a memory-only value may be evicted
+            assert k not in self.store
+            self._forget(k)
+        else:
+            assert_same(got, want)
+
+    @rule(key=_KEYS, value=tensors(), admit=_ADMIT)
+    def put(self, key, value, admit):
+        self.admission.open = admit
+        self.store.put(key, value)
+        self._stored(key, value)
+
+    @rule(items=st.lists(st.tuples(_KEYS, tensors()), max_size=4), admit=_ADMIT)
+    def put_many(self, items, admit):
+        self.admission.open = admit
         self.store.put_many(items)
         for key, value in items:  # in order: a key given twice keeps its last value
-            self.model[self.norm(key)] = value.contiguous().clone()
+            self._stored(key, value)
 
     @rule(key=_KEYS)
     def get(self, key):
-        want = self.model.get(self.norm(key))
-        got = self.store.get(key)
-        if want is None:
-            assert got is None
-        else:
-            assert_same(got, want)
+        self._check(key, self.store.get(key))
 
     @rule(keys=st.lists(_KEYS, max_size=5))
     def get_many(self, keys):
         for k, got in zip(keys, self.store.get_many(keys)):
-            want = self.model.get(self.norm(k))
-            if want is None:
-                assert got is None
-            else:
-                assert_same(got, want)
+            self._check(k, got)
 
     @rule(key=_KEYS)
     def get_into(self, key):
         want = self.model.get(self.norm(key))
-        if want is None:
-            assert not self.store.get_into(key, torch.empty(1))
-            return
-        out = torch.empty_like(want)
-        assert self.store.get_into(key, out)
-        assert_same(out, want)
+        out = torch.empty_like(want) if want is not None else torch.empty(1)
+        self._check(key, out if self.store.get_into(key, out) else None)
 
     @rule(key=_KEYS)
     def delete(self, key):
-        assert self.store.delete(key) == (self.model.pop(self.norm(key), None) is not None)
+        k = self.norm(key)
+        present = self.store.delete(key)
+        assert present == (k in self.model) or (k in self.memory_only and not present)
+        self._forget(k)
 
     @rule()
     def flush(self):
-        self.store.flush()
+        result = self.store.flush()
         assert self.store.stats()["dirty_items"] == 0
+        assert set(result.memory_only) <= self.memory_only  # (a GPU write-back may make one durable)
 
     @rule()
-    def drop_cached(self):
+    def evict(self):
+        self.store.drop_cached()  # drops only copies NVMe holds: nothing unflushed or memory-only goes
+
+    @rule()
+    def flush_and_evict(self):
         self.store.flush()
         self.store.drop_cached()
 
@@ -126,19 +165,27 @@ class StoreMachine(RuleBasedStateMachine):
         self.store.close()
         report = scan_root(self.root)
         assert report.problems == []
-        assert report.keys == set(self.model)
+        assert set(self.model) - self.memory_only <= report.keys <= set(self.model)
         self.store = TieredStore(self.config)
+        for k in list(self.memory_only):  # memory-only values are gone (unless written back from the GPU)
+            if k not in report.keys:
+                self._forget(k)
+        self.memory_only.clear()
+        for k in report.keys:  # and what came back is exactly the latest value, never an older one
+            assert_same(self.store.get(k), self.model[k])
 
     @invariant()
     def same_keys(self):
-        assert sorted(self.store.keys()) == sorted(self.model)
-        assert len(self.store) == len(self.model)
+        keys = set(self.store.keys())
+        assert keys <= set(self.model)
+        assert set(self.model) - self.memory_only <= keys
 
     def teardown(self):
         try:
             if self.store is not None:
                 st_ = self.store.stats()
-                assert st_["corrupt_chunks"] == 0 and st_["io_errors"] == 0 and st_["dropped"] == 0
+                assert st_["corrupt_chunks"] == 0 and st_["io_errors"] == 0
+                assert st_["dropped"] <= st_["memory_only_puts"]  # only memory-only values were ever lost
         finally:
             if self.store is not None:
                 self.store.close()
