@@ -6,7 +6,7 @@ clear message, not deep inside a tier.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 

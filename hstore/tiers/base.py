@@ -1,8 +1,9 @@
 """The three tier interfaces the store calls, and the values they exchange.
 
 A tier stores payload bytes and hands back a `Location`; it knows nothing of policies or the
-other tiers. The store walks an ordered ladder of tiers (`hstore.ladder`), and each kind of
-tier has the small interface that ladder really uses:
+other tiers. The store walks an ordered ladder of tiers (`hstore.ladder`); every local tier
+says its capacity, use and footprint (`LocalTier`), and each kind has the small interface
+that ladder really uses:
 
 * `ArenaTier` (GPU memory, pinned host DRAM): one preallocated arena carved into slots. The
   store copies straight into and out of slots (`allocate` / `view`), so puts and reads cost
@@ -77,12 +78,10 @@ class ScannedRecord:
     version: int
 
 
-class ArenaTier(ABC):
-    """Capacity-bounded memory carved into slots (GPU pool, pinned DRAM). Thread-safe."""
+class LocalTier(ABC):
+    """What every local tier tells the ladder: its name, capacity, use and the bytes an item takes."""
 
-    name: str = "arena"
-    device: torch.device
-    pinned: bool = False
+    name: str = "local"
 
     @property
     @abstractmethod
@@ -94,7 +93,18 @@ class ArenaTier(ABC):
 
     @abstractmethod
     def footprint(self, nbytes: int) -> int:
-        """Bytes a payload of `nbytes` occupies here (alignment)."""
+        """Bytes a payload of `nbytes` occupies on this tier (headers, alignment)."""
+
+    def close(self) -> None:
+        """Release memory, files and threads. Idempotent."""
+
+
+class ArenaTier(LocalTier):
+    """Capacity-bounded memory carved into slots (GPU pool, pinned DRAM). Thread-safe."""
+
+    name: str = "arena"
+    device: torch.device
+    pinned: bool = False
 
     @abstractmethod
     def allocate(self, nbytes: int) -> Location | None:
@@ -116,31 +126,16 @@ class ArenaTier(ABC):
         """Address of byte `offset` of a host-memory arena, for copies without tensor views; None on a device."""
         return None
 
-    def close(self) -> None:
-        """Release the arena. Idempotent."""
 
-
-class DurableTier(ABC):
+class DurableTier(LocalTier):
     """Records that survive a restart. The store indexes what `write_many` returns. Thread-safe."""
 
     name: str = "durable"
 
     @property
     @abstractmethod
-    def capacity(self) -> int: ...
-
-    @property
-    @abstractmethod
-    def used(self) -> int: ...
-
-    @property
-    @abstractmethod
     def max_item_bytes(self) -> int:
         """The largest payload that can ever be written (larger items stay memory-only)."""
-
-    @abstractmethod
-    def footprint(self, nbytes: int) -> int:
-        """Bytes a payload of `nbytes` occupies (header, alignment)."""
 
     @abstractmethod
     def write_many(self, items: Sequence[WriteItem]) -> list[Location]:
@@ -169,9 +164,6 @@ class DurableTier(ABC):
     @abstractmethod
     def scan(self) -> Iterator[ScannedRecord]:
         """Every record whose header and payload checksum verify, in file order (for rebuilding an index)."""
-
-    def close(self) -> None:
-        """Release files and threads. Idempotent."""
 
 
 @dataclass(frozen=True, slots=True)

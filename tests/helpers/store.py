@@ -22,6 +22,7 @@ import torch
 import xxhash
 
 import hstore.io as hio
+from hstore.policy import AdmissionPolicy
 from hstore.buffers import align_up
 from hstore.index import Index
 from hstore.format import LAYOUT_META_KEY, data_file, index_path
@@ -230,3 +231,15 @@ def put_in_landing(cat, ladder, key: bytes, value: torch.Tensor):
         cat.install_locked(e, 0, False)
         cat.add_copy_locked(e, ladder.landing.index, loc)
     return e
+
+
+class SwitchAdmission(AdmissionPolicy):
+    """An NVMe admission policy that admits while `open` is true: lets a test decline chosen puts."""
+
+    name = "switch"
+
+    def __init__(self) -> None:
+        self.open = True
+
+    def admit(self, key: bytes, size: int, cost: float | None = None) -> bool:
+        return self.open

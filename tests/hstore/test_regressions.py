@@ -8,7 +8,6 @@ CUDA read without CUDA raising torch's AssertionError, and a damaged index raisi
 from __future__ import annotations
 
 import math
-import os
 import random
 from pathlib import Path
 
@@ -18,23 +17,10 @@ import torch
 from hstore import HStoreError, TieredStore
 from hstore.errors import DeviceError, IndexCorruptError, InvalidItemError
 from hstore.format import index_data_file
-from hstore.policy import AdmissionPolicy
-from tests.helpers.store import assert_same, scan_root, scan_root_elsewhere
+from tests.helpers.store import SwitchAdmission, assert_same, scan_root, scan_root_elsewhere
 
 KiB = 1 << 10
 MiB = 1 << 20
-
-
-class SwitchAdmission(AdmissionPolicy):
-    """Admits while `open` is true: lets a test decline one chosen put."""
-
-    name = "switch"
-
-    def __init__(self) -> None:
-        self.open = True
-
-    def admit(self, key: bytes, size: int, cost: float | None = None) -> bool:
-        return self.open
 
 
 # ---------------------------------------------------------------------------- 1. overwrite kept the old record

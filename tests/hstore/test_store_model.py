@@ -15,8 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from hstore import StoreConfig, TieredStore
 from hstore.io import uring_available
-from hstore.policy import AdmissionPolicy
-from tests.helpers.store import ALL_DTYPES, STORE_DEFAULTS, assert_same, random_tensor, scan_root
+from tests.helpers.store import SwitchAdmission, ALL_DTYPES, STORE_DEFAULTS, assert_same, random_tensor, scan_root
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -49,18 +48,6 @@ def tensors(draw) -> torch.Tensor:
     elif view == "step" and t.dim() >= 1 and t.shape[0] >= 2:
         t = t[::2]
     return t
-
-
-class SwitchAdmission(AdmissionPolicy):
-    """NVMe admits while `open` is true: the machine declines some puts (memory-only values)."""
-
-    name = "switch"
-
-    def __init__(self) -> None:
-        self.open = True
-
-    def admit(self, key: bytes, size: int, cost: float | None = None) -> bool:
-        return self.open
 
 
 class StoreMachine(RuleBasedStateMachine):
