@@ -114,8 +114,8 @@ def test_corrupt_chunk_in_the_middle_stops_the_restore_there(tmp_path):
         hc.generate(ids, max_new_tokens=2, do_sample=False)
         store.flush()
         digests = hc.digests(ids[0, :56])
-        victim = store._entries[layer_key("hc", digests[3], "h", 1).encode()].durable
-        data_file = store.nvme.devices[victim.device].path
+        victim = store.durable_record(layer_key("hc", digests[3], "h", 1))
+        data_file = victim.path
     with open(data_file, "r+b") as f:  # flip payload bytes of chunk 3, layer 1
         f.seek(victim.offset + 4096 + 100)
         byte = f.read(1)
