@@ -65,7 +65,7 @@ def measure_profile(store, layout: StateLayout, projector, recomputer: Recompute
     read_bw = {"dram": _memory_bandwidth(device, probe_bytes)}
     if device.type == "cuda":
         read_bw["gpu"] = _device_copy_bandwidth(device, probe_bytes)
-    if store.nvme is not None:
+    if store.tier("nvme") is not None:
         read_bw["nvme"] = _nvme_bandwidth(store, layout, projector is not None, device,
                                           min(probe_bytes, store.config.dram_bytes // 2))
     lengths = _lengths(model, device)
@@ -122,7 +122,8 @@ def _host_costs(store, layout: StateLayout, projector, recomputer: Recomputer, d
     kind = HIDDEN if projector is not None else KV
     shape = layout.chunk_shape(0, kind)
     chunk = torch.zeros(shape, dtype=layout.dtype)
-    n_keys = max(8, min(128, (store.dram.capacity - store.dram.used) // 8 // max(store.dram.footprint(
+    dram = store.tier("dram")
+    n_keys = max(8, min(128, (dram.capacity - dram.used) // 8 // max(dram.footprint(
         chunk.numel() * chunk.element_size()), 1)))
     keys = [f"__hcache_profile__/host/{i}" for i in range(n_keys)]
     out = torch.empty((n_keys, *shape), dtype=layout.dtype, device=device)
@@ -179,8 +180,9 @@ def _nvme_bandwidth(store, layout: StateLayout, hidden: bool, device: torch.devi
     chunk = torch.empty(shape, dtype=dtype)
     chunk_bytes = chunk.numel() * chunk.element_size()
     # The probe must not push the user's state out of either tier: a quarter of what is free, at most.
-    free_nvme = (store.nvme.capacity - store.nvme.used) // 4 // store.nvme.footprint(chunk_bytes)
-    free_dram = (store.dram.capacity - store.dram.used) // 4 // store.dram.footprint(chunk_bytes)
+    nvme, dram = store.tier("nvme"), store.tier("dram")
+    free_nvme = (nvme.capacity - nvme.used) // 4 // nvme.footprint(chunk_bytes)
+    free_dram = (dram.capacity - dram.used) // 4 // dram.footprint(chunk_bytes)
     chunks = max(8, min(nbytes // chunk_bytes, free_nvme, free_dram, 4096))
     per_layer = max(1, min(64, chunks // 8))  # 8 "layers" of up to 64 chunks
     layers = max(2, chunks // per_layer)

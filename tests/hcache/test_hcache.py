@@ -366,8 +366,14 @@ def test_measuring_the_profile_never_evicts_stored_state(tmp_path):
         assert "nvme" in hc.profile.read_bytes_per_s  # measured now
         assert before == set(store.keys())
         cache, n = hc.restore(ids)
-        assert n == 40
-        assert_cache_exact(model, cache, ids, n)
+        # the measured (noisy, CPU) profile decides whether loading beats one prefill; either way nothing is lost
+        assert hc.last_restore.sources.get("dram", 0) + hc.last_restore.sources.get("nvme", 0) > 0
+        assert "missing" not in hc.last_restore.sources
+        if n:
+            assert n == 40
+            assert_cache_exact(model, cache, ids, n)
+        else:
+            assert hc.last_restore.recompute_layers == L
 
 
 def test_auto_does_not_learn_from_memory_tier_restores(tmp_path):
