@@ -87,3 +87,47 @@ class Tier(ABC):
 
     def close(self) -> None:
         """Release memory, files, connections. Idempotent."""
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteRecord:
+    """One value read back from a remote tier, already checked against its key, dtype, shape and checksum."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    payload: torch.Tensor  # contiguous uint8 on the CPU, checksum-verified (may be a read-only view)
+
+
+class RemoteTier(ABC):
+    """A tier shared with other stores (processes, machines).
+
+    The local catalog does not own its contents: keys appear (another node put
+    them) and vanish (the server evicted them) at any time, so it is never
+    indexed in LMDB and every read outcome is per key. Failures are misses,
+    never errors: a write that does not land returns False and is counted.
+    """
+
+    name: str = "remote"
+
+    @abstractmethod
+    def write_many(self, items: Sequence[WriteItem]) -> list[bool]:
+        """Best effort: True where the item is on the remote, False where it was dropped (counted by reason)."""
+
+    @abstractmethod
+    def read_many(self, keys: Sequence[bytes]) -> list[RemoteRecord | None]:
+        """A verified record per key, or None (missing, corrupt, unreachable)."""
+
+    @abstractmethod
+    def contains_many(self, keys: Sequence[bytes]) -> list[bool]:
+        """Whether each key is there now (a later read may still miss: the server evicts at any time)."""
+
+    @abstractmethod
+    def delete_many(self, keys: Sequence[bytes]) -> None:
+        """Remove the keys, best effort."""
+
+    @abstractmethod
+    def stats(self) -> dict:
+        """Counters: hits, misses, bytes read and written, errors by kind, latency."""
+
+    def close(self) -> None:
+        """Release connections. Idempotent."""
