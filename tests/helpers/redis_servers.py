@@ -29,6 +29,7 @@ _READY = b"Ready to accept connections"
 _START_TIMEOUT_S = 10.0
 
 ACL_USER, ACL_PASSWORD, ACL_NAMESPACE = "alice", "alice-pw", "alice"
+MINIMAL_ACL = ("carol", "carol-pw", "carol", "+get +set +exists +unlink +ping")  # what the README says a user needs
 DEFAULT_PASSWORD = "default-pw"
 
 
@@ -224,10 +225,13 @@ def redis_fresh(tmp_path):
 
 @pytest.fixture(scope="session")
 def redis_auth_server(tmp_path_factory):
-    """A server with a default-user password and an ACL user limited to the keys of one namespace."""
+    """A server with a default-user password, an ACL user limited to the keys of one namespace, and
+    one limited to those keys and the few commands the tier's data path sends."""
     _require_redis()
+    user, password, ns, commands = MINIMAL_ACL
     server = RedisServer(tmp_path_factory.mktemp("redis-auth"), password=DEFAULT_PASSWORD,
-                         args=["--user", ACL_USER, "on", f">{ACL_PASSWORD}", f"~{ACL_NAMESPACE}:*", "+@all"]).start()
+                         args=["--user", ACL_USER, "on", f">{ACL_PASSWORD}", f"~{ACL_NAMESPACE}:*", "+@all",
+                               "--user", user, "on", f">{password}", f"~{ns}:*", *commands.split()]).start()
     yield server
     server.stop()
 

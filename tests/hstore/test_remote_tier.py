@@ -10,7 +10,13 @@ pytest.importorskip("redis", reason="the redis Python package is not installed (
 
 from hstore.errors import StoreClosedError, StoreConfigError  # noqa: E402
 from hstore.tiers.remote import RedisTier, RemoteConfig  # noqa: E402
-from tests.helpers.redis_servers import ACL_NAMESPACE, ACL_PASSWORD, ACL_USER, DEFAULT_PASSWORD  # noqa: E402
+from tests.helpers.redis_servers import (  # noqa: E402
+    ACL_NAMESPACE,
+    ACL_PASSWORD,
+    ACL_USER,
+    DEFAULT_PASSWORD,
+    MINIMAL_ACL,
+)
 from tests.helpers.remote import blob, item, tensor_of  # noqa: E402
 from tests.helpers.store import ALL_DTYPES, assert_same, random_tensor  # noqa: E402
 
@@ -149,6 +155,16 @@ def test_password_and_acl_credentials_from_the_url(open_tier, redis_auth_server)
     assert alice.write_many([item(b"k", t)]) == [True]
     assert_same(tensor_of(alice.read_many([b"k"])[0]), t)
     assert "alice:***@" in repr(alice) and ACL_PASSWORD not in repr(alice) + repr(alice.stats())
+
+
+def test_a_user_with_only_the_data_path_commands_can_use_the_tier(open_tier, redis_auth_server):
+    user, password, ns, _ = MINIMAL_ACL
+    carol = open_tier(redis_auth_server.url(credentials=f"{user}:{password}"), namespace=ns)
+    t = torch.randn(5)
+    assert carol.write_many([item(b"k", t)]) == [True] and carol.contains_many([b"k"]) == [True]
+    assert_same(tensor_of(carol.read_many([b"k"])[0]), t)
+    carol.delete_many([b"k"])
+    assert carol.read_many([b"k"]) == [None] and carol.stats()["errors"] == {}
 
 
 @pytest.mark.parametrize("credentials, namespace, says", [

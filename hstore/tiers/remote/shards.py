@@ -30,8 +30,6 @@ from hstore.tiers.remote.wire import ZeroCopyConnection, ZeroCopySSLConnection
 
 log = logging.getLogger(__name__)
 
-_CLIENT_NAME = "hstore"
-
 
 def _no_retry() -> Retry:
     return Retry(NoBackoff(), 0)
@@ -67,7 +65,6 @@ def connection_kwargs(cfg: RemoteConfig) -> dict:
         socket_timeout=cfg.socket_timeout_s,
         socket_connect_timeout=cfg.connect_timeout_s,
         max_connections=cfg.max_connections,
-        client_name=_CLIENT_NAME,
     )
     if ep.tls:
         kw.update(ssl_cert_reqs=cfg.ssl_cert_reqs, ssl_ca_certs=cfg.ssl_ca_certs, ssl_certfile=cfg.ssl_certfile,
@@ -83,6 +80,8 @@ def _config_error(cfg: RemoteConfig, exc: BaseException) -> StoreConfigError | N
         e = e.__cause__ or e.__context__
     text = " / ".join(str(e) for e in chain)
     for e in chain:
+        if isinstance(e, redis.exceptions.NoPermissionError) or "no permissions" in str(e):
+            return StoreConfigError(f"remote {cfg.url}: the ACL does not let the user do what the tier needs ({e})")
         if error_kind(e) == "auth" or "WRONGPASS" in str(e) or "NOAUTH" in str(e):
             return StoreConfigError(f"remote {cfg.url}: authentication failed ({e}); check the user and password")
     if "cluster support disabled" in text or "Cluster mode is not enabled" in text:

@@ -1,0 +1,1 @@
+"""Harnesses and inspection helpers behind the `hstore` CLI, outside the library's data path."""
