@@ -290,17 +290,23 @@ class _Bar:
         if self.bar is not None:
             self.bar.close()
 
+    @classmethod
+    def run(cls, args: argparse.Namespace, work, **kwargs):
+        """`work(bar)` with a progress bar (unless --no-progress) that is closed however it ends."""
+        bar = cls(not args.no_progress, **kwargs)
+        try:
+            return work(bar)
+        finally:
+            bar.close()
+
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from hstore.bench import human_bytes
     from hstore.ondisk import display_key, verify_store
 
-    bar = _Bar(not args.no_progress, desc="verify", unit="B", unit_scale=True, unit_divisor=1024)
-    try:
-        report = verify_store(args.root, repair=args.repair, batch_bytes=args.batch, io_engine=args.engine,
-                              progress=bar)
-    finally:
-        bar.close()
+    report = _Bar.run(args, lambda bar: verify_store(args.root, repair=args.repair, batch_bytes=args.batch,
+                                                     io_engine=args.engine, progress=bar),
+                      desc="verify", unit="B", unit_scale=True, unit_divisor=1024)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     else:
@@ -341,11 +347,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                           torch_threads=args.torch_threads)
     except ValueError as e:
         return _usage_error(args, str(e))
-    bar = _Bar(not args.no_progress, desc="bench", unit="step")
-    try:
-        report = run_bench(cfg, progress=bar)
-    finally:
-        bar.close()
+    report = _Bar.run(args, lambda bar: run_bench(cfg, progress=bar), desc="bench", unit="step")
     if args.json:
         doc = {"host": report.host, "engine": report.engine, "direct_io": report.direct_io,
                "seconds": round(report.seconds, 3),
@@ -365,6 +367,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _bench_remote(args: argparse.Namespace) -> int:
+    from hstore.tiers.remote.config import redact_url
     from hstore.tools.remote_bench import RemoteBenchConfig, format_rows, run_remote_bench
 
     try:
@@ -372,13 +375,7 @@ def _bench_remote(args: argparse.Namespace) -> int:
                                 batch_bytes=args.batch)
     except ValueError as e:
         return _usage_error(args, str(e))
-    bar = _Bar(not args.no_progress, desc="bench remote", unit="step")
-    try:
-        rows = run_remote_bench(cfg, progress=bar)
-    finally:
-        bar.close()
-    from hstore.tiers.remote.config import redact_url
-
+    rows = _Bar.run(args, lambda bar: run_remote_bench(cfg, progress=bar), desc="bench remote", unit="step")
     if args.json:
         print(json.dumps({"remote": redact_url(cfg.url), "rows": [r.as_dict() for r in rows]}, indent=2))
     else:

@@ -9,6 +9,7 @@ Registered for the whole suite through `pytest_plugins` in tests/conftest.py.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import shutil
 import signal
@@ -267,6 +268,15 @@ def redis_cluster(tmp_path_factory):
     cluster = ThreeNodeCluster(tmp_path_factory.mktemp("redis-cluster")).start()
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture
+def open_tier():
+    """`open_tier(url, **RemoteConfig fields)`: a RedisTier, closed at teardown."""
+    from hstore.tiers.remote import RedisTier, RemoteConfig
+
+    with contextlib.ExitStack() as stack:
+        yield lambda url, **fields: stack.enter_context(RedisTier(RemoteConfig(url, **fields)))
 
 
 @pytest.fixture

@@ -14,30 +14,26 @@ import torch
 
 pytest.importorskip("redis", reason="the redis Python package is not installed (pip install redis hiredis)")
 
-from hstore.tiers.remote import RedisTier, RemoteConfig  # noqa: E402
+from hstore.tiers.remote import RedisTier  # noqa: E402
 from tests.helpers.redis_servers import free_port  # noqa: E402
 from tests.helpers.remote import blob  # noqa: E402
 
 TIMEOUT_S = 0.3
+FAST = dict(socket_timeout_s=TIMEOUT_S, connect_timeout_s=TIMEOUT_S, backoff_max_s=0.5)
 BOUND_S = 10 * TIMEOUT_S
 LOGGER = "hstore.tiers.remote"
 
 
 @pytest.fixture
-def open_tier():
-    tiers = []
+def fast_tier(open_tier):
+    """`fast_tier(url, **fields)`: a tier with short timeouts and backoff, closed at teardown."""
+    return lambda url, **fields: open_tier(url, **{**FAST, **fields})
 
-    def make(url, **fields):
-        fields.setdefault("socket_timeout_s", TIMEOUT_S)
-        fields.setdefault("connect_timeout_s", TIMEOUT_S)
-        fields.setdefault("backoff_max_s", 0.5)
-        tier = RedisTier(RemoteConfig(url, **fields))
-        tiers.append(tier)
-        return tier
 
-    yield make
-    for tier in tiers:
-        tier.close()
+def _written(tier: RedisTier, n: int, nbytes: int, tag: bytes) -> list:
+    items = [blob(b"%s-%d" % (tag, i), nbytes) for i in range(n)]
+    assert all(tier.write_many(items))
+    return items
 
 
 def _until(predicate, timeout_s: float = 10.0) -> bool:
@@ -56,11 +52,10 @@ def _timed(fn, *args):
     return result, time.monotonic() - start
 
 
-def test_killed_then_restarted_empty(open_tier, redis_fresh, caplog):
+def test_killed_then_restarted_empty(fast_tier, redis_fresh, caplog):
     caplog.set_level(logging.INFO, logger=LOGGER)
-    tier = open_tier(redis_fresh.url())
-    before = [blob(b"before-%d" % i, 64 << 10) for i in range(8)]
-    assert all(tier.write_many(before))
+    tier = fast_tier(redis_fresh.url())
+    before = _written(tier, 8, 64 << 10, b"before")
 
     redis_fresh.kill()
     keys = [i.key for i in before]
@@ -83,10 +78,9 @@ def test_killed_then_restarted_empty(open_tier, redis_fresh, caplog):
     assert tier.stats()["reachable"] and "reachable again" in caplog.text
 
 
-def test_killed_mid_read_returns_what_it_can(open_tier, redis_fresh):
-    tier = open_tier(redis_fresh.url())
-    items = [blob(b"big-%d" % i, 1 << 20) for i in range(48)]
-    assert all(tier.write_many(items))
+def test_killed_mid_read_returns_what_it_can(fast_tier, redis_fresh):
+    tier = fast_tier(redis_fresh.url())
+    items = _written(tier, 48, 1 << 20, b"big")
     out: dict = {}
 
     def read():
@@ -105,11 +99,10 @@ def test_killed_mid_read_returns_what_it_can(open_tier, redis_fresh):
         assert record is None or torch.equal(record.payload, it.payload)
 
 
-def test_a_paused_server_stalls_no_caller_beyond_the_timeout(open_tier, redis_fresh, caplog):
+def test_a_paused_server_stalls_no_caller_beyond_the_timeout(fast_tier, redis_fresh, caplog):
     caplog.set_level(logging.WARNING, logger=LOGGER)
-    tier = open_tier(redis_fresh.url())
-    items = [blob(b"p-%d" % i, 256 << 10) for i in range(4)]
-    assert all(tier.write_many(items))
+    tier = fast_tier(redis_fresh.url())
+    items = _written(tier, 4, 256 << 10, b"p")
     redis_fresh.pause()
     try:
         reads, took = _timed(tier.read_many, [i.key for i in items])
@@ -126,16 +119,16 @@ def test_a_paused_server_stalls_no_caller_beyond_the_timeout(open_tier, redis_fr
     assert caplog.text.count("is unreachable") == 1
 
 
-def test_unreachable_at_open_is_not_an_error(open_tier, caplog):
+def test_unreachable_at_open_is_not_an_error(fast_tier, caplog):
     caplog.set_level(logging.WARNING, logger=LOGGER)
-    tier = open_tier(f"redis://127.0.0.1:{free_port()}/0")
+    tier = fast_tier(f"redis://127.0.0.1:{free_port()}/0")
     assert tier.read_many([b"k"]) == [None]
     assert tier.write_many([blob(b"k", 10)]) == [False]
     assert "not reachable" in caplog.text and not tier.stats()["reachable"]
 
 
-def test_allkeys_lru_evictions_are_plain_misses(open_tier, redis_lru_server, namespace):
-    tier = open_tier(redis_lru_server.url(), namespace=namespace, socket_timeout_s=5.0)
+def test_allkeys_lru_evictions_are_plain_misses(fast_tier, redis_lru_server, namespace):
+    tier = fast_tier(redis_lru_server.url(), namespace=namespace, socket_timeout_s=5.0)
     items = [blob(b"lru-%d" % i, 512 << 10) for i in range(48)]  # 24 MiB through an 8 MiB server
     for start in range(0, len(items), 4):
         assert all(tier.write_many(items[start : start + 4]))
@@ -150,13 +143,13 @@ def test_allkeys_lru_evictions_are_plain_misses(open_tier, redis_lru_server, nam
     tier.clear()
 
 
-def test_out_of_memory_with_noeviction_drops_writes_with_one_warning(open_tier, redis_lru_server, namespace, caplog):
+def test_out_of_memory_with_noeviction_drops_writes_with_one_warning(fast_tier, redis_lru_server, namespace, caplog):
     raw = redis_lru_server.client()
     raw.flushall()
     raw.config_set("maxmemory-policy", "noeviction")
     caplog.set_level(logging.WARNING, logger=LOGGER)
     try:
-        tier = open_tier(redis_lru_server.url(), namespace=namespace, socket_timeout_s=5.0)
+        tier = fast_tier(redis_lru_server.url(), namespace=namespace, socket_timeout_s=5.0)
         kept = blob(b"kept", 1 << 20)
         assert tier.write_many([kept]) == [True]
         results = []

@@ -22,21 +22,6 @@ from tests.helpers.store import ALL_DTYPES, assert_same, random_tensor  # noqa: 
 
 
 @pytest.fixture
-def open_tier():
-    """`open_tier(url_or_config, **fields)`: a RedisTier closed at teardown."""
-    tiers = []
-
-    def make(url, **fields):
-        tier = RedisTier(RemoteConfig(url, **fields) if isinstance(url, str) else url)
-        tiers.append(tier)
-        return tier
-
-    yield make
-    for tier in tiers:
-        tier.close()
-
-
-@pytest.fixture
 def tier(open_tier, redis_server, namespace):
     return open_tier(redis_server.url(), namespace=namespace)
 

@@ -76,6 +76,12 @@ class RedisTier(RemoteTier):
     def __repr__(self) -> str:
         return f"RedisTier({self.config.url!r}, namespace={self.config.namespace!r})"
 
+    def __enter__(self) -> "RedisTier":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # ------------------------------------------------------------------ the interface
     def write_many(self, items: Sequence[WriteItem]) -> list[bool]:
         self._check_open()
