@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Sequence
+from typing import Callable, Sequence
 
 import redis
 from redis.backoff import NoBackoff
@@ -43,8 +43,38 @@ class Shard:
         self.client = client
         self.breaker = breaker
 
-    def pipeline(self):
-        return self.client.pipeline(transaction=False)
+    def pipelined(self, queue: Callable[[object], object]) -> list:
+        """Queue commands with `queue(pipeline)`, send them in one round trip; the replies (an
+        exception in place of a command the server refused). Raises when the exchange fails."""
+        pipe = self.client.pipeline(transaction=False)
+        try:
+            queue(pipe)
+            return pipe.execute(raise_on_error=False)
+        finally:
+            pipe.reset()
+
+    def get_each(self, rkeys: Sequence[bytes], handle: Callable[[int, object], None]) -> int:
+        """GET every key in one round trip and hand each reply to `handle(i, reply)` (bytes, None, or
+        the server's error) as soon as it is parsed, while its bytes are still in the CPU's caches:
+        verifying a whole pipeline's values after it (as redis-py's Pipeline returns them) costs
+        them a trip through memory, measured at ~10% of the read bandwidth. Raises when the
+        exchange fails, after handing over the replies that arrived; returns how many there were."""
+        pool = self.client.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command(conn.pack_commands([("GET", k) for k in rkeys]))
+            for i in range(len(rkeys)):
+                try:
+                    reply = conn.read_response()
+                except redis.exceptions.ResponseError as e:  # one command refused; the stream goes on
+                    reply = e
+                handle(i, reply)
+            return len(rkeys)
+        except BaseException:
+            conn.disconnect()  # replies may be left unread on it
+            raise
+        finally:
+            pool.release(conn)
 
     def __repr__(self) -> str:
         return f"Shard({self.name})"

@@ -92,8 +92,8 @@ class RedisTier(RemoteTier):
         def write(shard: Shard, idx: list[int]) -> None:
             sent = 0
             for batch in _byte_batches(idx, [values[i].nbytes for i in idx], self.config.pipeline_bytes):
-                replies = self._exchange(shard, "write", len(batch),
-                                         lambda p: [p.set(rkeys[i], values[i], px=self._px) for i in batch])
+                replies = self._exchange(shard, "write", len(batch), lambda: shard.pipelined(
+                    lambda p: [p.set(rkeys[i], values[i], px=self._px) for i in batch]))
                 if replies is None:
                     self._stats.drop("unreachable", len(idx) - sent)
                     return
@@ -119,28 +119,31 @@ class RedisTier(RemoteTier):
 
         def read(shard: Shard, idx: list[int]) -> None:
             bad: list[int] = []
+
+            def check(i: int, reply) -> None:
+                if reply is None:
+                    return
+                if isinstance(reply, Exception):
+                    self._stats.error(error_kind(reply))
+                    self._note_topology(reply)
+                    if "WRONGTYPE" in str(reply):  # not a string: not ours as written
+                        self._stats.error("corrupt")
+                        bad.append(i)
+                    return
+                record, verdict = decode(keys[i], reply)
+                if verdict is Verdict.OK:
+                    found[i] = record
+                    return
+                self._stats.error(verdict.value)
+                if verdict is Verdict.CORRUPT:
+                    bad.append(i)
+
             for start in range(0, len(idx), _READ_PIPELINE_KEYS):
                 batch = idx[start : start + _READ_PIPELINE_KEYS]
-                replies = self._exchange(shard, "read", len(batch), lambda p: [p.get(rkeys[i]) for i in batch])
-                if replies is None:
-                    return
-                for i, reply in zip(batch, replies):
-                    if reply is None:
-                        continue
-                    if isinstance(reply, Exception):
-                        kind = error_kind(reply)
-                        self._stats.error(kind)
-                        if "WRONGTYPE" in str(reply):  # not a string: not ours as written
-                            self._stats.error("corrupt")
-                            bad.append(i)
-                        continue
-                    record, verdict = decode(keys[i], reply)
-                    if verdict is Verdict.OK:
-                        found[i] = record
-                    else:
-                        self._stats.error(verdict.value)
-                        if verdict is Verdict.CORRUPT:
-                            bad.append(i)
+                done = self._exchange(shard, "read", len(batch), lambda: shard.get_each(
+                    [rkeys[i] for i in batch], lambda j, reply: check(batch[j], reply)))
+                if done is None:
+                    break
             if bad:
                 self._delete_corrupt(shard, [keys[i] for i in bad], [rkeys[i] for i in bad])
 
@@ -156,7 +159,8 @@ class RedisTier(RemoteTier):
         there = [False] * len(keys)
 
         def probe(shard: Shard, idx: list[int]) -> None:
-            replies = self._exchange(shard, None, len(idx), lambda p: [p.exists(rkeys[i]) for i in idx])
+            replies = self._exchange(shard, None, len(idx), lambda: shard.pipelined(
+                lambda p: [p.exists(rkeys[i]) for i in idx]))
             for i, reply in zip(idx, replies or ()):
                 there[i] = reply == 1
 
@@ -168,7 +172,8 @@ class RedisTier(RemoteTier):
         rkeys = [self._prefix + k for k in keys]
 
         def unlink(shard: Shard, idx: list[int]) -> None:
-            replies = self._exchange(shard, None, len(idx), lambda p: [p.unlink(rkeys[i]) for i in idx])
+            replies = self._exchange(shard, None, len(idx), lambda: shard.pipelined(
+                lambda p: [p.unlink(rkeys[i]) for i in idx]))
             self._stats.add(deletes=sum(1 for r in replies or () if r == 1))
 
         self._per_shard(rkeys, unlink)
@@ -242,33 +247,33 @@ class RedisTier(RemoteTier):
                 self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hstore-remote")
             return self._executor
 
-    def _exchange(self, shard: Shard, op: str | None, n: int, queue: Callable[[object], object]) -> list | None:
-        """One pipeline round trip of `n` commands to `shard`: its replies (an exception in place of a
-        refused command), or None when the shard is down or failed now (the keys miss or are dropped).
-        `op` names the latency window the round trip counts in (reads and writes of values only)."""
+    def _exchange(self, shard: Shard, op: str | None, n: int, call: Callable[[], object]):
+        """One round trip of `n` commands to `shard` (`call()` does it): what `call` returns (for a
+        pipeline, its replies; a refused command's reply is an exception), or None when the shard
+        is down or failed now (its keys miss or are dropped). `op` names the latency window the
+        round trip counts in (reads and writes of values only)."""
         if not shard.breaker.allow():
             self._stats.add(skipped_while_down=n)
             return None
-        pipe = shard.pipeline()
-        queue(pipe)
         start = time.perf_counter()
         try:
-            replies = pipe.execute(raise_on_error=False)
+            result = call()
         except (redis.exceptions.RedisError, OSError) as e:
             self._failed(shard, e)
             return None
-        finally:
-            pipe.reset()
         if op is not None:
             self._stats.timed(op, time.perf_counter() - start)
         down_for = shard.breaker.success()
         if down_for is not None:
             log.warning("remote %s: %s is reachable again after %.1f s", self.config.url, shard.name, down_for)
-        for reply in replies:
-            if isinstance(reply, redis.exceptions.ResponseError) and str(reply).startswith(("MOVED", "ASK")):
-                self._router.stale()
-                break
-        return replies
+        for reply in result if isinstance(result, list) else ():
+            if isinstance(reply, Exception):
+                self._note_topology(reply)
+        return result
+
+    def _note_topology(self, reply: Exception) -> None:
+        if str(reply).startswith(("MOVED", "ASK")):  # the slot map is out of date
+            self._router.stale()
 
     def _failed(self, shard: Shard, exc: BaseException) -> None:
         kind = error_kind(exc)
@@ -299,5 +304,6 @@ class RedisTier(RemoteTier):
         for key in keys:
             log.warning("remote %s: the value of %s failed its check (key, dtype, shape or checksum); deleted",
                         self.config.url, _show(key))
-        replies = self._exchange(shard, None, len(rkeys), lambda p: [p.unlink(k) for k in rkeys])
+        replies = self._exchange(shard, None, len(rkeys), lambda: shard.pipelined(
+            lambda p: [p.unlink(k) for k in rkeys]))
         self._stats.add(corrupt_deleted=sum(1 for r in replies or () if r == 1))
