@@ -170,21 +170,26 @@ class RedisServer:
 
 
 class ThreeNodeCluster:
-    """Three primaries, no replicas, every slot covered."""
+    """Three primaries, no replicas, every slot covered (over TLS, the cluster bus too, when given files)."""
 
-    def __init__(self, directory: Path):
-        self.nodes = [RedisServer(Path(directory) / f"node{i}", cluster=True,
+    def __init__(self, directory: Path, tls: TlsFiles | None = None):
+        self.tls = tls
+        extra = ["--tls-cluster", "yes"] if tls else []
+        self.nodes = [RedisServer(Path(directory) / f"node{i}", cluster=True, tls=tls,
                                   args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                                        "--cluster-node-timeout", "15000"]) for i in range(3)]
+                                        "--cluster-node-timeout", "15000", *extra]) for i in range(3)]
 
     @property
     def url(self) -> str:
+        if self.tls:
+            return f"rediss+cluster://127.0.0.1:{self.nodes[0].port}?ssl_ca_certs={self.tls.cert}"
         return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
 
     def start(self) -> "ThreeNodeCluster":
         for node in self.nodes:
             node.start()
-        subprocess.run([REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+        tls = ["--tls", "--cacert", str(self.tls.cert)] if self.tls else []
+        subprocess.run([REDIS_CLI, *tls, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
                         "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
         deadline = time.monotonic() + 30
         for node in self.nodes:
@@ -248,26 +253,41 @@ def redis_lru_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def redis_tls_server(tmp_path_factory):
-    """A TLS-only server with a self-signed certificate."""
-    _require_redis()
+def tls_files(tmp_path_factory) -> TlsFiles:
+    """A self-signed certificate for the TLS servers of the session."""
     if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed: no certificate for the TLS server")
-    directory = tmp_path_factory.mktemp("redis-tls")
-    server = RedisServer(directory, tls=TlsFiles.make(directory)).start()
+        pytest.skip("openssl is not installed: no certificate for the TLS servers")
+    return TlsFiles.make(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="session")
+def redis_tls_server(tmp_path_factory, tls_files):
+    """A TLS-only server."""
+    _require_redis()
+    server = RedisServer(tmp_path_factory.mktemp("redis-tls"), tls=tls_files).start()
     yield server
     server.stop()
+
+
+def _cluster(directory: Path, tls: TlsFiles | None = None):
+    _require_redis()
+    if REDIS_CLI is None:
+        pytest.skip("redis-cli is not installed (it comes with redis-server)")
+    cluster = ThreeNodeCluster(directory, tls).start()
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory):
     """Three primaries created with redis-cli --cluster create."""
-    _require_redis()
-    if REDIS_CLI is None:
-        pytest.skip("redis-cli is not installed (it comes with redis-server)")
-    cluster = ThreeNodeCluster(tmp_path_factory.mktemp("redis-cluster")).start()
-    yield cluster
-    cluster.stop()
+    yield from _cluster(tmp_path_factory.mktemp("redis-cluster"))
+
+
+@pytest.fixture(scope="session")
+def redis_tls_cluster(tmp_path_factory, tls_files):
+    """The same over TLS (clients and cluster bus)."""
+    yield from _cluster(tmp_path_factory.mktemp("redis-tls-cluster"), tls_files)
 
 
 @pytest.fixture

@@ -75,6 +75,14 @@ def test_a_paused_primary_costs_only_its_own_keys(tier, redis_cluster, namespace
     tier.clear()
 
 
+def test_a_cluster_over_tls(redis_tls_cluster, namespace):
+    with RedisTier(RemoteConfig(redis_tls_cluster.url, namespace=namespace)) as tier:
+        items = [blob(b"tls-%d" % i, 64 << 10) for i in range(30)]
+        assert all(tier.write_many(items))
+        assert all(torch.equal(r.payload, i.payload) for r, i in zip(tier.read_many([i.key for i in items]), items))
+        assert len(tier.stats()["servers"]) == 3 and tier.clear() == 30
+
+
 def test_seed_list_with_a_dead_node(redis_cluster, namespace):
     live = redis_cluster.nodes[1].port
     url = f"redis+cluster://127.0.0.1:{free_port()},127.0.0.1:{live}?namespace={namespace}"

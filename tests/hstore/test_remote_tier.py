@@ -44,6 +44,8 @@ def test_chunk_sized_values_and_big_batches(tier, open_tier, redis_server, names
     assert all(tier.write_many(items))
     for it, record in zip(items, tier.read_many([i.key for i in items])):
         assert torch.equal(record.payload, it.payload)
+    s = tier.stats()
+    assert s["read_gbps"] > 0 and s["write_gbps"] > 0 and s["latency"]["read"]["p99_ms"] > 0
     # a batch larger than a pipeline goes out in several
     small = open_tier(redis_server.url(), namespace=namespace, pipeline_bytes=1 << 16)
     many = [blob(b"many-%d" % i, 40 << 10) for i in range(40)]

@@ -34,7 +34,12 @@ def connect(spec: "str | RemoteConfig") -> "RedisTier":
     except ImportError as e:
         raise StoreConfigError(f"remote {cfg.url}: the Redis tier needs redis-py "
                                f"(pip install 'hstore-hcache[remote]'): {e}") from None
-    return RedisTier(cfg)
+    try:
+        return RedisTier(cfg)
+    except StoreConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever redis-py raised, say it with the URL redacted
+        raise StoreConfigError(f"remote {cfg.url}: cannot open the tier ({type(e).__name__}: {e})") from None
 
 
 def __getattr__(name: str):

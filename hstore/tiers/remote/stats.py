@@ -78,9 +78,12 @@ class RemoteStats:
             self.dropped[reason] += n
             self.counts["writes_dropped"] += n
 
-    def timed(self, op: str, seconds: float) -> None:
+    def timed(self, op: str, seconds: float, nbytes: int) -> None:
+        """A batch of `op` ("read", "write") took `seconds` for `nbytes` of values."""
         with self._lock:
             self.latency[op].add(seconds)
+            self.counts[f"{op}_seconds_us"] += int(seconds * 1e6)
+            self.counts[f"{op}_batch_bytes"] += nbytes
 
     def snapshot(self) -> dict:
         with self._lock:
@@ -92,4 +95,11 @@ class RemoteStats:
                 "skipped_while_down": c["skipped_while_down"],
                 "errors": dict(self.errors), "dropped": dict(self.dropped),
                 "latency": {op: w.summary() for op, w in self.latency.items()},
+                # what the server delivered while the tier waited on it: the rate a planner can expect
+                "read_gbps": _rate(c["read_batch_bytes"], c["read_seconds_us"]),
+                "write_gbps": _rate(c["write_batch_bytes"], c["write_seconds_us"]),
             }
+
+
+def _rate(nbytes: int, micros: int) -> float | None:
+    return round(nbytes / micros / 1e3, 3) if micros else None

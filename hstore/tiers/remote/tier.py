@@ -92,11 +92,13 @@ class RedisTier(RemoteTier):
         def write(shard: Shard, idx: list[int]) -> None:
             sent = 0
             for batch in _byte_batches(idx, [values[i].nbytes for i in idx], self.config.pipeline_bytes):
-                replies = self._exchange(shard, "write", len(batch), lambda: shard.pipelined(
+                start = time.perf_counter()
+                replies = self._exchange(shard, len(batch), lambda: shard.pipelined(
                     lambda p: [p.set(rkeys[i], values[i], px=self._px) for i in batch]))
                 if replies is None:
                     self._stats.drop("unreachable", len(idx) - sent)
                     return
+                self._stats.timed("write", time.perf_counter() - start, sum(values[i].nbytes for i in batch))
                 sent += len(batch)
                 refused = 0
                 for i, reply in zip(batch, replies):
@@ -119,10 +121,12 @@ class RedisTier(RemoteTier):
 
         def read(shard: Shard, idx: list[int]) -> None:
             bad: list[int] = []
+            received = [0]
 
             def check(i: int, reply) -> None:
                 if reply is None:
                     return
+                received[0] += len(reply) if isinstance(reply, bytes) else 0
                 if isinstance(reply, Exception):
                     self._stats.error(error_kind(reply))
                     self._note_topology(reply)
@@ -140,10 +144,12 @@ class RedisTier(RemoteTier):
 
             for start in range(0, len(idx), _READ_PIPELINE_KEYS):
                 batch = idx[start : start + _READ_PIPELINE_KEYS]
-                done = self._exchange(shard, "read", len(batch), lambda: shard.get_each(
+                began, received[0] = time.perf_counter(), 0
+                done = self._exchange(shard, len(batch), lambda: shard.get_each(
                     [rkeys[i] for i in batch], lambda j, reply: check(batch[j], reply)))
                 if done is None:
                     break
+                self._stats.timed("read", time.perf_counter() - began, received[0])
             if bad:
                 self._delete_corrupt(shard, [keys[i] for i in bad], [rkeys[i] for i in bad])
 
@@ -159,7 +165,7 @@ class RedisTier(RemoteTier):
         there = [False] * len(keys)
 
         def probe(shard: Shard, idx: list[int]) -> None:
-            replies = self._exchange(shard, None, len(idx), lambda: shard.pipelined(
+            replies = self._exchange(shard, len(idx), lambda: shard.pipelined(
                 lambda p: [p.exists(rkeys[i]) for i in idx]))
             for i, reply in zip(idx, replies or ()):
                 there[i] = reply == 1
@@ -172,7 +178,7 @@ class RedisTier(RemoteTier):
         rkeys = [self._prefix + k for k in keys]
 
         def unlink(shard: Shard, idx: list[int]) -> None:
-            replies = self._exchange(shard, None, len(idx), lambda: shard.pipelined(
+            replies = self._exchange(shard, len(idx), lambda: shard.pipelined(
                 lambda p: [p.unlink(rkeys[i]) for i in idx]))
             self._stats.add(deletes=sum(1 for r in replies or () if r == 1))
 
@@ -247,22 +253,18 @@ class RedisTier(RemoteTier):
                 self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hstore-remote")
             return self._executor
 
-    def _exchange(self, shard: Shard, op: str | None, n: int, call: Callable[[], object]):
+    def _exchange(self, shard: Shard, n: int, call: Callable[[], object]):
         """One round trip of `n` commands to `shard` (`call()` does it): what `call` returns (for a
         pipeline, its replies; a refused command's reply is an exception), or None when the shard
-        is down or failed now (its keys miss or are dropped). `op` names the latency window the
-        round trip counts in (reads and writes of values only)."""
+        is down or failed now (its keys miss or are dropped)."""
         if not shard.breaker.allow():
             self._stats.add(skipped_while_down=n)
             return None
-        start = time.perf_counter()
         try:
             result = call()
         except (redis.exceptions.RedisError, OSError) as e:
             self._failed(shard, e)
             return None
-        if op is not None:
-            self._stats.timed(op, time.perf_counter() - start)
         down_for = shard.breaker.success()
         if down_for is not None:
             log.warning("remote %s: %s is reachable again after %.1f s", self.config.url, shard.name, down_for)
@@ -304,6 +306,6 @@ class RedisTier(RemoteTier):
         for key in keys:
             log.warning("remote %s: the value of %s failed its check (key, dtype, shape or checksum); deleted",
                         self.config.url, _show(key))
-        replies = self._exchange(shard, None, len(rkeys), lambda: shard.pipelined(
+        replies = self._exchange(shard, len(rkeys), lambda: shard.pipelined(
             lambda p: [p.unlink(k) for k in rkeys]))
         self._stats.add(corrupt_deleted=sum(1 for r in replies or () if r == 1))
