@@ -34,7 +34,7 @@ from hstore.tiers.remote.wire import SplitValue
 
 log = logging.getLogger(__name__)
 
-_READ_PIPELINE_KEYS = 256  # GETs per pipeline round trip (replies are held in memory until decoded)
+_READ_PIPELINE_KEYS = 256  # GETs per round trip (bounds what the server buffers for one connection)
 
 
 def _byte_batches(idx: list[int], sizes: list[int], limit: int):
