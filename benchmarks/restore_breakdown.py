@@ -89,7 +89,7 @@ def main() -> None:
 
 def nvme_reads(store, hc, keys, digests, L, n, D, dev, rest) -> None:
     """The NVMe side: the loader alone (no compute) with 1..8 parallel layer readers, then a restore."""
-    from hcache_adapter.restore import LayerLoader, LayerRead
+    from hcache_adapter.loader import LayerLoader, LayerRead
 
     store.flush()
     nbytes = L * n * D * 2

@@ -1,28 +1,28 @@
-"""Saving while generate() runs: hooks that capture each layer's state per token.
+"""StateSaver: save each layer's state per token while generate() runs.
 
 A forward pre-hook on the input embedding records the token ids fed at each
 step; a pre-hook on every decoder layer saved as hidden state ("H") keeps that
 layer's input; a post-hook on every layer saved as K/V ("K") reads what the
 layer just appended to the cache. Whenever a layer has a whole chunk of tokens,
 the chunk goes to the store at once (on a GPU: an asynchronous copy into pinned
-DRAM on a side stream; the store's flusher then writes it to NVMe): the two-stage
-save, so decoding never waits for storage. The manifest of a chunk is written
-after the last layer has put its part. Nothing here changes any tensor the
-model computes.
+DRAM on a side stream; the store's flusher then writes it to NVMe): the
+two-stage save, so decoding never waits for storage. A chunk's manifest is put
+after the last layer has put its part. Nothing here changes a tensor the model
+computes.
+
+A forward that does not call the hooks (a replayed CUDA graph of the prefill)
+hands the same inputs over with `step()`. Forward passes HCache runs for itself
+(recomputation, `internal.active`) are ignored.
 """
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import torch
 
 from hcache_adapter.compat import layer_kv
-from hcache_adapter.keys import chunk_digests, layer_key, manifest_key
-from hcache_adapter.manifest import HIDDEN, KV, Manifest
-
-if TYPE_CHECKING:
-    from hcache_adapter.hcache import HCache
+from hcache_adapter.layout import StateLayout
+from hcache_adapter.manifest import HIDDEN, KV
 
 log = logging.getLogger(__name__)
 
@@ -30,43 +30,62 @@ log = logging.getLogger(__name__)
 class StateSaver:
     """Captures state for positions >= `start` (a chunk boundary) and puts every completed chunk."""
 
-    def __init__(self, hc: "HCache", plan: str, start: int, cache, prefix_digest: str | None, stored_chunks: int = 0):
-        """`stored_chunks`: leading chunks already in the store (restored by recomputation): not put again."""
-        self.hc = hc
+    def __init__(self, layout: StateLayout, store, plan: str, *, start: int, cache, prefix_digest: str | None,
+                 stored_chunks: int = 0, decoder_layers=None, embeddings=None, internal=None, prefill_rows: int = 1,
+                 prefill_only: bool = False, limit: int | None = None, prompt: list[int] | None = None):
+        """`stored_chunks`: leading chunks already in the store (left to the prefill): not put again.
+        `decoder_layers`/`embeddings`: the modules to hook (None: the caller feeds `step()` itself).
+        `prefill_rows`: rows of the first step that repeat one prompt (beams): its first row is saved.
+        `prefill_only`: save what the first step completes and nothing after it (beams that diverge,
+        draft tokens that may be rolled back). `limit`: no chunk reaching past this position is saved
+        (the prompt's end, when the first step also feeds draft tokens). `prompt`: the request's token
+        ids on the host, so the prompt's chunk digests need no device-to-host copy."""
+        self.layout = layout
+        self.store = store
         self.plan = plan
-        self.C = hc.chunk_tokens
+        self.C = layout.chunk_tokens
         if start % self.C:
             raise ValueError("capture must start on a chunk boundary")
         self.start = start
         self.cache = cache
         self.next_pos = start  # position of the next token fed to the model
         self._ids: list[torch.Tensor] = []  # token ids fed since `start`, as given (maybe on GPU)
-        self._ids_cpu: list[int] = []
         self._prefix_digest = prefix_digest  # digest of the chunk ending at `start` (None at 0)
         self._pending: dict[int, list[torch.Tensor]] = {l: [] for l, k in enumerate(plan) if k == HIDDEN}
         self._pending_start: dict[int, int] = {l: start for l in self._pending}
         self._pending_end: dict[int, int] = dict(self._pending_start)  # position after the last pending row
-        dtype = str(hc.dtype).replace("torch.", "")
-        self._manifest = Manifest(hc.fingerprint, plan, self.C, dtype).encode()
+        self._manifest = layout.manifest(plan).encode()
         self._kv_saved: dict[int, int] = {l: start // self.C for l, k in enumerate(plan) if k == KV}
         self._manifests_done = max(start // self.C, stored_chunks)
         self._stored_chunks = stored_chunks
         self._digests: list[str] = []
+        self._prompt = prompt
+        self._decoder_layers = decoder_layers
+        self._embeddings = embeddings
+        self._internal = internal
         self._handles = []
+        self._step_tokens = 0
+        self._prefill_rows = prefill_rows
+        self._prefill_only = prefill_only
+        self._limit_chunks = None if limit is None else limit // self.C  # chunks at or past this one are not saved
+        self._row = None  # index of the one row saved from a step of several (the prefill of beams)
+        self._steps = 0
         self.enabled = True
         self.chunks_saved = 0
         self.bytes_saved = 0
 
     # -- lifetime --------------------------------------------------------------
     def __enter__(self) -> "StateSaver":
-        layers = self.hc.decoder_layers
-        self._handles.append(self.hc.model.get_input_embeddings().register_forward_pre_hook(self._on_embed))
-        for l, kind in enumerate(self.plan):
-            if kind == HIDDEN:
-                self._handles.append(layers[l].register_forward_pre_hook(self._hidden_hook(l), with_kwargs=True))
-            elif kind == KV:
-                self._handles.append(layers[l].register_forward_hook(self._kv_hook(l)))
-        self._handles.append(layers[-1].register_forward_hook(self._on_last_layer))
+        if self._embeddings is not None:
+            self._handles.append(self._embeddings.register_forward_pre_hook(self._on_embed))
+        if self._decoder_layers is not None:
+            layers = self._decoder_layers
+            for l, kind in enumerate(self.plan):
+                if kind == HIDDEN:
+                    self._handles.append(layers[l].register_forward_pre_hook(self._hidden_hook(l), with_kwargs=True))
+                elif kind == KV:
+                    self._handles.append(layers[l].register_forward_hook(self._kv_hook(l)))
+            self._handles.append(layers[-1].register_forward_hook(self._on_last_layer))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -79,104 +98,152 @@ class StateSaver:
             log.warning("HCache stops saving state for this call: %s", why)
         self.enabled = False
 
+    def _watching(self) -> bool:
+        return self.enabled and not (self._internal is not None and self._internal.active)
+
+    # -- one step, fed from outside the hooks ------------------------------------------
+    def step(self, ids: torch.Tensor, hidden: dict[int, torch.Tensor]) -> None:
+        """Everything the hooks would have seen for one forward of `ids` ([1, T]): the input hidden
+        state of every H layer ([1, T, D], not aliased by anything that changes later); K/V layers
+        are read from the cache, which must already hold this step's K/V."""
+        if not self._begin_step(ids):
+            return
+        for l in self._pending:
+            if not self._take_hidden(l, hidden[l]):
+                return
+        for l in self._kv_saved:
+            self._save_kv(l)
+        self._end_step()
+
     # -- hooks -------------------------------------------------------------------
     def _on_embed(self, module, args):
-        if not self.enabled:
-            return
-        ids = args[0] if args else None
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
-            return self._disable("the model was not called with input_ids")
-        if ids.shape[0] != 1:
-            return self._disable(f"batch of {ids.shape[0]} sequences (save/restore handles one)")
-        self._ids.append(ids)  # [1, T]; generate runs under no_grad: nothing to detach
-        self._step_tokens = ids.shape[1]
+        if self._watching():
+            self._begin_step(args[0] if args else None)
 
     def _hidden_hook(self, layer: int):
-        # Runs for every layer at every decoding step: keep it to a few attribute reads.
-        pending, C = self._pending[layer], self.C
-        pending_end = self._pending_end
-
         def hook(module, args, kwargs):
-            if not self.enabled:
-                return
-            h = args[0] if args else kwargs.get("hidden_states")
-            if h is None or h.dim() != 3 or h.shape[0] != 1 or h.shape[1] != self._step_tokens:
-                return self._disable(f"unexpected hidden state at layer {layer}")
-            pending.append(h)  # [1, T, D], kept by reference: the model does not write it in place
-            end = pending_end[layer] = pending_end[layer] + h.shape[1]
-            if end % C and end // C == (end - h.shape[1]) // C:
-                return  # no chunk completed by this step
-            self._flush_hidden(layer)
+            if self._watching():
+                self._take_hidden(layer, args[0] if args else kwargs.get("hidden_states"))
 
         return hook
 
-    def _flush_hidden(self, layer: int) -> None:
-        """Put every whole chunk among `layer`'s pending rows; keep the rest pending."""
-        pending = self._pending[layer]
-        have = self._pending_end[layer]
-        done = (have // self.C) * self.C
-        if done > self._pending_start[layer]:
-            rows = (torch.cat(pending, dim=1) if len(pending) > 1 else pending[0])[0]
-            first = self._pending_start[layer]
-            self._put([(layer_key(self.hc.namespace, self._digest(a // self.C), "h", layer), rows[a - first : a - first + self.C])
-                       for a in range(first, done, self.C) if a // self.C >= self._stored_chunks])
-            rest = rows[done - first :]
-            pending.clear()
-            if rest.shape[0]:
-                pending.append(rest.unsqueeze(0))
-            self._pending_start[layer] = done
-
     def _kv_hook(self, layer: int):
         def hook(module, args, output):
-            if not self.enabled:
-                return
-            end = self.next_pos + self._step_tokens
-            kv = layer_kv(self.cache, layer)
-            c = self._kv_saved[layer]
-            items = []
-            while (c + 1) * self.C <= end:
-                if kv is None or kv[0].shape[0] != 1 or kv[0].shape[-2] < (c + 1) * self.C:
-                    return self._disable(f"layer {layer} does not keep the K/V of every position (sliding window?)")
-                if c >= self._stored_chunks:
-                    k, v = kv
-                    chunk = torch.stack([k[0, :, c * self.C : (c + 1) * self.C], v[0, :, c * self.C : (c + 1) * self.C]])
-                    items.append((layer_key(self.hc.namespace, self._digest(c), "kv", layer), chunk))
-                c += 1
-            self._put(items)
-            self._kv_saved[layer] = c
+            if self._watching():
+                self._save_kv(layer)
 
         return hook
 
     def _on_last_layer(self, module, args, output):
-        if not self.enabled:
+        if self._watching():
+            self._end_step()
+
+    # -- the work ----------------------------------------------------------------
+    def _begin_step(self, ids) -> bool:
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            self._disable("the model was not called with input_ids")
+            return False
+        self._row = None
+        if self._prefill_only and self._steps > 0:
+            self.enabled = False  # what the prompt held is saved; what follows may diverge or be rolled back
+            return False
+        if ids.shape[0] != 1:
+            if self._steps == 0 and ids.shape[0] == self._prefill_rows:
+                self._row = slice(0, 1)  # the prompt, repeated per beam: one row says it all
+            else:
+                self._disable(f"batch of {ids.shape[0]} sequences (save/restore handles one)")
+                return False
+            ids = ids[self._row]
+        self._steps += 1
+        self._ids.append(ids)  # [1, T]; generate runs under no_grad: nothing to detach
+        self._step_tokens = ids.shape[1]
+        return True
+
+    def _take_hidden(self, layer: int, h) -> bool:
+        """Keep `layer`'s input rows of this step; put every chunk they complete. Runs for every layer
+        at every decoding step: a few attribute reads in the common case."""
+        if self._row is not None and h is not None and h.dim() == 3:
+            h = h[self._row]
+        if h is None or h.dim() != 3 or h.shape[0] != 1 or h.shape[1] != self._step_tokens:
+            self._disable(f"unexpected hidden state at layer {layer}")
+            return False
+        self._pending[layer].append(h)  # [1, T, D], by reference: the model does not write it in place
+        end = self._pending_end[layer] = self._pending_end[layer] + h.shape[1]
+        if end % self.C == 0 or end // self.C != (end - h.shape[1]) // self.C:
+            self._flush_hidden(layer)
+        return True
+
+    def _flush_hidden(self, layer: int) -> None:
+        """Put every whole chunk among `layer`'s pending rows; keep the rest pending."""
+        pending = self._pending[layer]
+        done = (self._pending_end[layer] // self.C) * self.C
+        if self._limit_chunks is not None:
+            done = min(done, self._limit_chunks * self.C)
+        first = self._pending_start[layer]
+        if done <= first:
             return
+        rows = (torch.cat(pending, dim=1) if len(pending) > 1 else pending[0])[0]
+        self._put([(self.layout.chunk_key(self._digest(a // self.C), HIDDEN, layer), rows[a - first: a - first + self.C])
+                   for a in range(first, done, self.C) if a // self.C >= self._stored_chunks])
+        rest = rows[done - first:]
+        pending.clear()
+        if rest.shape[0]:
+            pending.append(rest.unsqueeze(0))
+        self._pending_start[layer] = done
+
+    def _save_kv(self, layer: int) -> None:
+        end = self.next_pos + self._step_tokens
+        if self._limit_chunks is not None:
+            end = min(end, self._limit_chunks * self.C)
+        kv = layer_kv(self.cache, layer)
+        if kv is not None and self._row is not None:
+            kv = (kv[0][self._row], kv[1][self._row])
+        c = self._kv_saved[layer]
+        items = []
+        while (c + 1) * self.C <= end:
+            if kv is None or kv[0].shape[0] != 1 or kv[0].shape[-2] < (c + 1) * self.C:
+                self._disable(f"layer {layer} does not keep the K/V of every position (sliding window?)")
+                return
+            if c >= self._stored_chunks:
+                k, v = kv
+                chunk = torch.stack([k[0, :, c * self.C: (c + 1) * self.C], v[0, :, c * self.C: (c + 1) * self.C]])
+                items.append((self.layout.chunk_key(self._digest(c), KV, layer), chunk))
+            c += 1
+        self._put(items)
+        self._kv_saved[layer] = c
+
+    def _end_step(self) -> None:
         self.next_pos += self._step_tokens
         complete = self.next_pos // self.C
+        if self._limit_chunks is not None:
+            complete = min(complete, self._limit_chunks)
         if complete <= self._manifests_done:
             return
         new = range(self._manifests_done, complete)
-        self._put([(manifest_key(self.hc.namespace, self._digest(c)), self._manifest) for c in new], count=False)
+        self._put([(self.layout.manifest_key(self._digest(c)), self._manifest) for c in new], count=False)
         if self.enabled:
             self.chunks_saved += len(new)
         self._manifests_done = max(self._manifests_done, complete)
 
     # -- helpers -----------------------------------------------------------------
     def _digest(self, chunk: int) -> str:
-        """Digest of chunk `chunk` (absolute index), from the prefix digests plus the ids seen so far."""
+        """Digest of chunk `chunk` (absolute index), from the prefix digest plus the ids seen so far."""
         idx = chunk - self.start // self.C
         if idx >= len(self._digests):
-            # Every whole chunk fed so far at once: one device-to-host sync per forward, not per chunk.
-            self._ids_cpu = torch.cat(self._ids, dim=1)[0].tolist()
+            if self._prompt is not None and (chunk + 1) * self.C <= len(self._prompt):
+                ids = self._prompt[self.start:]
+            else:  # every whole chunk fed so far at once: one device-to-host sync per forward, not per chunk
+                ids = torch.cat(self._ids, dim=1)[0].tolist()
             done = len(self._digests) * self.C
             after = self._digests[-1] if self._digests else self._prefix_digest
-            self._digests += self.hc.digests(self._ids_cpu[done:], after=after)
+            self._digests += self.layout.digests(ids[done:], after=after)
         return self._digests[idx]
 
     def _put(self, items: list[tuple[str, torch.Tensor]], *, count: bool = True) -> None:
         if not self.enabled or not items:
             return
         try:
-            self.hc.store.put_many(items, non_blocking=items[0][1].is_cuda)
+            self.store.put_many(items, non_blocking=items[0][1].is_cuda)
         except Exception as e:  # never let storage trouble break generation
             self._disable(f"store.put failed: {e}")
             return

@@ -58,3 +58,31 @@ def layer_kv(cache: DynamicCache, layer_idx: int) -> tuple[torch.Tensor, torch.T
 
 def cache_length(cache: DynamicCache) -> int:
     return cache.get_seq_length() if len(cache.layers) else 0
+
+
+@functools.lru_cache(maxsize=None)
+def chunked_prefill_respects_cache() -> bool:
+    """Whether generate()'s chunked prefill (`prefill_chunk_size`) starts after what a given cache holds.
+
+    5.17 splits the whole prompt into chunks from position 0 whatever the cache
+    holds (the restored prefix would be fed twice); later 5.x slice off the cached
+    tokens first. Read off the installed code; unknown counts as no.
+    """
+    from transformers.generation.utils import GenerationMixin
+
+    prefill = getattr(GenerationMixin, "_prefill", None)
+    try:
+        source = inspect.getsource(prefill) if prefill is not None else ""
+    except (OSError, TypeError):
+        return False
+    chunked = source.split("chunk_size = generation_config.prefill_chunk_size", 1)
+    return len(chunked) == 2 and "next_sequence_length" in chunked[1].split("torch.split", 1)[0]
+
+
+def causal_lm_output(logits: torch.Tensor, cache):
+    """A CausalLMOutputWithPast holding `cache` under this version's field name (`cache` from 5.2x, else
+    `past_key_values`), as generate() reads it back."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+    return CausalLMOutputWithPast(logits=logits, **{field: cache})

@@ -2,57 +2,49 @@
 
     hc = HCache(model, store, method="hcache")   # "hcache" | "kv" | "recompute" | "auto"
     out = hc.generate(input_ids, max_new_tokens=32)
-    cache, n = hc.restore(input_ids)
+    result = hc.restore(input_ids)               # .cache, .tokens (unpacks as `cache, n`)
 
-`generate` restores the longest stored prefix (whole 64-token chunks), runs the
-model's own `generate` on top of it while saving every new whole chunk, and
-returns exactly what `model.generate` returns. The tail shorter than a chunk is
-not stored: it is recomputed with the new tokens of the next request, which
-costs at most 63 tokens of prefill and keeps every stored chunk immutable.
+`generate` restores the longest stored prefix (whole 64-token chunks) under
+the model's own `generate`, which runs its prefill of the new tokens while the
+prefix's layers are still being made ready, saves every new whole chunk as it
+goes, and returns exactly what `model.generate` returns. The tail shorter than
+a chunk is not stored: it is recomputed with the new tokens of the next
+request, which costs at most 63 tokens of prefill and keeps every stored chunk
+immutable.
+
+This class is the front only; the parts are `StateLayout` (what a chunk is),
+`StateSaver` (saving), `Restorer` (loading, projecting, recomputing),
+`AutoScheduler` (auto's decisions) and `generation` (what a call asks for).
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from hcache_adapter.capture import StateSaver
-from hcache_adapter.compat import cache_kwarg, fill_layer, new_cache
-from hcache_adapter.keys import chunk_digests, layer_key, manifest_key, model_fingerprint
-from hcache_adapter.manifest import HIDDEN, KV, RECOMPUTE, Manifest
+from hcache_adapter.compat import cache_kwarg, new_cache
+from hcache_adapter.firstforward import first_forward, skip_cached_tokens
+from hcache_adapter.generation import cache_for_call, inspect_call, with_cache
+from hcache_adapter.layout import StateLayout
+from hcache_adapter.manifest import HIDDEN, KV, RECOMPUTE
+from hcache_adapter.prefill_graph import CapturedPrefill
+from hcache_adapter.prefix import locate_layers, stored_prefix
 from hcache_adapter.projection import projector_for
-from hcache_adapter.restore import LayerLoader, LayerRead
-from hcache_adapter.scheduler.planner import (
-    choose_save_plan,
-    effective_bandwidth,
-    estimate,
-    min_recompute,
-    restore_estimate,
-)
+from hcache_adapter.recompute import Recomputer
+from hcache_adapter.restore import Restorer, RestoreResult
+from hcache_adapter.scheduler.auto import AutoScheduler, SplitDecision
+from hcache_adapter.scheduler.planner import min_recompute
 from hcache_adapter.scheduler.profile import Profile
 
 log = logging.getLogger(__name__)
 
 METHODS = ("hcache", "kv", "recompute", "auto")
-
-
-class _StopForward(Exception):
-    """Raised by a hook to end a forward pass after the layers we want recomputed."""
-
-
-@dataclass
-class RestoreInfo:
-    """What the last restore did (for benchmarks and the demo)."""
-
-    tokens: int = 0
-    plan: str = ""
-    recompute_layers: int = 0
-    sources: dict[str, int] = field(default_factory=dict)  # bytes read per tier
-    seconds: float = 0.0
+RestoreInfo = RestoreResult  # the name before restore() returned its result
 
 
 class HCache:
@@ -66,9 +58,10 @@ class HCache:
     against compute for the tier the state is actually in.
 
     On a GPU the projection runs `torch.compile`d (`compile=`) and, for restore
-    lengths seen before, as replayed CUDA graphs (`cuda_graphs=`); both default
-    to on with CUDA and off elsewhere. The first restore after start-up pays the
-    compilation (seconds); the second of a length bucket pays a capture.
+    lengths seen before, as replayed CUDA graphs (`cuda_graphs=`), and generate()'s
+    first forward over a restored prefix is replayed from a CUDA graph
+    (`captured_prefill=`); all default to on with CUDA and off elsewhere (on a
+    CPU, `captured_prefill=True` runs the same static-shape forward eagerly).
     """
 
     def __init__(
@@ -85,20 +78,18 @@ class HCache:
         prefetch_bytes: int | None = None,
         compile: bool | None = None,
         cuda_graphs: bool | None = None,
+        captured_prefill: bool | None = None,
     ):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        if not isinstance(chunk_tokens, int) or isinstance(chunk_tokens, bool) or chunk_tokens < 1:
             raise ValueError("chunk_tokens must be a positive int")
-        self.model = model
-        self.store = store
-        self.chunk_tokens = chunk_tokens
-        self.namespace = namespace
-        self.prefetch_bytes = prefetch_bytes
         if plan is not None and method != "auto":
             raise ValueError("an explicit plan goes with method='auto'")
-        self.projector = projector_for(model)
+        self.model = model
+        self.store = store
         on_gpu = next(model.parameters()).device.type == "cuda"
+        self.projector = projector_for(model)
         if self.projector is not None and hasattr(self.projector, "compile"):
             # One compiled graph for norm + K/V GEMMs + rotary: worth it on a GPU, not on a CPU.
             self.projector.compile = on_gpu if compile is None else compile
@@ -106,32 +97,41 @@ class HCache:
             # Replayed CUDA graphs for repeated restore lengths: the CPU cost of a layer drops ~10x.
             self.projector.graphs = on_gpu if cuda_graphs is None else cuda_graphs
         self.decoder_layers = self.projector.decoder_layers if self.projector else _find_decoder_layers(model)
-        self.num_layers = len(self.decoder_layers)
         if method in ("hcache", "auto") and self.projector is None:
-            fallback = "kv"
-            log.warning(
-                "HCache has no hidden-state projection for model_type %r; method %r falls back to %r",
-                getattr(model.config, "model_type", "?"), method, fallback,
-            )
-            method = fallback
+            log.warning("HCache has no hidden-state projection for model_type %r; method %r falls back to 'kv'",
+                        getattr(model.config, "model_type", "?"), method)
+            method = "kv"
         self.method = method
-        if plan is not None:
-            if len(plan) != self.num_layers or set(plan) - {HIDDEN, KV, RECOMPUTE}:
-                raise ValueError(f"plan must be {self.num_layers} letters of H (hidden), K (K/V), R (recompute)")
-            if HIDDEN in plan and self.projector is None:
-                raise ValueError("this architecture has no projection: a plan cannot use H")
-        self._plan = plan
-        self.fingerprint = model_id or model_fingerprint(model)
+        self.layout = StateLayout.for_model(model, self.projector, namespace=namespace, chunk_tokens=chunk_tokens,
+                                            model_id=model_id)
+        self.recomputer = Recomputer(model, self.decoder_layers)
+        self.restorer = Restorer(self.layout, store, self.projector, self.recomputer, self.device,
+                                 prefetch_bytes=prefetch_bytes)
         self._profile = profile
-        self._nvme_efficiency = 1.0  # NVMe bandwidth split restores have seen / the profile's
-        self._estimate = None  # (estimate, estimate of recomputing everything) of a split NVMe restore
-        self._stored_chunks = 0
-        self._restored_digests: list[str] = []
+        self.scheduler = AutoScheduler(self.layout, lambda: self.profile, plan) if method == "auto" else None
         self._cache_kw = cache_kwarg(model)
-        self._base_cache_kw = cache_kwarg(model.base_model)
-        self.last_restore = RestoreInfo()
+        use_graph = on_gpu if captured_prefill is None else captured_prefill
+        self.prefill = (CapturedPrefill(model, self.decoder_layers, self._cache_kw, self.recomputer.internal)
+                        if use_graph and CapturedPrefill.supported(model) else None)
+        self.last_restore = RestoreResult(cache=None)  # for benchmarks and the demo; nothing reads it back
 
     # ------------------------------------------------------------------ properties
+    @property
+    def num_layers(self) -> int:
+        return self.layout.num_layers
+
+    @property
+    def fingerprint(self) -> str:
+        return self.layout.fingerprint
+
+    @property
+    def namespace(self) -> str:
+        return self.layout.namespace
+
+    @property
+    def chunk_tokens(self) -> int:
+        return self.layout.chunk_tokens
+
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
@@ -149,46 +149,65 @@ class HCache:
             path = Path(self.store.config.root) / "profiles" / f"{self.fingerprint}-{self.device.type}.json"
             self._profile = Profile.load(path)
             if self._profile is None:
-                self._profile = measure_profile(self)
+                devices = [self.device] if self.device.type == "cuda" else []
+                with torch.random.fork_rng(devices=devices):  # the probes draw random inputs: not from the user's RNG
+                    self._profile = measure_profile(self.store, self.layout, self.projector, self.recomputer,
+                                                    self.device)
                 self._profile.save(path)
         return self._profile
 
     def save_plan(self) -> str:
         """Per layer: saved as hidden state (H), K/V (K) or not at all (R)."""
+        L = self.num_layers
         if self.method == "hcache":
-            return HIDDEN * self.num_layers
+            return HIDDEN * L
         if self.method == "kv":
-            return KV * self.num_layers
+            return KV * L
         if self.method == "auto":
-            if self._plan:
-                return self._plan
-            tiers = [t for t in ("gpu", "dram", "nvme") if getattr(self.store, t, None) is not None]
-            return choose_save_plan(self.profile, sources=tuple(t for t in tiers if t in self.profile.read_bytes_per_s))
-        return RECOMPUTE * self.num_layers
+            return self.scheduler.save_plan(tuple(t for t in ("gpu", "dram", "nvme") if getattr(self.store, t, None)))
+        return RECOMPUTE * L
 
     def bytes_per_token(self, plan: str | None = None) -> int:
         """Bytes stored per token for a plan (default: this instance's)."""
-        plan = self.save_plan() if plan is None else plan
-        return sum(self._entry_bytes_per_token(l, k) for l, k in enumerate(plan))
+        return self.layout.plan_bytes_per_token(self.save_plan() if plan is None else plan)
 
     def digests(self, token_ids, *, after: str | None = None) -> list[str]:
-        return chunk_digests(self.fingerprint, token_ids, self.chunk_tokens, after=after)
+        return self.layout.digests(token_ids, after=after)
 
     # ------------------------------------------------------------------ generate
     def generate(self, input_ids: torch.Tensor, **kwargs: Any):
         """`model.generate` with the longest stored prefix restored and the new state saved.
 
-        Takes and returns exactly what `model.generate` does. Batches of more
-        than one sequence, beam search and caller-supplied caches go straight to
-        `model.generate` (nothing restored or saved).
+        Takes and returns exactly what `model.generate` does (see `generation` for
+        the calls that go to the model untouched).
         """
-        if self.method == "recompute" or not self._manageable(input_ids, kwargs):
+        prompt = input_ids[0].tolist() if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 else None
+        call = inspect_call(self.model, input_ids, kwargs, prompt)  # `prompt`: the host copy digests and saver share
+        if self.method == "recompute" or not call.restorable:
+            if not call.restorable:
+                log.debug("hc.generate: nothing restored or saved: %s", call.reason)
             return self.model.generate(input_ids, **kwargs)
-        cache, n = self.restore(input_ids)
-        prefix_digest = self._restored_digests[-1] if n else None
-        kwargs[self._cache_kw] = cache
-        with StateSaver(self, self.save_plan(), n, cache, prefix_digest, stored_chunks=self._stored_chunks):
-            return self.model.generate(input_ids, **kwargs)
+        with torch.no_grad():
+            result = self._restore(input_ids, lazy=call.lazy, prompt=prompt)
+        try:
+            cache = cache_for_call(call, self.model, result.cache)
+            saver = self._saver(result, cache, prefill_rows=call.expand, prefill_only=call.save_after_prefill,
+                                limit=input_ids.shape[1] if call.speculative else None, prompt=prompt)
+            with saver, with_cache(self.model, kwargs, self._cache_kw, cache) as kw, ExitStack() as stack:
+                if call.speculative and result.tokens:  # its first forward feeds the whole prompt, cached or not
+                    stack.enter_context(first_forward(self.model, skip_cached_tokens(self._cache_kw)))
+                elif self._graph_prefill(call, result):
+                    hidden = [l for l, kind in enumerate(saver.plan) if kind == HIDDEN]
+                    stack.enter_context(first_forward(self.model, self.prefill.handler(
+                        cache, result.tokens, saver.step, hidden)))
+                return self.model.generate(input_ids, **kw)
+        finally:
+            result.close()
+
+    def _graph_prefill(self, call, result: RestoreResult) -> bool:
+        """Whether generate()'s first forward may run from the captured prefill: a restored prefix under
+        the default cache (calls with masked prompt positions are never restored at all)."""
+        return self.prefill is not None and self.prefill.enabled and call.lazy and bool(result.tokens)
 
     @torch.no_grad()
     def save(self, input_ids: torch.Tensor) -> int:
@@ -201,269 +220,88 @@ class HCache:
             input_ids = input_ids.unsqueeze(0)
         if self.method == "recompute" or input_ids.shape[0] != 1:
             return 0
-        cache, n = self.restore(input_ids)
-        prefix_digest = self._restored_digests[-1] if n else None
+        result = self._restore(input_ids, lazy=True)
         ids = input_ids.to(self.device)
-        stored = self._stored_chunks
-        with StateSaver(self, self.save_plan(), n, cache, prefix_digest, stored_chunks=stored) as saver:
-            self.model.base_model(input_ids=ids[:, n:], use_cache=True, **{self._base_cache_kw: cache})
-        return max(n, stored * self.chunk_tokens) + (saver.chunks_saved * self.chunk_tokens if saver.enabled else 0)
+        try:
+            with self._saver(result, result.cache) as saver:
+                self.model.base_model(input_ids=ids[:, result.tokens:], use_cache=True,
+                                      **{cache_kwarg(self.model.base_model): result.cache})
+        finally:
+            result.close()
+        done = max(result.tokens, result.stored_chunks * self.chunk_tokens)
+        return done + (saver.chunks_saved * self.chunk_tokens if saver.enabled else 0)
 
-    def _manageable(self, input_ids, kwargs) -> bool:
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
-            return False
-        if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
-            return False
-        if kwargs.get("inputs_embeds") is not None or kwargs.get("assistant_model") is not None:
-            return False
-        gc = kwargs.get("generation_config") or self.model.generation_config
-        for name in ("num_beams", "num_return_sequences"):
-            if (kwargs.get(name) or getattr(gc, name, 1) or 1) > 1:
-                return False
-        return True
+    def _saver(self, result: RestoreResult, cache, prefill_rows: int = 1, prefill_only: bool = False,
+               limit: int | None = None, prompt: list[int] | None = None) -> StateSaver:
+        return StateSaver(self.layout, self.store, self.save_plan(), start=result.tokens, cache=cache,
+                          prefix_digest=result.prefix_digest, stored_chunks=result.stored_chunks,
+                          decoder_layers=self.decoder_layers, embeddings=self.model.get_input_embeddings(),
+                          internal=self.recomputer.internal, prefill_rows=prefill_rows, prefill_only=prefill_only,
+                          limit=limit, prompt=prompt)
 
     # ------------------------------------------------------------------ restore
     @torch.no_grad()
-    def restore(self, input_ids: torch.Tensor):
-        """(cache, n): a transformers Cache holding the K/V of the first n tokens of `input_ids`.
+    def restore(self, input_ids: torch.Tensor) -> RestoreResult:
+        """The K/V of the longest stored prefix of `input_ids`, every layer ready (`result.cache`).
 
-        n is the longest stored whole-chunk prefix that leaves at least one
-        token to run (0 when nothing is stored). For method "recompute" it is
-        the chunk-aligned prefix, prefilled from tokens. For "auto" it is also 0
-        when the plan is to recompute every layer: the caller's prefill of all
-        tokens in one pass does that best.
+        `result.tokens` is the longest stored whole-chunk prefix that leaves at
+        least one token to run (0 when nothing is stored; chunks that cannot be
+        read cut it short). For method "recompute" it is the chunk-aligned prefix,
+        prefilled from tokens. For "auto" it is also 0 when the plan is to
+        recompute every layer: the caller's prefill of all tokens in one pass does
+        that best. Unpacks as ``cache, n``.
         """
+        return self._restore(input_ids, lazy=False)
+
+    def _restore(self, input_ids: torch.Tensor, *, lazy: bool, prompt: list[int] | None = None) -> RestoreResult:
         t0 = time.perf_counter()
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
         if input_ids.shape[0] != 1:
             raise ValueError("restore handles one sequence (batch size 1)")
         ids = input_ids.to(self.device)
-        max_chunks = (ids.shape[1] - 1) // self.chunk_tokens
-        self._restored_digests: list[str] = []
-        self._stored_chunks = 0  # chunks stored but left to the caller to recompute (auto)
-        cache = new_cache(self.model)
+        C, L = self.chunk_tokens, self.num_layers
+        max_chunks = self.layout.whole_chunks(ids.shape[1])
         if self.method == "recompute":
-            n = max_chunks * self.chunk_tokens
-            if n:
-                self._recompute_prefix(ids[:, :n], cache, self.num_layers)
-            self.last_restore = RestoreInfo(n, RECOMPUTE * self.num_layers, self.num_layers, {}, time.perf_counter() - t0)
-            return cache, n
-        digests = self.digests(ids[0, : max_chunks * self.chunk_tokens])
-        plan, m = self._stored_prefix(digests)
+            n = max_chunks * C
+            cache = self.recomputer.prefix(ids[:, :n], L) if n else new_cache(self.model)
+            return self._done(RestoreResult(cache, n, RECOMPUTE * L, L, seconds=time.perf_counter() - t0))
+        digests = self.layout.digests(prompt[: max_chunks * C] if prompt is not None else ids[0, : max_chunks * C])
+        plan, m = stored_prefix(self.store, self.layout, digests)
         if m == 0:
-            self.last_restore = RestoreInfo(seconds=time.perf_counter() - t0)
-            return cache, 0
+            return self._done(RestoreResult(new_cache(self.model), seconds=time.perf_counter() - t0))
         digests = digests[:m]
-        n = m * self.chunk_tokens
-        r, sources = self._plan_restore(plan, digests, n)
-        if self.method == "auto" and r == self.num_layers:
-            # Recomputing every layer is a prefill: leave it to the caller's own forward, which then
-            # runs the prefix and the new tokens in one pass (one pass is faster than two). The
-            # stored chunks stay as they are and are not saved again.
-            self._stored_chunks = m
-            self.last_restore = RestoreInfo(0, plan, self.num_layers, sources, time.perf_counter() - t0)
-            return cache, 0
+        where, sources = locate_layers(self.store, self.layout, plan, digests)
+        decision = self._split(plan, m, sources)
+        r = decision.recompute_layers
+        if self.method == "auto" and r == L:
+            # Recomputing every layer is a prefill: leave it to the caller's own forward, which then runs
+            # the prefix and the new tokens in one pass. The stored chunks are not saved again.
+            return self._done(RestoreResult(new_cache(self.model), 0, plan, L, sources, stored_chunks=m,
+                                            seconds=time.perf_counter() - t0))
+        learn = decision.estimate is not None  # a split NVMe restore: its real time teaches auto
         t_run = time.perf_counter()
-        valid = self._run_restore(ids[:, :n], cache, plan, r, digests)
-        if self._estimate is not None:
+        cache, valid, release = self.restorer.restore(ids, digests, plan, r, lazy=lazy and not learn, where=where)
+        if learn:
             if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)  # a split restore's time is known only when its work is done
-            self._calibrate(time.perf_counter() - t_run)
+                torch.cuda.synchronize(self.device)  # its time is known only when its work is done
+            self.scheduler.observe(decision, time.perf_counter() - t_run)
         if valid < m:
             log.warning("restore: chunk %d of the prefix is missing or corrupt; recomputing from there", valid)
-            _truncate(cache, valid * self.chunk_tokens)
-        self._restored_digests = digests[:valid]
-        n = valid * self.chunk_tokens
-        self.last_restore = RestoreInfo(n, plan, r if valid else 0, sources, time.perf_counter() - t0)
         if valid == 0:
-            return new_cache(self.model), 0
-        return cache, n
+            cache = new_cache(self.model)
+        return self._done(RestoreResult(cache, valid * C, plan, r if valid else 0, sources, digests[:valid],
+                                        stored_chunks=m, seconds=time.perf_counter() - t0, release=release))
 
-    def _stored_prefix(self, digests: list[str]) -> tuple[str, int]:
-        """The plan and number of leading chunks that have a valid manifest of one plan."""
-        m = 0
-        for d in digests:
-            if manifest_key(self.namespace, d) not in self.store:
-                break
-            m += 1
-        if m == 0:
-            return "", 0
-        manifests = [Manifest.decode(t) for t in self.store.get_many([manifest_key(self.namespace, d) for d in digests[:m]])]
-        dtype = str(self.dtype).replace("torch.", "")
-        plan = None
-        for i, man in enumerate(manifests):
-            ok = (
-                man is not None
-                and man.fingerprint == self.fingerprint
-                and man.chunk_tokens == self.chunk_tokens
-                and man.dtype == dtype
-                and len(man.plan) == self.num_layers
-                and (plan is None or man.plan == plan)
-                and (self.projector is not None or HIDDEN not in man.plan)
-            )
-            if not ok:
-                if man is not None and man.fingerprint != self.fingerprint:
-                    log.warning("restore: chunk %d was saved by another model; ignored", i)
-                return (plan or "", i)
-            plan = man.plan
-        return plan, m
+    def _split(self, plan: str, m: int, sources: dict[str, int]) -> SplitDecision:
+        if self.scheduler is None:
+            return SplitDecision(min_recompute(plan))
+        depth = self.restorer.ring_depth(m, plan)
+        return self.scheduler.split(plan, m * self.chunk_tokens, sources, depth)
 
-    def _plan_restore(self, plan: str, digests: list[str], n: int) -> tuple[int, dict[str, int]]:
-        """How many leading layers to recompute, and how many bytes each tier will deliver."""
-        keys, sizes = [], []
-        for l, kind in enumerate(plan):
-            if kind == RECOMPUTE:
-                continue
-            per_chunk = self._entry_bytes_per_token(l, kind) * self.chunk_tokens
-            for d in digests:
-                keys.append(layer_key(self.namespace, d, "h" if kind == HIDDEN else "kv", l))
-                sizes.append(per_chunk)
-        sources: dict[str, int] = {}
-        for where, size in zip(self.store.locate(keys), sizes):
-            sources[where or "missing"] = sources.get(where or "missing", 0) + size
-        r = min_recompute(plan)
-        self._estimate = None
-        if self.method == "auto":
-            known = {s: b for s, b in sources.items() if s in self.profile.read_bytes_per_s}
-            tier = max(known, key=known.get) if known else None
-            eff = self._nvme_efficiency
-            if known.get("nvme") and eff <= 0:  # learned: loading from NVMe loses to recomputation
-                return len(plan), sources
-            bw = effective_bandwidth(self.profile, known, scale={"nvme": eff})
-            depth = self._ring_depth(len(digests), plan)
-            est = restore_estimate(self.profile, plan, n, tier or "dram", depth=depth, bytes_per_s=bw)
-            r = est.recompute_layers
-            if 0 < r < len(plan) and tier == "nvme":
-                everything = estimate(self.profile, plan, len(plan), n, bw, depth=depth)
-                self._estimate = (est, everything.total_s)
-        return r, sources
-
-    def _calibrate(self, seconds: float) -> None:
-        """Learn from a restore that mixed recomputation and NVMe reads how fast the reads really were.
-
-        The profile's bandwidth was measured alone; while the compute thread
-        recomputes, reads go slower (they share the CPU and the GIL). When a
-        split restore takes longer than estimated, NVMe's bandwidth is scaled
-        down for later plans; when it took longer than recomputing everything
-        would have, loading from NVMe stops; when it is faster, it creeps back
-        up. Only NVMe: from memory tiers a restore's time is mostly fixed CPU
-        cost, which says nothing about bandwidth.
-        """
-        if self._estimate is None:
-            return
-        est, everything_s = self._estimate
-        eff = self._nvme_efficiency
-        if seconds > everything_s:
-            eff = 0.0  # slower than recomputing everything would have been: stop loading from NVMe
-        elif seconds > est.total_s * 1.05:
-            eff *= est.total_s / seconds
-        else:
-            eff = min(1.0, eff * 1.05)
-        self._nvme_efficiency = eff
-
-    def _ring_depth(self, n_chunks: int, plan: str) -> int:
-        """How many layers the loader may read ahead: as many as fit the prefetch budget (at least 2).
-
-        While leading layers are recomputed, the loader can only hide I/O for
-        as many layers as it has buffers, so a deep ring is what lets
-        recomputation and loading overlap fully.
-        """
-        budget = self.prefetch_bytes
-        if budget is None:
-            budget = (2 << 30) if self.device.type == "cuda" else (256 << 20)
-        itemsize = torch.empty(0, dtype=self.dtype).element_size()
-        slot = max(
-            (self._entry_bytes_per_token(l, k) for l, k in enumerate(plan) if k != RECOMPUTE), default=itemsize
-        ) * self.chunk_tokens * max(n_chunks, 1)
-        return max(2, min(self.num_layers, budget // max(slot, 1)))
-
-    def _run_restore(self, ids: torch.Tensor, cache, plan: str, r: int, digests: list[str]) -> int:
-        """Fill `cache` for ids; returns the number of leading chunks valid in every layer."""
-        m = len(digests)
-        reads = [
-            LayerRead(l, kind, [layer_key(self.namespace, d, "h" if kind == HIDDEN else "kv", l) for d in digests],
-                      self._chunk_shape(l, kind))
-            for l, kind in enumerate(plan) if l >= r
-        ]
-        loader = LayerLoader(self.store, reads, self.dtype, self.device, depth=self._ring_depth(m, plan)).start()
-        valid = m
-        try:
-            if r:
-                loader.prefetch()  # I/O of the loaded layers overlaps the recomputation
-                self._recompute_prefix(ids, cache, r)
-            positions = torch.arange(ids.shape[1], device=self.device).unsqueeze(0)
-            for i, read in enumerate(reads):
-                loaded = loader.get(i)
-                if loaded.valid_chunks < valid:
-                    valid = loaded.valid_chunks
-                    positions = positions[:, : valid * self.chunk_tokens]  # one tensor while it holds: rotary reused
-                if valid == 0:
-                    loader.release(i)
-                    break
-                rows = valid * self.chunk_tokens
-                if read.kind == HIDDEN:
-                    hidden = loaded.data[:valid].reshape(1, rows, -1)
-                    k, v = self.projector.project_prefix(read.layer, hidden, positions)
-                else:
-                    kv = loaded.data[:valid]  # [chunks, 2, kv_heads, C, head_dim]
-                    k = kv[:, 0].permute(1, 0, 2, 3).reshape(1, kv.shape[2], rows, kv.shape[-1])
-                    v = kv[:, 1].permute(1, 0, 2, 3).reshape(1, kv.shape[2], rows, kv.shape[-1])
-                    k, v = k.contiguous(), v.contiguous()
-                fill_layer(cache, read.layer, k, v)
-                loader.release(i)
-        finally:
-            loader.close()
-        return valid
-
-    def _recompute_prefix(self, ids: torch.Tensor, cache, layers: int) -> None:
-        """Run the model from tokens through its first `layers` decoder layers, filling `cache`."""
-        hook = None
-        if layers < self.num_layers:
-            def stop(module, args, kwargs):
-                raise _StopForward
-
-            hook = self.decoder_layers[layers].register_forward_pre_hook(stop, with_kwargs=True)
-        try:
-            self.model.base_model(input_ids=ids, use_cache=True, **{self._base_cache_kw: cache})
-        except _StopForward:
-            pass
-        finally:
-            if hook is not None:
-                hook.remove()
-
-    # ------------------------------------------------------------------ shapes
-    def _kv_heads_and_dim(self, layer: int) -> tuple[int, int]:
-        if self.projector is not None:
-            return self.projector.num_kv_heads(layer), self.projector.head_dim(layer)
-        cfg = self.model.config
-        heads = cfg.num_attention_heads
-        kv = getattr(cfg, "num_key_value_heads", None) or heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        return kv, head_dim
-
-    def _chunk_shape(self, layer: int, kind: str) -> tuple[int, ...]:
-        if kind == HIDDEN:
-            return (self.chunk_tokens, self.projector.hidden_size)
-        kv, hd = self._kv_heads_and_dim(layer)
-        return (2, kv, self.chunk_tokens, hd)
-
-    def _entry_bytes_per_token(self, layer: int, kind: str) -> int:
-        if kind == RECOMPUTE:
-            return 0
-        shape = self._chunk_shape(layer, kind)
-        n = 1
-        for d in shape:
-            n *= d
-        return n * torch.empty(0, dtype=self.dtype).element_size() // self.chunk_tokens
-
-
-def _truncate(cache, n: int) -> None:
-    """Keep only the first n positions of every filled layer."""
-    for layer in cache.layers:
-        if getattr(layer, "is_initialized", False) and getattr(layer, "keys", None) is not None and layer.keys.numel():
-            layer.keys = layer.keys[..., :n, :]
-            layer.values = layer.values[..., :n, :]
+    def _done(self, result: RestoreResult) -> RestoreResult:
+        self.last_restore = result
+        return result
 
 
 def _find_decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -1,309 +1,242 @@
-"""Restoring a stored prefix into a transformers cache, layer-pipelined.
+"""Restorer: turn a stored prefix into a cache the model can run on.
 
-A `LayerLoader` reads each loaded layer's chunks from the store into a ring of
-`depth` buffers on the compute device (memory tiers: straight copies on a copy
-stream, one per run of adjacent chunks; NVMe: io_uring into pinned staging,
-then one host-to-device copy per run), while the caller's thread recomputes the
-leading layers from tokens and then projects (hidden state) or reshapes (K/V)
-each layer as its data arrives. I/O and compute overlap; a buffer is reused
-only after the compute that read it has finished (events on a GPU, a semaphore
-on the CPU), and a pinned staging buffer only after its copy to the GPU has
-finished.
+A restore of m chunks (n = m * C tokens) with plan p (per layer: H hidden
+state, K K/V, R recomputed) and r leading layers recomputed runs:
 
-Reads that block (NVMe, or any read on a CPU device) run on a background
-thread. On a GPU with every chunk in a memory tier nothing blocks: a copy is
-only queued on the copy stream, so the caller's own thread queues them a few
-layers ahead of its compute (`inline` mode). That keeps the GIL with one
-thread: two threads that both launch GPU work would take turns and leave the
-GPU idle between layers.
+* layers 0..r-1 recomputed from the prefix tokens (`Recomputer`), first;
+* layers r.. read by a `LayerLoader` (ring of device buffers, reads queued
+  ahead) and then projected (H) or reshaped (K).
+
+With `lazy=True` the result is a `LazyCache`: on a GPU with every chunk in a
+memory tier, all of that work is queued at once on a side stream and the
+model's attention at layer i waits on layer i's event; otherwise (NVMe reads,
+the CPU) layer i is produced when the model first needs it. A layer whose
+chunks turn out unreadable then is recomputed from tokens, so the cache never
+holds wrong state and its length never changes under the model. With
+`lazy=False` every layer is produced before returning and the cache is cut to
+the chunks every layer could read (`restore()`'s contract).
 """
 from __future__ import annotations
 
 import logging
-import sys
-import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
-from hstore.buffers import ALIGN, align_up, aligned_empty, cuda_available
-from hstore.errors import HStoreError
+from hcache_adapter.compat import fill_layer, layer_kv, new_cache
+from hcache_adapter.lazycache import LazyCache
+from hcache_adapter.layout import StateLayout
+from hcache_adapter.loader import LayerLoader, LayerRead
+from hcache_adapter.manifest import HIDDEN, RECOMPUTE
+from hcache_adapter.recompute import Recomputer
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class LayerRead:
-    """What to load for one layer: the store keys of its chunks and one chunk's shape."""
-
-    layer: int
-    kind: str  # "H" or "K"
-    keys: list[str]
-    chunk_shape: tuple[int, ...]
-
-
 @dataclass
-class LoadedLayer:
-    data: torch.Tensor  # [valid_chunks, *chunk_shape] on the compute device
-    valid_chunks: int  # chunks read and verified, from the first; the rest is not usable
+class RestoreResult:
+    """What a restore produced. Unpacks as ``cache, tokens`` (the older tuple form)."""
 
-
-class LayerLoader:
-    """Background reader that stays at most `depth` layers ahead of the consumer."""
-
-    def __init__(self, store, reads: list[LayerRead], dtype: torch.dtype, device: torch.device, *, depth: int = 3,
-                 inline: bool | None = None):
-        """`inline`: None chooses (GPU and nothing on NVMe: inline); True/False force it (tests)."""
-        self.store = store
-        self.reads = reads
-        self.dtype = dtype
-        self.device = torch.device(device)
-        self.cuda = self.device.type == "cuda"
-        self.depth = max(1, min(depth, len(reads))) if reads else 1
-        n_chunks = max((len(r.keys) for r in reads), default=0)
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        chunk_bytes = max((_numel(r.chunk_shape) * itemsize for r in reads), default=0)
-        self._slot_bytes = align_up(max(n_chunks * chunk_bytes, 1), ALIGN)
-        self._slots = [self._new_slot() for _ in range(self.depth)]
-        self._staging: list[torch.Tensor | None] = [None] * self.depth
-        self._staging_event: list = [None] * self.depth
-        self._free_event: list = [None] * self.depth  # compute finished with the slot (GPU)
-        self._results: dict[int, LoadedLayer | BaseException] = {}
-        self._cv = threading.Condition()
-        self._credits = threading.Semaphore(self.depth)
-        self._stop = False
-        self.stream = torch.cuda.Stream(device=self.device) if self.cuda else None
-        self._events: dict[int, object] = {}
-        self._threads = [threading.Thread(target=self._run, name=f"hcache-loader-{w}", daemon=True)
-                         for w in range(max(1, min(self.IO_WORKERS if self.cuda else 2, self.depth)))]
-        self._next = 0  # thread mode: the next layer a worker takes
-        self._fast_switch = False
-        self._inline_choice = inline
-        self._where: dict[int, list] = {}  # inline mode: each read's tiers, as located by start()
-        self.inline = False
-        self._issued = 0  # inline mode: layers whose reads are queued
-
-    INLINE_LOOKAHEAD = 3  # layers queued ahead of the compute in inline mode (after `prefetch`)
-    IO_WORKERS = 8  # thread mode: layers read at once (the lent virtual disk: 1 reader 0.57 GB/s, 8 readers 1.51)
-
-    def _new_slot(self) -> torch.Tensor:
-        if self.cuda:
-            return torch.empty(self._slot_bytes, dtype=torch.uint8, device=self.device)
-        return aligned_empty(self._slot_bytes, pin=False)
-
-    def start(self) -> "LayerLoader":
-        if not self.reads:
-            return self
-        if self._inline_choice is not None:
-            self.inline = self._inline_choice
-        elif self.cuda:
-            where = self.store.locate([k for r in self.reads for k in r.keys])
-            self.inline = "nvme" not in where
-            if self.inline:  # the same thread queues the reads right away: these locations are current
-                starts = [0]
-                for r in self.reads:
-                    starts.append(starts[-1] + len(r.keys))
-                self._where = {i: where[a:b] for i, (a, b) in enumerate(zip(starts, starts[1:]))}
-        if not self.inline:
-            _switch_interval.lower()
-            self._fast_switch = True
-            for t in self._threads:
-                t.start()
-        return self
-
-    def prefetch(self) -> None:
-        """Queue reads for every free buffer now (before the caller recomputes leading layers)."""
-        if self.inline:
-            self._issue_until(self.depth)
+    cache: Any
+    tokens: int = 0
+    plan: str = ""
+    recompute_layers: int = 0
+    sources: dict[str, int] = field(default_factory=dict)  # bytes per tier the plan reads
+    digests: list[str] = field(default_factory=list)  # of the restored chunks, in order
+    stored_chunks: int = 0  # whole chunks of the request already stored (restored or left to the prefill)
+    seconds: float = 0.0  # host time of the restore call (the GPU work may still run)
+    release: Callable[[], None] | None = field(default=None, repr=False)  # ends a lazy restore's readers
 
     def close(self) -> None:
-        with self._cv:
-            self._stop = True
-            self._cv.notify_all()
-        for _ in range(self.depth + len(self._threads)):
-            self._credits.release()
-        for t in self._threads:
-            if t.is_alive():
-                t.join()
-        if self._fast_switch:
-            self._fast_switch = False
-            _switch_interval.restore()
+        """Stop what a lazy restore still runs (reader threads); layers not yet taken can no longer be."""
+        if self.release is not None:
+            self.release()
 
-    # -- consumer side -------------------------------------------------------------
-    def get(self, i: int) -> LoadedLayer:
-        """Layer `i` of `reads` (blocks until read); on a GPU the current stream waits for its copy."""
-        if self.inline:
-            self._issue_until(max(i + 1, min(i + self.INLINE_LOOKAHEAD, i + self.depth)))
-        with self._cv:
-            while i not in self._results:
-                self._cv.wait()
-            result = self._results.pop(i)
-        if isinstance(result, BaseException):
-            raise result
-        if self.cuda:
-            torch.cuda.current_stream(self.device).wait_event(self._events.pop(i))
-        return result
+    def __iter__(self):
+        return iter((self.cache, self.tokens))
 
-    def release(self, i: int) -> None:
-        """The consumer has queued all work that reads layer `i`'s buffer."""
-        if self.cuda:
-            ev = torch.cuda.Event()
-            ev.record(torch.cuda.current_stream(self.device))
-            self._free_event[i % self.depth] = ev
-        self._credits.release()
+    def __getitem__(self, i):
+        return (self.cache, self.tokens)[i]
 
-    def _issue_until(self, end: int) -> None:
-        """Inline mode: queue the reads of layers up to `end` (exclusive) whose buffer is free."""
-        end = min(end, len(self.reads))
-        while self._issued < end:
-            j = self._issued
-            try:
-                result = self._load(j, self.reads[j])
-            except BaseException as e:  # raised by get(j), like the thread's errors
-                result = e
-            self._results[j] = result
-            self._issued += 1
-
-    # -- loader threads ------------------------------------------------------------
-    def _run(self) -> None:
-        while True:
-            self._credits.acquire()  # a buffer is free: layer `_next` may be read into it
-            with self._cv:
-                if self._stop or self._next >= len(self.reads):
-                    self._credits.release()  # wake the next worker so that it ends too
-                    return
-                i = self._next
-                self._next += 1
-            try:
-                result = self._load(i, self.reads[i])
-            except BaseException as e:  # handed to the consumer, which re-raises
-                result = e
-            with self._cv:
-                self._results[i] = result
-                self._cv.notify_all()
-
-    def _load(self, i: int, read: LayerRead) -> LoadedLayer:
-        slot = i % self.depth
-        m = len(read.keys)
-        buf = self._slots[slot][: m * _numel(read.chunk_shape) * _itemsize(self.dtype)]
-        data = buf.view(self.dtype).view(m, *read.chunk_shape)
-        if not self.cuda:
-            found = _read(self.store, read.keys, data)
-            return LoadedLayer(data, _prefix_len(found))
-        with torch.cuda.stream(self.stream):
-            if self._free_event[slot] is not None:
-                self.stream.wait_event(self._free_event[slot])
-            where = self._where.pop(i, None) or self.store.locate(read.keys)
-            found = [False] * m
-            in_memory = [c for c in range(m) if where[c] in ("gpu", "dram")]
-            if in_memory:
-                ok = _read(self.store, [read.keys[c] for c in in_memory], _rows(data, in_memory), non_blocking=True)
-                for c, f in zip(in_memory, ok):
-                    found[c] = f
-            on_disk = [c for c in range(m) if where[c] == "nvme"]
-            if on_disk:
-                self._read_through_staging(slot, read, data, on_disk, found)
-            ev = torch.cuda.Event()
-            ev.record(self.stream)
-        self._events[i] = ev
-        return LoadedLayer(data, _prefix_len(found))
-
-    def _read_through_staging(self, slot, read: LayerRead, data: torch.Tensor, chunks: list[int], found: list[bool]) -> None:
-        """NVMe -> pinned staging (DMA, verified) -> one async copy per run of consecutive chunks."""
-        if self._staging_event[slot] is not None:
-            self._staging_event[slot].synchronize()  # never overwrite staging still being copied (vLLM #45704)
-        if self._staging[slot] is None:
-            self._staging[slot] = aligned_empty(self._slot_bytes, pin=cuda_available())
-        staging = self._staging[slot][: data.numel() * data.element_size()].view(self.dtype).view(data.shape)
-        ok = _read(self.store, [read.keys[c] for c in chunks], _rows(staging, chunks))
-        good = [c for c, f in zip(chunks, ok) if f]
-        for c in good:
-            found[c] = True
-        for a, b in _runs(good):
-            data[a:b].copy_(staging[a:b], non_blocking=True)
-        ev = torch.cuda.Event()
-        ev.record(self.stream)
-        self._staging_event[slot] = ev
+    @property
+    def prefix_digest(self) -> str | None:
+        """Digest of the last restored chunk: where the saver continues the chain."""
+        return self.digests[-1] if self.digests else None
 
 
-class _SwitchInterval:
-    """Lowers the interpreter's thread switch interval while any threaded restore runs.
+class Restorer:
+    """Builds restored caches for one model; holds the streams and sizes shared by every restore."""
 
-    The compute thread (recomputing layers, launching kernels) holds the GIL
-    almost all the time; a reader thread coming back from I/O then waits up to
-    the switch interval (5 ms by default) for it, once per chunk it verifies,
-    and the disk idles. Process-wide, so counted and put back when the last
-    restore ends.
-    """
+    def __init__(self, layout: StateLayout, store, projector, recomputer: Recomputer, device: torch.device, *,
+                 prefetch_bytes: int | None = None):
+        self.layout = layout
+        self.store = store
+        self.projector = projector
+        self.recomputer = recomputer
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.prefetch_bytes = prefetch_bytes if prefetch_bytes is not None else (
+            (2 << 30) if self.cuda else (256 << 20))
+        self.compute_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
+        self.copy_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
 
-    FAST_S = 0.0005
+    def ring_depth(self, n_chunks: int, plan: str) -> int:
+        """Layers the loader may hold at once: as many as fit the prefetch budget (at least 2).
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._users = 0
-        self._saved = None
+        While leading layers are recomputed the loader hides I/O only for as many
+        layers as it has buffers, so a deep ring is what lets the two overlap.
+        """
+        L = self.layout
+        slot = max((L.bytes_per_token(l, k) for l, k in enumerate(plan) if k != RECOMPUTE),
+                   default=L.itemsize) * L.chunk_tokens * max(n_chunks, 1)
+        return max(2, min(L.num_layers, self.prefetch_bytes // max(slot, 1)))
 
-    def lower(self) -> None:
-        with self._lock:
-            if self._users == 0:
-                self._saved = sys.getswitchinterval()
-                sys.setswitchinterval(min(self._saved, self.FAST_S))
-            self._users += 1
-
-    def restore(self) -> None:
-        with self._lock:
-            self._users -= 1
-            if self._users == 0:
-                sys.setswitchinterval(self._saved)
-
-
-_switch_interval = _SwitchInterval()
-
-
-def _read(store, keys, outs, non_blocking: bool = False) -> list[bool]:
-    """get_many_into that turns a shape/dtype mismatch into misses (a foreign or stale entry)."""
-    try:
-        return store.get_many_into(keys, outs, non_blocking=non_blocking, promote=False)
-    except HStoreError as e:
-        log.warning("restore: %s; treating these chunks as missing", e)
-        return [False] * len(keys)
-
-
-def _rows(data: torch.Tensor, idx: list[int]):
-    """Rows `idx` of `data` as get_many_into's output: the stacked tensor itself when they are all of it."""
-    if len(idx) == data.shape[0]:
-        return data
-    return [data[c] for c in idx]
+    def restore(self, ids: torch.Tensor, digests: list[str], plan: str, recompute_layers: int, *,
+                lazy: bool, where: dict | None = None) -> tuple[Any, int, Callable[[], None]]:
+        """(cache, valid chunks, release) for the first len(digests) chunks of `ids` ([1, >= n] on the
+        device); `release()` ends a lazy restore's readers once the caller is done with the cache."""
+        source = PrefixSource(self, ids[:, : len(digests) * self.layout.chunk_tokens], digests, plan,
+                              recompute_layers, where)
+        source.start()
+        if lazy:
+            cache = LazyCache.for_model(self.recomputer.model.config)
+            for l in range(self.layout.num_layers):
+                if not cache.make_lazy(l, source, source.n_tokens, self.layout.dtype, self.device):
+                    k, v = source.take(l)  # a layer type we do not make lazy (sliding window, ...): fill it now
+                    fill_layer(cache, l, k, v)
+            return cache, len(digests), source.close
+        try:
+            produced = [source.produce(l) for l in range(self.layout.num_layers)]
+        finally:
+            source.close()
+        valid = min((p[2] for p in produced), default=len(digests))
+        cache = new_cache(self.recomputer.model)
+        if valid == 0:
+            return cache, 0, source.close
+        rows = valid * self.layout.chunk_tokens
+        for l, (k, v, _) in enumerate(produced):
+            fill_layer(cache, l, k[..., :rows, :], v[..., :rows, :])
+        return cache, valid, source.close
 
 
-def _runs(sorted_idx: list[int]) -> list[tuple[int, int]]:
-    runs, start, prev = [], None, None
-    for c in sorted_idx:
-        if start is None:
-            start = prev = c
-        elif c == prev + 1:
-            prev = c
+class PrefixSource:
+    """Produces the layers of one restore (implements `LayerSource` for the lazy cache)."""
+
+    def __init__(self, restorer: Restorer, ids: torch.Tensor, digests: list[str], plan: str, recompute_layers: int,
+                 where: dict | None):
+        self.r = restorer
+        self.ids = ids
+        self.m = len(digests)
+        self.n_tokens = self.m * restorer.layout.chunk_tokens
+        self.plan = plan
+        self.recompute_layers = recompute_layers
+        L = restorer.layout
+        self.reads = [LayerRead(l, kind, L.layer_keys(digests, kind, l), L.chunk_shape(l, kind))
+                      for l, kind in enumerate(plan) if l >= recompute_layers]
+        self._index = {read.layer: i for i, read in enumerate(self.reads)}
+        self.where = where  # layer -> tier of each of its keys (store.locate, from the planner)
+        self.loader: LayerLoader | None = None
+        self._ready: dict[int, tuple] = {}  # layer -> (k, v, valid chunks, event or None)
+        self._positions: torch.Tensor | None = None
+        self._taken = 0
+        self._warned = False
+
+    # -- producing ----------------------------------------------------------------
+    def start(self) -> None:
+        r = self.r
+        if self.recompute_layers:
+            if self.reads:
+                self._open_loader()
+                self.loader.prefetch()  # I/O of the loaded layers overlaps the recomputation
+            cache = r.recomputer.prefix(self.ids, self.recompute_layers)
+            for l in range(self.recompute_layers):
+                k, v = layer_kv(cache, l)
+                self._ready[l] = (k, v, self.m, None)
+        elif self.reads:
+            self._open_loader()
+        if self.loader is not None and self.loader.inline:
+            # Nothing blocks (memory tiers, GPU): queue every layer's copy and compute now, on a side stream.
+            with torch.cuda.stream(r.compute_stream):
+                for read in self.reads:
+                    k, v, valid = self._compute(read)
+                    ev = torch.cuda.Event()
+                    ev.record(r.compute_stream)
+                    self._ready[read.layer] = (k, v, valid, ev)
+            self._close_loader()
+
+    def _open_loader(self) -> None:
+        r = self.r
+        where = None
+        if self.where is not None:
+            first = self.recompute_layers
+            where = [w for l, kind in enumerate(self.plan) if l >= first for w in self.where.get(l, [])]
+        self.loader = LayerLoader(r.store, self.reads, r.layout.dtype, r.device,
+                                  depth=r.ring_depth(self.m, self.plan), stream=r.copy_stream,
+                                  where=where if where and len(where) == sum(len(x.keys) for x in self.reads) else None
+                                  ).start()
+
+    def _close_loader(self) -> None:
+        if self.loader is not None:
+            self.loader.close()
+            self.loader = None
+
+    def _compute(self, read: LayerRead) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Load one layer (blocking until read) and project or reshape it on the current stream."""
+        i = self._index[read.layer]
+        loaded = self.loader.get(i)
+        valid = loaded.valid_chunks
+        try:
+            if valid == 0:
+                return None, None, 0
+            C = self.r.layout.chunk_tokens
+            rows = valid * C
+            if read.kind == HIDDEN:
+                if self._positions is None or self._positions.shape[1] != rows:
+                    self._positions = torch.arange(rows, device=self.r.device).unsqueeze(0)
+                hidden = loaded.data[:valid].reshape(1, rows, -1)
+                k, v = self.r.projector.project_prefix(read.layer, hidden, self._positions)
+            else:
+                kv = loaded.data[:valid]  # [chunks, 2, kv_heads, C, head_dim] -> K, V [1, kv_heads, rows, head_dim]
+                heads, hd = kv.shape[2], kv.shape[-1]
+                k = kv.new_empty(1, heads, rows, hd)
+                v = kv.new_empty(1, heads, rows, hd)
+                k.view(heads, valid, C, hd).copy_(kv[:, 0].transpose(0, 1))
+                v.view(heads, valid, C, hd).copy_(kv[:, 1].transpose(0, 1))
+            return k, v, valid
+        finally:
+            self.loader.release(i)
+
+    def produce(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(K, V, valid chunks) of `layer`, its work done or queued on the current stream."""
+        ready = self._ready.pop(layer, None)
+        if ready is None:
+            if self.loader is None:
+                raise RuntimeError(f"layer {layer} was already taken or never planned")
+            k, v, valid = self._compute(self.reads[self._index[layer]])
         else:
-            runs.append((start, prev + 1))
-            start = prev = c
-    if start is not None:
-        runs.append((start, prev + 1))
-    return runs
+            k, v, valid, ev = ready
+            if ev is not None:
+                stream = torch.cuda.current_stream(self.r.device)
+                stream.wait_event(ev)
+                if k is not None:  # made on the compute stream, used and freed on this one
+                    k.record_stream(stream)
+                    v.record_stream(stream)
+        self._taken += 1
+        if self._taken == self.r.layout.num_layers:
+            self.close()
+        return k, v, valid
 
+    def take(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`LayerSource.take`: a layer whose chunks could not all be read is recomputed from tokens."""
+        k, v, valid = self.produce(layer)
+        if valid < self.m:
+            if not self._warned:
+                log.warning("restore: layer %d has %d of %d chunks readable; recomputing it from tokens",
+                            layer, valid, self.m)
+                self._warned = True
+            k, v = self.r.recomputer.layer(self.ids, layer)
+        return k, v
 
-def _prefix_len(found: list[bool]) -> int:
-    for i, f in enumerate(found):
-        if not f:
-            return i
-    return len(found)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
+    def close(self) -> None:
+        self._close_loader()

@@ -11,15 +11,17 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 
+from hcache_adapter.compat import new_cache
+from hcache_adapter.layout import StateLayout
+from hcache_adapter.loader import LayerLoader, LayerRead
+from hcache_adapter.manifest import HIDDEN, KV
+from hcache_adapter.recompute import Recomputer
 from hcache_adapter.scheduler.profile import Profile, fit_linear, fit_quadratic
 from hstore.buffers import aligned_empty, cuda_available
-
-if TYPE_CHECKING:
-    from hcache_adapter.hcache import HCache
 
 log = logging.getLogger(__name__)
 
@@ -44,40 +46,41 @@ def time_median(fn: Callable[[], object], device: torch.device, repeat: int = 5,
     return statistics.median(samples)
 
 
-def _lengths(hc: "HCache") -> list[int]:
-    limit = getattr(hc.model.config, "max_position_embeddings", None) or 4096
-    candidates = (256, 1024, 4096) if hc.device.type == "cuda" else (64, 256, 512)
+def _lengths(model: torch.nn.Module, device: torch.device) -> list[int]:
+    limit = getattr(model.config, "max_position_embeddings", None) or 4096
+    candidates = (256, 1024, 4096) if device.type == "cuda" else (64, 256, 512)
     return [n for n in candidates if n <= limit] or [min(64, limit)]
 
 
 @torch.no_grad()
-def measure_profile(hc: "HCache", *, probe_bytes: int | None = None) -> Profile:
-    """Profile the machine for `hc.model` (bandwidth per tier, projection and recompute cost)."""
-    device, dtype = hc.device, hc.dtype
+def measure_profile(store, layout: StateLayout, projector, recomputer: Recomputer, device: torch.device, *,
+                    probe_bytes: int | None = None) -> Profile:
+    """Profile this machine for one model (bandwidth per tier, projection and recompute cost)."""
+    device, dtype = torch.device(device), layout.dtype
+    model = recomputer.model
     probe_bytes = probe_bytes or ((256 << 20) if device.type == "cuda" else (32 << 20))
     layer = 0
-    hidden_bpt = hc._entry_bytes_per_token(layer, "H") if hc.projector else 0
-    kv_bpt = hc._entry_bytes_per_token(layer, "K")
+    hidden_bpt = layout.bytes_per_token(layer, HIDDEN) if projector is not None else 0
+    kv_bpt = layout.bytes_per_token(layer, KV)
     read_bw = {"dram": _memory_bandwidth(device, probe_bytes)}
     if device.type == "cuda":
         read_bw["gpu"] = _device_copy_bandwidth(device, probe_bytes)
-    if hc.store.nvme is not None:
-        read_bw["nvme"] = _nvme_bandwidth(hc, min(probe_bytes, hc.store.config.dram_bytes // 2))
-    lengths = _lengths(hc)
+    if store.nvme is not None:
+        read_bw["nvme"] = _nvme_bandwidth(store, layout, projector is not None, device,
+                                          min(probe_bytes, store.config.dram_bytes // 2))
+    lengths = _lengths(model, device)
     proj_points, rec_points = [], []
-    vocab = hc.model.config.vocab_size
+    vocab = model.config.vocab_size
     for n in lengths:
         ids = torch.randint(0, vocab, (1, n), device=device)
-        if hc.projector is not None:
-            hidden = torch.randn(1, n, hc.projector.hidden_size, device=device, dtype=dtype)
+        if projector is not None:
+            hidden = torch.randn(1, n, projector.hidden_size, device=device, dtype=dtype)
             pos = torch.arange(n, device=device).unsqueeze(0)
-            proj_points.append((n, time_median(lambda: hc.projector.project(layer, hidden, pos), device)))
-        from hcache_adapter.compat import new_cache
-
-        t = time_median(lambda: hc._recompute_prefix(ids, new_cache(hc.model), hc.num_layers), device, repeat=3)
-        rec_points.append((n, t / hc.num_layers))
+            proj_points.append((n, time_median(lambda: projector.project(layer, hidden, pos), device)))
+        t = time_median(lambda: recomputer.prefix(ids, recomputer.num_layers, new_cache(model)), device, repeat=3)
+        rec_points.append((n, t / recomputer.num_layers))
     profile = Profile(
-        n_layers=hc.num_layers,
+        n_layers=recomputer.num_layers,
         hidden_bytes_per_token=hidden_bpt,
         kv_bytes_per_token=kv_bpt,
         read_bytes_per_s=read_bw,
@@ -105,18 +108,16 @@ def _device_copy_bandwidth(device: torch.device, nbytes: int) -> float:
     return nbytes / time_median(lambda: dst.copy_(src), device)
 
 
-def _nvme_bandwidth(hc: "HCache", nbytes: int) -> float:
+def _nvme_bandwidth(store, layout: StateLayout, hidden: bool, device: torch.device, nbytes: int) -> float:
     """Cold reads from the store's NVMe tier to the compute device, through the restore's own loader.
 
     Layer-sized reads of the model's real chunk size, the loader's parallel
     readers and its staging: the bandwidth a restore sees, which is below what
     one large batched read gets.
     """
-    from hcache_adapter.restore import LayerLoader, LayerRead
-
-    store, device, dtype = hc.store, hc.device, hc.dtype
-    kind = "H" if hc.projector is not None else "K"
-    shape = hc._chunk_shape(0, kind)
+    dtype = layout.dtype
+    kind = HIDDEN if hidden else KV
+    shape = layout.chunk_shape(0, kind)
     chunk = torch.empty(shape, dtype=dtype)
     chunk_bytes = chunk.numel() * chunk.element_size()
     # The probe must not push the user's state out of either tier: a quarter of what is free, at most.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hcache_adapter.restore import LayerLoader, LayerRead
+from hcache_adapter.loader import LayerLoader, LayerRead
 from hstore import StoreConfig, TieredStore
 
 LAYERS, CHUNKS, SHAPE = 6, 5, (8, 16)

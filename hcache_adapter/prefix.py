@@ -1,0 +1,52 @@
+"""Finding what of a request is stored: the longest stored prefix, and where its chunks are.
+
+A chunk counts when its manifest is present, describes state this layout can
+restore, and agrees with the chunks before it on the plan. The layer entries are
+located (which tier would serve each) so the planner can weigh tiers and the
+loader need not locate them again; they are still verified when read.
+"""
+from __future__ import annotations
+
+import logging
+
+from hcache_adapter.layout import StateLayout
+from hcache_adapter.manifest import RECOMPUTE, Manifest
+
+log = logging.getLogger(__name__)
+
+
+def stored_prefix(store, layout: StateLayout, digests: list[str]) -> tuple[str, int]:
+    """(plan, m): the plan and number of leading chunks that have a valid manifest of one plan."""
+    keys = [layout.manifest_key(d) for d in digests]
+    m = 0
+    for where in store.locate(keys):
+        if where is None:
+            break
+        m += 1
+    if m == 0:
+        return "", 0
+    plan = None
+    for i, raw in enumerate(store.get_many(keys[:m])):
+        man = Manifest.decode(raw)
+        if not layout.accepts(man) or (plan is not None and man.plan != plan):
+            if man is not None and man.fingerprint != layout.fingerprint:
+                log.warning("restore: chunk %d was saved by another model; ignored", i)
+            return plan or "", i
+        plan = man.plan
+    return plan, m
+
+
+def locate_layers(store, layout: StateLayout, plan: str, digests: list[str]) -> tuple[dict[int, list], dict[str, int]]:
+    """(tier of every key per stored layer, bytes each tier would deliver; "missing" for absent keys)."""
+    layers = [l for l, kind in enumerate(plan) if kind != RECOMPUTE]
+    keys = [k for l in layers for k in layout.layer_keys(digests, plan[l], l)]
+    found = store.locate(keys)
+    m = len(digests)
+    where = {l: found[i * m:(i + 1) * m] for i, l in enumerate(layers)}
+    sources: dict[str, int] = {}
+    for l in layers:
+        per_chunk = layout.bytes_per_token(l, plan[l]) * layout.chunk_tokens
+        for tier in where[l]:
+            name = tier or "missing"
+            sources[name] = sources.get(name, 0) + per_chunk
+    return where, sources

@@ -1,0 +1,70 @@
+"""Recomputer: K/V of leading layers from tokens, through the model's own forward.
+
+`auto` recomputes the first r layers of a prefix instead of loading them (the
+bubble-free split), and a layer whose stored chunks turn out unreadable in the
+middle of generate() is recomputed rather than served wrong. Both run the
+model's base model on the prefix tokens with a pre-hook on decoder layer r that
+ends the forward there, so layers r.. and the LM head never run.
+
+While it runs, `internal` is set: hooks that watch the model's forward passes
+for another purpose (the state saver) ignore these passes.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from hcache_adapter.compat import cache_kwarg, layer_kv, new_cache
+
+
+class _StopForward(Exception):
+    """Raised by a pre-hook to end a forward pass after the layers we want."""
+
+
+class InternalForward(threading.local):
+    """Whether the current thread is inside a forward pass HCache runs for itself."""
+
+    active = False
+
+
+class Recomputer:
+    def __init__(self, model: torch.nn.Module, decoder_layers: list[torch.nn.Module]):
+        self.model = model
+        self.decoder_layers = decoder_layers
+        self.internal = InternalForward()
+        self._cache_kw = cache_kwarg(model.base_model)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder_layers)
+
+    @torch.no_grad()
+    def prefix(self, ids: torch.Tensor, layers: int, cache=None):
+        """Run `ids` ([B, T]) through the first `layers` decoder layers, filling `cache` (a new one if None)."""
+        cache = new_cache(self.model) if cache is None else cache
+        if layers <= 0:
+            return cache
+        hook = None
+        if layers < self.num_layers:
+            def stop(module, args, kwargs):
+                raise _StopForward
+
+            hook = self.decoder_layers[layers].register_forward_pre_hook(stop, with_kwargs=True)
+        previous, self.internal.active = self.internal.active, True
+        try:
+            self.model.base_model(input_ids=ids, use_cache=True, **{self._cache_kw: cache})
+        except _StopForward:
+            pass
+        finally:
+            self.internal.active = previous
+            if hook is not None:
+                hook.remove()
+        return cache
+
+    def layer(self, ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of one layer for `ids`, recomputed through every layer before it (the slow, always-right path)."""
+        kv = layer_kv(self.prefix(ids, layer + 1), layer)
+        if kv is None:
+            raise RuntimeError(f"the model's cache holds no K/V for layer {layer}")
+        return kv
