@@ -1,19 +1,18 @@
 #!/usr/bin/env bash
 # Everything we run on the lent GPU machine, as stages of one call (device time is scarce).
 #
-#   bash ../shared/device/pack.sh          # once, here: wheels + liburing for the GPU machine
+#   bash ../shared/device/pack.sh          # once, here: wheels, liburing and redis for the GPU machine
 #   then, on the device (carry .devdeps):  bash benchmarks/gpu_run.sh STAGE [STAGE ...]
 #
 # Stages:
-#   tests      the GPU tests (GPU tier, async puts, fp16 restores; projections bit-exact per architecture)
-#   errors     fp16 max abs error of restored K/V per architecture and method (DRAM and NVMe)
-#   breakdown  where a 7B/4K restore's time goes (benchmarks/restore_breakdown.py)
-#   chatid     is greedy-token identity a fair check on a GPU (benchmarks/chat_identity.py)
-#   tbt        where saving during decoding costs time (benchmarks/tbt_profile.py)
-#   store      `hstore bench` on the machine's disk: NVMe vs raw O_DIRECT, DRAM, NVMe -> pinned -> GPU
-#   quick      `hcache bench` on llama2-7b at 4K only (a fast look at the targets)
-#   full       `hcache bench` as committed under benchmarks/results/ (both models, 1K/4K/8K, chat, TBT);
+#   tests      the GPU tests (tests/hcache/test_gpu.py, and the projections in float16)
+#   breakdown  where TTFT goes, host vs GPU per stage, for the 7B and 8B shapes at 4K (ttft_breakdown.py)
+#   quick      `hcache bench`, both shapes, 1K and 4K from DRAM, 4K from NVMe, 5 repetitions
+#   full       `hcache bench` as committed under benchmarks/results/ (both shapes, 1K..32K, DRAM and NVMe);
 #              extra options in $BENCH_ARGS
+#   errors     fp16 max abs error of restored K/V per architecture (benchmarks/fp16_errors.py)
+#   projspeed  the generic projection against the fast path, 7B shape (benchmarks/projection_speed.py)
+#   store      `hstore bench` on the machine's disk: NVMe vs raw O_DIRECT, DRAM, NVMe -> pinned -> GPU
 # Logs and results land under $OUT (or ./gpu-out when OUT is unset).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
@@ -30,33 +29,34 @@ for s in "$@"; do
   case "$s" in
     tests)
       stage tests
-      timeout 300 python3 -m pytest -q -x -s tests/test_gpu.py tests/test_projection.py -k "cuda or gpu or float16" 2>&1 \
-        | tee "$OUT/gpu_tests.log" | grep -E "fp16 max|passed|failed|Error" ;;
+      timeout 420 python3 -m pytest -q -x -s -p no:cacheprovider tests/hcache/test_gpu.py \
+        "tests/hcache/test_projection.py" -k "cuda or gpu or float16 or captured or modes or tier or graphed or put" 2>&1 \
+        | tee "$OUT/gpu_tests.log" | grep -E "fp16|error|passed|failed|Error|assert" | head -40 ;;
+    breakdown)
+      stage breakdown
+      for m in llama2-7b llama3-8b; do
+        timeout 240 python3 benchmarks/ttft_breakdown.py --model $m --context 4096 2>&1 | tee -a "$OUT/breakdown.log" \
+          | grep -v "^ *[0-9]* *[0-9.]* *[0-9.]* *[0-9.]* *[0-9.]* .*{built-in\|^$" | head -90
+      done ;;
+    quick)
+      stage quick
+      timeout 560 python3 -m hcache_adapter bench --models llama2-7b,llama3-8b --contexts 1024,4096 --nvme-contexts 4096 \
+        --repeat 5 --warmup 2 --long-repeat 3 --no-progress --out "$OUT/quick" 2>&1 | tail -70 ;;
+    full)
+      stage full
+      mkdir -p "$OUT/results"
+      timeout 590 python3 -m hcache_adapter bench --no-progress --out "$OUT/results" ${BENCH_ARGS:-} 2>&1 \
+        | tee "$OUT/results/full.log" | tail -120 ;;
     errors)
       stage errors
       timeout 300 python3 benchmarks/fp16_errors.py --out "$OUT/fp16_errors.md" 2>&1 | tail -40 ;;
-    breakdown)
-      stage breakdown
-      timeout 240 python3 benchmarks/restore_breakdown.py --context 4096 2>&1 | tee "$OUT/breakdown.log" | head -60 ;;
-    chatid)
-      stage chatid
-      timeout 240 python3 benchmarks/chat_identity.py 2>&1 | tee "$OUT/chat_identity.log" | tail -20 ;;
-    tbt)
-      stage tbt
-      timeout 240 python3 benchmarks/tbt_profile.py 2>&1 | tee "$OUT/tbt.log" | head -80 ;;
+    projspeed)
+      stage projspeed
+      timeout 240 python3 benchmarks/projection_speed.py 2>&1 | tee "$OUT/projection_speed.txt" | tail -20 ;;
     store)
       stage store
       timeout 240 python3 -m hstore.cli bench /tmp/hstore-bench --no-progress --csv "$OUT/hstore_bench.csv" 2>&1 \
         | tee "$OUT/hstore_bench.txt" ;;
-    quick)
-      stage quick
-      timeout 420 python3 -m hcache_adapter bench --models llama2-7b --contexts 4096 --repeat 3 --tbt-context 1024 \
-        --tbt-tokens 64 --tbt-pairs 4 --chat-rounds 0 --out "$OUT/quick" 2>&1 | grep -v "it/s\|step/s\|s/step" | tail -30 ;;
-    full)
-      stage full
-      mkdir -p "$OUT/results"
-      timeout 580 python3 -m hcache_adapter bench --out "$OUT/results" ${BENCH_ARGS:-} 2>&1 \
-        | grep -v "it/s\|step/s\|s/step" | tee "$OUT/results/full.log" | tail -60 ;;
     *) echo "unknown stage $s" ;;
   esac
 done

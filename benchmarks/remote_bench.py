@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hstore.bench import parse_size  # noqa: E402
-from hstore.tools.remote_bench import DEFAULT_SIZES, RemoteBenchConfig, format_rows, run_remote_bench  # noqa: E402
+from hstore.units import parse_size  # noqa: E402
+from hstore_bench.remote import DEFAULT_SIZES, RemoteBenchConfig, format_rows, run_remote_bench  # noqa: E402
 from tests.helpers.redis_servers import RedisServer, ThreeNodeCluster  # noqa: E402
 
 

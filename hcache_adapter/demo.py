@@ -51,23 +51,9 @@ class RoundResult:
 
 
 def build_model(size: str, seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from hcache_adapter.bench.models import build_model as build
 
-    shapes = {
-        # name: hidden, layers, heads, intermediate
-        "tiny": (128, 2, 4, 256),
-        "small": (512, 6, 8, 1408),
-        "base": (768, 8, 12, 2048),
-    }
-    hidden, layers, heads, inter = shapes[size]
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-        intermediate_size=inter, vocab_size=32000, max_position_embeddings=8192,
-    )
-    model = LlamaForCausalLM(config).eval()
-    model.generation_config.pad_token_id = 0
-    return model
+    return build(size, seed=seed)
 
 
 def chat_trace(sessions: int, rounds: int, system_tokens: int, seed: int, vocab: int = 32000) -> tuple[list[list[int]], list[Turn]]:

@@ -42,6 +42,50 @@ class LayerRead:
     chunk_shape: tuple[int, ...]
 
 
+class SlotRing:
+    """Device buffers for successive restores of one model: allocated once, grown when a restore needs
+    more, and lent to one loader at a time.
+
+    A slot is written by the loader's copy stream and read by compute on
+    another, so reuse is ordered by the event of the compute that last read it,
+    which the ring keeps across restores. Buffers allocated per restore would be
+    freed while that compute may still be queued.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.buffers: list[torch.Tensor] = []
+        self.free_events: list = []
+        self.lent = False
+
+    def lend(self, depth: int, nbytes: int) -> bool:
+        """Make `depth` slots of at least `nbytes`; False when another loader holds the ring."""
+        if self.lent:
+            return False
+        for i in range(depth):
+            if i < len(self.buffers) and self.buffers[i].numel() >= nbytes:
+                continue
+            if i < len(self.buffers) and self.free_events[i] is not None:
+                self.free_events[i].synchronize()  # growing: the old buffer goes once nothing reads it
+            buf = _new_buffer(self.device, nbytes)
+            if i < len(self.buffers):
+                self.buffers[i], self.free_events[i] = buf, None
+            else:
+                self.buffers.append(buf)
+                self.free_events.append(None)
+        self.lent = True
+        return True
+
+    def give_back(self) -> None:
+        self.lent = False
+
+
+def _new_buffer(device: torch.device, nbytes: int) -> torch.Tensor:
+    if device.type == "cuda":
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+    return aligned_empty(nbytes, pin=False)
+
+
 @dataclass
 class LoadedLayer:
     data: torch.Tensor  # [valid_chunks, *chunk_shape] on the compute device
@@ -52,10 +96,11 @@ class LayerLoader:
     """Background reader that stays at most `depth` layers ahead of the consumer."""
 
     def __init__(self, store, reads: list[LayerRead], dtype: torch.dtype, device: torch.device, *, depth: int = 3,
-                 inline: bool | None = None, stream=None, where: list | None = None):
+                 inline: bool | None = None, stream=None, where: list | None = None, ring: SlotRing | None = None):
         """`inline`: None chooses (GPU and nothing on NVMe: inline); True/False force it (tests).
         `stream`: the copy stream to use on a GPU (a new one when None). `where`: the tier of every
-        key of `reads` in order, as `store.locate` gave it just before (saves locating again)."""
+        key of `reads` in order, as `store.locate` gave it just before (saves locating again).
+        `ring`: buffers shared with earlier restores (fresh ones when None or already lent)."""
         self.store = store
         self.reads = reads
         self.dtype = dtype
@@ -66,10 +111,15 @@ class LayerLoader:
         itemsize = torch.empty(0, dtype=dtype).element_size()
         chunk_bytes = max((_numel(r.chunk_shape) * itemsize for r in reads), default=0)
         self._slot_bytes = align_up(max(n_chunks * chunk_bytes, 1), ALIGN)
-        self._slots = [self._new_slot() for _ in range(self.depth)]
+        self._ring = ring if ring is not None and ring.lend(self.depth, self._slot_bytes) else None
+        if self._ring is not None:
+            self._slots = self._ring.buffers
+            self._free_event = self._ring.free_events  # compute finished with the slot (GPU), across restores
+        else:
+            self._slots = [_new_buffer(self.device, self._slot_bytes) for _ in range(self.depth)]
+            self._free_event = [None] * self.depth
         self._staging: list[torch.Tensor | None] = [None] * self.depth
         self._staging_event: list = [None] * self.depth
-        self._free_event: list = [None] * self.depth  # compute finished with the slot (GPU)
         self._results: dict[int, LoadedLayer | BaseException] = {}
         self._cv = threading.Condition()
         self._credits = threading.Semaphore(self.depth)
@@ -88,11 +138,6 @@ class LayerLoader:
 
     INLINE_LOOKAHEAD = 3  # layers queued ahead of the compute in inline mode (after `prefetch`)
     IO_WORKERS = 8  # thread mode: layers read at once (the lent virtual disk: 1 reader 0.57 GB/s, 8 readers 1.51)
-
-    def _new_slot(self) -> torch.Tensor:
-        if self.cuda:
-            return torch.empty(self._slot_bytes, dtype=torch.uint8, device=self.device)
-        return aligned_empty(self._slot_bytes, pin=False)
 
     def start(self) -> "LayerLoader":
         if not self.reads:
@@ -131,6 +176,9 @@ class LayerLoader:
         if self._fast_switch:
             self._fast_switch = False
             _switch_interval.restore()
+        if self._ring is not None:
+            self._ring.give_back()
+            self._ring = None
 
     # -- consumer side -------------------------------------------------------------
     def get(self, i: int) -> LoadedLayer:

@@ -8,6 +8,7 @@ loader need not locate them again; they are still verified when read.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from hcache_adapter.layout import StateLayout
 from hcache_adapter.manifest import RECOMPUTE, Manifest
@@ -36,11 +37,19 @@ def stored_prefix(store, layout: StateLayout, digests: list[str]) -> tuple[str, 
     return plan, m
 
 
-def locate_layers(store, layout: StateLayout, plan: str, digests: list[str]) -> tuple[dict[int, list], dict[str, int]]:
-    """(tier of every key per stored layer, bytes each tier would deliver; "missing" for absent keys)."""
+@dataclass(frozen=True)
+class LayerLocations:
+    """Per stored layer: its chunk keys, and the tier that would serve each (None: absent)."""
+
+    keys: dict[int, list[str]]
+    tiers: dict[int, list]
+
+
+def locate_layers(store, layout: StateLayout, plan: str, digests: list[str]) -> tuple[LayerLocations, dict[str, int]]:
+    """(keys and tier of every chunk per stored layer, bytes each tier would deliver; "missing" for absent)."""
     layers = [l for l, kind in enumerate(plan) if kind != RECOMPUTE]
-    keys = [k for l in layers for k in layout.layer_keys(digests, plan[l], l)]
-    found = store.locate(keys)
+    per_layer = {l: layout.layer_keys(digests, plan[l], l) for l in layers}
+    found = store.locate([k for l in layers for k in per_layer[l]])
     m = len(digests)
     where = {l: found[i * m:(i + 1) * m] for i, l in enumerate(layers)}
     sources: dict[str, int] = {}
@@ -49,4 +58,4 @@ def locate_layers(store, layout: StateLayout, plan: str, digests: list[str]) -> 
         for tier in where[l]:
             name = tier or "missing"
             sources[name] = sources.get(name, 0) + per_chunk
-    return where, sources
+    return LayerLocations(per_layer, where), sources

@@ -19,6 +19,7 @@ the chunks every layer could read (`restore()`'s contract).
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -27,7 +28,7 @@ import torch
 from hcache_adapter.compat import fill_layer, layer_kv, new_cache
 from hcache_adapter.lazycache import LazyCache
 from hcache_adapter.layout import StateLayout
-from hcache_adapter.loader import LayerLoader, LayerRead
+from hcache_adapter.loader import LayerLoader, LayerRead, SlotRing
 from hcache_adapter.manifest import HIDDEN, RECOMPUTE
 from hcache_adapter.recompute import Recomputer
 
@@ -80,6 +81,7 @@ class Restorer:
             (2 << 30) if self.cuda else (256 << 20))
         self.compute_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
         self.copy_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
+        self.ring = SlotRing(self.device)
 
     def ring_depth(self, n_chunks: int, plan: str) -> int:
         """Layers the loader may hold at once: as many as fit the prefetch budget (at least 2).
@@ -93,11 +95,12 @@ class Restorer:
         return max(2, min(L.num_layers, self.prefetch_bytes // max(slot, 1)))
 
     def restore(self, ids: torch.Tensor, digests: list[str], plan: str, recompute_layers: int, *,
-                lazy: bool, where: dict | None = None) -> tuple[Any, int, Callable[[], None]]:
+                lazy: bool, where=None, on_done: Callable[[], None] | None = None) -> tuple[Any, int, Callable[[], None]]:
         """(cache, valid chunks, release) for the first len(digests) chunks of `ids` ([1, >= n] on the
-        device); `release()` ends a lazy restore's readers once the caller is done with the cache."""
+        device); `release()` ends a lazy restore's readers once the caller is done with the cache.
+        `on_done()` is called once every layer's work is queued (lazy: when the model took the last)."""
         source = PrefixSource(self, ids[:, : len(digests) * self.layout.chunk_tokens], digests, plan,
-                              recompute_layers, where)
+                              recompute_layers, where, on_done)
         source.start()
         if lazy:
             cache = LazyCache.for_model(self.recomputer.model.config)
@@ -105,6 +108,7 @@ class Restorer:
                 if not cache.make_lazy(l, source, source.n_tokens, self.layout.dtype, self.device):
                     k, v = source.take(l)  # a layer type we do not make lazy (sliding window, ...): fill it now
                     fill_layer(cache, l, k, v)
+            weakref.finalize(cache, source.close)  # a cache dropped before every layer was taken ends its readers
             return cache, len(digests), source.close
         try:
             produced = [source.produce(l) for l in range(self.layout.num_layers)]
@@ -124,18 +128,20 @@ class PrefixSource:
     """Produces the layers of one restore (implements `LayerSource` for the lazy cache)."""
 
     def __init__(self, restorer: Restorer, ids: torch.Tensor, digests: list[str], plan: str, recompute_layers: int,
-                 where: dict | None):
+                 where, on_done: Callable[[], None] | None = None):
         self.r = restorer
+        self.on_done = on_done
         self.ids = ids
         self.m = len(digests)
         self.n_tokens = self.m * restorer.layout.chunk_tokens
         self.plan = plan
         self.recompute_layers = recompute_layers
         L = restorer.layout
-        self.reads = [LayerRead(l, kind, L.layer_keys(digests, kind, l), L.chunk_shape(l, kind))
+        known = where.keys if where is not None else {}
+        self.reads = [LayerRead(l, kind, known.get(l) or L.layer_keys(digests, kind, l), L.chunk_shape(l, kind))
                       for l, kind in enumerate(plan) if l >= recompute_layers]
         self._index = {read.layer: i for i, read in enumerate(self.reads)}
-        self.where = where  # layer -> tier of each of its keys (store.locate, from the planner)
+        self.where = where  # prefix.LayerLocations from the planner: keys and tiers per layer
         self.loader: LayerLoader | None = None
         self._ready: dict[int, tuple] = {}  # layer -> (k, v, valid chunks, event or None)
         self._positions: torch.Tensor | None = None
@@ -170,9 +176,9 @@ class PrefixSource:
         where = None
         if self.where is not None:
             first = self.recompute_layers
-            where = [w for l, kind in enumerate(self.plan) if l >= first for w in self.where.get(l, [])]
+            where = [w for l, kind in enumerate(self.plan) if l >= first for w in self.where.tiers.get(l, [])]
         self.loader = LayerLoader(r.store, self.reads, r.layout.dtype, r.device,
-                                  depth=r.ring_depth(self.m, self.plan), stream=r.copy_stream,
+                                  depth=r.ring_depth(self.m, self.plan), stream=r.copy_stream, ring=r.ring,
                                   where=where if where and len(where) == sum(len(x.keys) for x in self.reads) else None
                                   ).start()
 
@@ -225,6 +231,8 @@ class PrefixSource:
         self._taken += 1
         if self._taken == self.r.layout.num_layers:
             self.close()
+            if self.on_done is not None:
+                self.on_done()
         return k, v, valid
 
     def take(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,11 +2,12 @@
 
     hstore stats ROOT [--json]          summary, read-only, never takes the lock
     hstore stats [ROOT] --remote URL    ... and the remote tier's servers and namespace
+    hstore recover ROOT [--nvme-dir D]  rebuild a lost or damaged index from the data files
     hstore verify ROOT [--repair]       read back and check every record
     hstore bench ROOT [...]             tier bandwidth next to the hardware's
     hstore bench ROOT --remote URL      the remote tier's GB/s next to plain redis-py
 
-The commands are thin: `hstore.ondisk` and `hstore.bench` do the work and
+The commands are thin: `hstore.ondisk` and `hstore_bench` (outside the library) do the work and
 return data; this module parses arguments, draws progress bars on stderr and
 formats results on stdout. Expected failures (no store there, store in use,
 I/O errors) print one line on stderr, never a traceback.
@@ -45,7 +46,7 @@ def _version() -> str:
 
 
 def _size_arg(text: str) -> int:
-    from hstore.bench import parse_size
+    from hstore.units import parse_size
 
     try:
         return parse_size(text)
@@ -61,7 +62,7 @@ def _sizes_arg(text: str) -> list[int]:
 
 
 def _tiers_arg(text: str) -> list[str]:
-    from hstore.bench import TIERS
+    from hstore_bench import TIERS
 
     tiers = [t.strip().lower() for t in text.split(",") if t.strip()]
     bad = [t for t in tiers if t not in TIERS]
@@ -139,6 +140,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser(
+        "recover", help="rebuild a lost or damaged index from the data files",
+        description=_wrap("Rebuild the index of the store at ROOT from its data files' record headers, keeping per "
+                    "key the newest record whose checksum verifies. The old index folder is moved aside "
+                    "(ROOT/index.damaged-...), never deleted. Takes the store's lock. Records written before "
+                    "format 2 (and keys over 3.7 KiB) name their key only by a digest: they are counted, not "
+                    "recovered. Keys deleted whose space was not reused yet come back."),
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("root", metavar="ROOT", help="the store's root directory")
+    p.add_argument("--nvme-dir", action="append", metavar="DIR", dest="nvme_dirs",
+                   help="an NVMe directory of the store, in order (repeat; default: as recorded, else ROOT/nvme)")
+    p.add_argument("--engine", choices=["auto", "uring", "threads"], default="auto", help="I/O engine (default auto)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=cmd_recover)
+
+    p = sub.add_parser(
         "bench", help="measure tier bandwidth against the raw device and pinned H2D copies",
         description=_wrap("Measure write and read bandwidth of each tier through the store's public API, next to raw "
                     "O_DIRECT sequential reads of the same directory and (with CUDA) pinned host-to-device "
@@ -206,7 +223,7 @@ def _remote_summary(url: str) -> dict:
 
 
 def _format_remote_summary(r: dict) -> str:
-    from hstore.bench import human_bytes
+    from hstore.units import human_bytes
 
     out = [f"remote       {r['url']} ({r['mode']}), namespace {r['namespace']!r}"]
     if not r["servers"]:
@@ -225,7 +242,7 @@ def _format_remote_summary(r: dict) -> str:
 
 
 def _format_store_summary(s: dict) -> str:
-    from hstore.bench import human_bytes
+    from hstore.units import human_bytes
 
     state = f"in use by pid {s['in_use_by_pid']}" if s["in_use"] else "not open"
     out = [
@@ -301,7 +318,7 @@ class _Bar:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from hstore.bench import human_bytes
+    from hstore.units import human_bytes
     from hstore.ondisk import display_key, verify_store
 
     report = _Bar.run(args, lambda bar: verify_store(args.root, repair=args.repair, batch_bytes=args.batch,
@@ -330,11 +347,29 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_PROBLEMS if report.bad else EXIT_OK
 
 
+# ---------------------------------------------------------------------------- recover
+def cmd_recover(args: argparse.Namespace) -> int:
+    from hstore.ondisk import recover_store
+
+    report = recover_store(args.root, nvme_dirs=args.nvme_dirs, io_engine=args.engine)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return EXIT_OK
+    print(f"recovered {report.recovered} keys from {report.records} verified records in {report.seconds:.1f} s "
+          f"({report.superseded} older versions skipped)")
+    if report.digest_only:
+        print(f"  {report.digest_only} records name their key only by a digest (format 1, or keys over 3.7 KiB): "
+              "not recoverable, their space is reused")
+    if report.moved_aside:
+        print(f"  the previous index is kept at {report.moved_aside}")
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------------- bench
 def cmd_bench(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from hstore.bench import TIERS, BenchConfig, format_report, run_bench, write_csv
+    from hstore_bench import TIERS, BenchConfig, format_report, run_bench, write_csv
 
     tiers = args.tiers if args.tiers is not None else [] if args.remote else list(TIERS)
     if not tiers:
@@ -368,7 +403,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _bench_remote(args: argparse.Namespace) -> int:
     from hstore.tiers.remote.config import redact_url
-    from hstore.tools.remote_bench import RemoteBenchConfig, format_rows, run_remote_bench
+    from hstore_bench.remote import RemoteBenchConfig, format_rows, run_remote_bench
 
     try:
         cfg = RemoteBenchConfig(url=args.remote, sizes=args.sizes, total=args.total, repeat=args.repeat,

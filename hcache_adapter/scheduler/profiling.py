@@ -79,6 +79,7 @@ def measure_profile(store, layout: StateLayout, projector, recomputer: Recompute
             proj_points.append((n, time_median(lambda: projector.project(layer, hidden, pos), device)))
         t = time_median(lambda: recomputer.prefix(ids, recomputer.num_layers, new_cache(model)), device, repeat=3)
         rec_points.append((n, t / recomputer.num_layers))
+    host = _host_costs(store, layout, projector, recomputer, device, read_bw.get("gpu", 0.0))
     profile = Profile(
         n_layers=recomputer.num_layers,
         hidden_bytes_per_token=hidden_bpt,
@@ -89,9 +90,66 @@ def measure_profile(store, layout: StateLayout, projector, recomputer: Recompute
         device=str(device),
         dtype=str(dtype).replace("torch.", ""),
         notes={"lengths": lengths, "projection_s": proj_points, "recompute_layer_s": rec_points},
+        **host,
     )
     log.info("measured profile: %s", profile.to_json())
     return profile
+
+
+def _host_median(fn: Callable[[], object], repeat: int = 5) -> float:
+    """Median host seconds to issue `fn` (no device sync inside the timed span)."""
+    fn()
+    samples = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def _host_costs(store, layout: StateLayout, projector, recomputer: Recomputer, device: torch.device,
+                device_copy_bw: float) -> dict[str, float]:
+    """What a restore and a first forward cost the host on a GPU (launch-bound hosts make these matter).
+
+    Per chunk key: a memory-tier read of real-sized chunks into the device. Per
+    layer: issuing one projection. The eager forward: issuing a forward of 32
+    tokens over a short cache. The replayed forward: the weights read once
+    (what a graphed forward of a few tokens costs the GPU).
+    """
+    if device.type != "cuda":
+        return {}
+    model = recomputer.model
+    kind = HIDDEN if projector is not None else KV
+    shape = layout.chunk_shape(0, kind)
+    chunk = torch.zeros(shape, dtype=layout.dtype)
+    n_keys = max(8, min(128, (store.dram.capacity - store.dram.used) // 8 // max(store.dram.footprint(
+        chunk.numel() * chunk.element_size()), 1)))
+    keys = [f"__hcache_profile__/host/{i}" for i in range(n_keys)]
+    out = torch.empty((n_keys, *shape), dtype=layout.dtype, device=device)
+    try:
+        store.put_many([(k, chunk) for k in keys])
+        key_s = _host_median(lambda: store.get_many_into(keys, out, non_blocking=True, promote=False)) / n_keys
+    finally:
+        for k in keys:
+            store.delete(k)
+    layer_s = 0.0
+    if projector is not None:
+        hidden = torch.zeros(1, layout.chunk_tokens, projector.hidden_size, dtype=layout.dtype, device=device)
+        pos = torch.arange(layout.chunk_tokens, device=device).unsqueeze(0)
+        layer_s = _host_median(lambda: projector.project(0, hidden, pos))
+    ids = torch.randint(0, model.config.vocab_size, (1, 96), device=device)
+    cache = recomputer.prefix(ids[:, :64], recomputer.num_layers)
+
+    def forward():
+        model(ids[:, 64:], use_cache=True, logits_to_keep=1, **{recomputer.cache_kwarg: cache})
+        cache.crop(-32)
+
+    forward_s = _host_median(forward)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    captured_s = weights / (2 * device_copy_bw) if device_copy_bw > 0 else 0.0  # a copy's rate counts both ends
+    torch.cuda.synchronize(device)
+    return {"host_key_s": key_s, "host_layer_s": layer_s, "forward_host_s": forward_s,
+            "captured_forward_s": captured_s}
 
 
 def _memory_bandwidth(device: torch.device, nbytes: int) -> float:
@@ -146,3 +204,30 @@ def _nvme_bandwidth(store, layout: StateLayout, hidden: bool, device: torch.devi
     finally:
         for k in keys:
             store.delete(k)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`hcache profile`: measure and print the profile `auto` would plan with, for a model shape."""
+    import argparse
+    import tempfile
+
+    from hcache_adapter.bench.models import SHAPES, build_model
+    from hcache_adapter.hcache import HCache
+    from hstore import StoreConfig, TieredStore
+
+    p = argparse.ArgumentParser(prog="hcache profile", description=main.__doc__.split(":", 1)[1].strip(),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="tiny", choices=sorted(SHAPES))
+    p.add_argument("--layers", type=int, default=None, help="override the layer count")
+    p.add_argument("--dtype", default="float16" if torch.cuda.is_available() else "float32",
+                   choices=("float16", "bfloat16", "float32"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--root", default=None, help="store root (a temporary directory when omitted)")
+    p.add_argument("--nvme-gib", type=float, default=1.0, help="0: profile without an NVMe tier")
+    args = p.parse_args(argv)
+    model = build_model(args.model, dtype=getattr(torch, args.dtype), device=args.device, layers=args.layers)
+    with tempfile.TemporaryDirectory(dir=".") as tmp:
+        cfg = StoreConfig(root=args.root or tmp, dram_bytes=1 << 30, nvme_bytes=int(args.nvme_gib * 2**30))
+        with TieredStore(cfg) as store:
+            print(HCache(model, store, method="auto").profile.to_json())
+    return 0

@@ -7,10 +7,10 @@ pipelined SET of `bytes` values and pipelined GET of the same sizes: what an app
 talking to Redis directly would get. Medians over `repeat` rounds; in odd rounds the raw client
 goes first, so neither side always finds a warmer server. ratio = the median over rounds of
 tier / raw within a round, so a host whose speed drifts during the run moves both sides of each
-ratio alike (the issue's target: >= 0.9). Everything lives under a private namespace, cleared after each measurement, so the
-server holds at most `total` bytes of the run at a time.
+ratio alike (the issue's target: >= 0.9). Everything lives under a private namespace, cleared
+after each measurement, so the server holds at most `total` bytes of the run at a time.
 
-A harness, not library code: only the CLI imports it.
+A harness, outside the library like the rest of hstore_bench: only the CLI imports it.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import redis
 import torch
 
-from hstore.bench import format_size
+from hstore.units import format_size
 from hstore.tiers.base import WriteItem
 from hstore.tiers.remote import RedisTier, RemoteConfig
 from hstore.tiers.remote.shards import connection_kwargs

@@ -1,1 +1,0 @@
-"""Harnesses and inspection helpers behind the `hstore` CLI, outside the library's data path."""
