@@ -15,6 +15,7 @@ from hstore.format import default_nvme_dir
 from hstore.io.engine import IoEngine
 from hstore.policy.base import EvictionPolicy
 from hstore.tiers.base import RemoteTier
+from hstore.tiers.remote.config import RemoteConfig
 
 _MiB = 1 << 20
 
@@ -72,8 +73,10 @@ class StoreConfig:
     """Rebuild the index from the data files' record headers when it is damaged or missing (as
     `hstore recover ROOT` does) instead of refusing to open with an IndexCorruptError."""
     remote: Any = None
-    """A RemoteTier shared with other stores (read after every local tier, written by the flusher), or None.
-    An instance given here is the caller's to close. (URL strings are for the Redis tier, `hstore.tiers.remote`.)"""
+    """A tier shared with other stores (read after every local tier, written by the flusher), or None:
+    a Redis URL ("redis://[user:password@]host:port/db", "rediss://...", "redis+cluster://host:port"),
+    a `hstore.tiers.remote.RemoteConfig`, or a ready RemoteTier (the caller's to close). A URL is parsed
+    here into a RemoteConfig, so a bad one fails now and the password never shows in this config's repr."""
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -111,8 +114,11 @@ class StoreConfig:
             )
         if not isinstance(self.eviction, str) and not callable(self.eviction):
             raise StoreConfigError(f"eviction must be a policy name or a factory, got {self.eviction!r}")
-        if self.remote is not None and not isinstance(self.remote, (RemoteTier, str)):
-            raise StoreConfigError(f"remote must be a RemoteTier, a URL or None, got {self.remote!r}")
+        if isinstance(self.remote, str):
+            self.remote = RemoteConfig(self.remote)  # a bad URL fails here, redacted
+        if self.remote is not None and not isinstance(self.remote, (RemoteTier, RemoteConfig)):
+            raise StoreConfigError(f"remote must be a URL, a RemoteConfig, a RemoteTier or None, "
+                                   f"got {type(self.remote).__name__}")
         if not isinstance(self.recover_index, bool):
             raise StoreConfigError(f"recover_index must be a bool, got {self.recover_index!r}")
         t = self.put_timeout_s

@@ -11,6 +11,8 @@ from hstore import StoreConfig
 from hstore.io import FaultyEngine, make_engine
 from tests.helpers.store import ENGINE_KINDS, STORE_DEFAULTS
 
+pytest_plugins = ["tests.helpers.redis_servers"]  # real redis-server fixtures for the remote tier's tests
+
 
 @pytest.fixture(params=ENGINE_KINDS)
 def engine_kind(request) -> str:
