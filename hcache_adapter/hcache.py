@@ -18,6 +18,7 @@ This class is the front only; the parts are `StateLayout` (what a chunk is),
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from contextlib import ExitStack
@@ -33,7 +34,7 @@ from hcache_adapter.generation import cache_for_call, inspect_call, with_cache
 from hcache_adapter.layout import StateLayout
 from hcache_adapter.manifest import HIDDEN, KV, RECOMPUTE
 from hcache_adapter.prefill_graph import CapturedPrefill
-from hcache_adapter.prefix import locate_layers, stored_prefix
+from hcache_adapter.prefix import complete_chunks, locate_layers, stored_prefix
 from hcache_adapter.projection import projector_for
 from hcache_adapter.recompute import Recomputer
 from hcache_adapter.restore import Restorer, RestoreResult
@@ -277,6 +278,12 @@ class HCache:
             return self._done(RestoreResult(new_cache(self.model), seconds=time.perf_counter() - t0))
         digests = digests[:m]
         where, sources = locate_layers(self.store, self.layout, plan, digests)
+        complete = complete_chunks(where)
+        if complete < m:  # a chunk without every layer: the prefix ends before it
+            m, digests = complete, digests[:complete]
+            if m == 0:
+                return self._done(RestoreResult(new_cache(self.model), seconds=time.perf_counter() - t0))
+            where, sources = locate_layers(self.store, self.layout, plan, digests)
         decision = self._split(plan, m, sources, suffix=ids.shape[1] - m * C,
                                captured=lazy and self.prefill is not None and self.prefill.enabled)
         r = decision.recompute_layers
@@ -313,7 +320,9 @@ class HCache:
         return on_done
 
     def _done(self, result: RestoreResult) -> RestoreResult:
-        self.last_restore = result
+        # What happened, without the cache: holding it would keep its memory (and the captured prefill's
+        # graph memory it may point at) alive until the next request.
+        self.last_restore = dataclasses.replace(result, cache=None, release=None)
         return result
 
 

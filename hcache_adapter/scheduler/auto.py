@@ -50,16 +50,23 @@ class AutoScheduler:
         self._profile = profile
         self.explicit_plan = plan
         self.nvme_efficiency = 1.0  # NVMe bandwidth split restores have seen / the profile's
+        self._saved_plan: tuple | None = None  # ((profile id, tiers), plan)
 
     @property
     def profile(self) -> Profile:
         return self._profile()
 
     def save_plan(self, tiers: tuple[str, ...]) -> str:
+        """The plan chunks are saved with: explicit, or the cheapest to restore over `tiers` (computed once
+        per profile and tiers: it is asked for on every generate, and weighing every split is O(L^3))."""
         if self.explicit_plan:
             return self.explicit_plan
         profile = self.profile
-        return choose_save_plan(profile, sources=tuple(t for t in tiers if t in profile.read_bytes_per_s))
+        key = (id(profile), tiers)
+        if self._saved_plan is None or self._saved_plan[0] != key:
+            sources = tuple(t for t in tiers if t in profile.read_bytes_per_s)
+            self._saved_plan = (key, choose_save_plan(profile, sources=sources))
+        return self._saved_plan[1]
 
     def split(self, plan: str, n_tokens: int, sources: dict[str, int], depth: int, *, suffix_tokens: int = 0,
               captured: bool = False) -> SplitDecision:

