@@ -22,6 +22,9 @@ same batch saved (identical rows, questions on one document). The decoding of
 a batch is computed under padding: it is neither saved nor made resident,
 except for a batch of one unpadded row, whose whole context (prompt and
 output) stays resident. Beams and return sequences repeat the merged cache.
+
+"recompute" with resident contexts comes here for single rows too (nothing is
+saved, so generate()'s own prefill over the resident prefix does it in one pass).
 """
 from __future__ import annotations
 
@@ -70,6 +73,14 @@ class BatchedGenerator:
         P = shared_columns(spans)
         if P == 0:  # no row has a whole chunk: nothing to restore or save
             return self._finish(input_ids, kwargs, call, None, pads)
+        if input_ids.shape[0] == 1 and pads[0] == 0 and self.saver_for is None:
+            # one unpadded row and nothing to save ("recompute" with resident contexts): generate()'s own
+            # prefill computes the rest, in one pass
+            result = self._start(input_ids.to(device), input_ids[0].tolist())
+            try:
+                return self._finish(input_ids, kwargs, call, cache_for_call(call, self.model, result.cache), pads)
+            finally:
+                result.close()
         ids = input_ids.to(device)
         rows = input_ids.tolist()
         states: list[list[tuple[torch.Tensor, torch.Tensor]] | None] = []

@@ -78,8 +78,7 @@ class ResidentContexts:
     def __init__(self, budget_bytes: int, layout: StateLayout, model_config, *,
                  policy: str | EvictionPolicy = "lru", stats: ServingStats | None = None,
                  cost: Callable[[int], float] | None = None, stored: Callable[[list[str]], int] | None = None):
-        if not isinstance(budget_bytes, int) or isinstance(budget_bytes, bool) or budget_bytes < 0:
-            raise StoreConfigError(f"gpu_context_bytes must be an int >= 0, got {budget_bytes!r}")
+        _check_budget(budget_bytes)
         self.budget = budget_bytes
         self.layout = layout
         self.config = model_config
@@ -153,12 +152,7 @@ class ResidentContexts:
             if d.encode() in self._entries:
                 self._drop(d.encode())
                 st.gpu_superseded += 1
-        while self.used + nbytes > self.budget:
-            victim = self.policy.pop_victim()
-            if victim is None:
-                raise RuntimeError("resident contexts: bytes are accounted but the policy tracks no entry")
-            self._drop(victim)
-            st.gpu_evictions += 1
+        self._evict_until(self.budget - nbytes)
         kept = [(k[..., :w, :].clone(), v[..., :w, :].clone()) for k, v in layers]
         entry = _Entry(key, digests, kept, nbytes)
         self._entries[key] = entry
@@ -169,6 +163,12 @@ class ResidentContexts:
         st.gpu_admitted += 1
         self._levels()
         return True
+
+    def resize(self, budget_bytes: int) -> None:
+        """A new budget; entries are evicted by policy until they fit it."""
+        _check_budget(budget_bytes)
+        self.budget = self.stats.gpu_budget = budget_bytes
+        self._evict_until(budget_bytes)
 
     def clear(self) -> None:
         for key in list(self._entries):
@@ -186,6 +186,14 @@ class ResidentContexts:
             if keys:
                 return i + 1, self._entries[next(reversed(keys))]
         return 0, None
+
+    def _evict_until(self, limit: int) -> None:
+        while self.used > limit:
+            victim = self.policy.pop_victim()
+            if victim is None:
+                raise RuntimeError("resident contexts: bytes are accounted but the policy tracks no entry")
+            self._drop(victim)
+            self.stats.gpu_evictions += 1
 
     def _drop(self, key: bytes) -> None:
         entry = self._entries.pop(key)
@@ -215,6 +223,11 @@ class ResidentContexts:
         for l in range(len(entry.layers)):
             fill_layer(cache, l, *source.take(l))
         return cache
+
+
+def _check_budget(budget_bytes) -> None:
+    if not isinstance(budget_bytes, int) or isinstance(budget_bytes, bool) or budget_bytes < 0:
+        raise StoreConfigError(f"gpu_context_bytes must be an int >= 0, got {budget_bytes!r}")
 
 
 def planner_cost(profile: Callable[[], object], plan: Callable[[], str]) -> Callable[[int], float]:

@@ -216,3 +216,22 @@ def test_left_padding_accepts_only_zeros_then_ones(mask):
     assert (pads is not None) == ok
     if ok:
         assert pads == [row.index(1) for row in mask]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["hcache", "kv", "auto"])
+def test_batch_on_the_gpu(method, tmp_path):
+    """Lazy per-row restores on side streams, the unpadded row prefill and the merge, on a GPU (float32)."""
+    model = build("llama_gqa").cuda()
+    with TieredStore(StoreConfig(root=tmp_path / "s", dram_bytes=8 << 20, nvme_bytes=0)) as store:
+        hc = HCache(model, store, method=method, chunk_tokens=C, plan="HK" if method == "auto" else None)
+        rows = [tokens(30, 1), tokens(13, 2), tokens(22, 3)]
+        for rnd in range(2):
+            ids, mask = left_padded(rows)
+            ids, mask = ids.cuda(), mask.cuda()
+            out = hc.generate(ids, attention_mask=mask, **GREEDY)
+            assert torch.equal(out, model.generate(ids, attention_mask=mask, **GREEDY))
+            T = ids.shape[1]
+            rows = [out[b, T - len(r):].tolist() + tokens(4, 20 + b) for b, r in enumerate(rows)]
+        assert hc.stats.restored_tokens > 0

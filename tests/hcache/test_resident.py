@@ -182,3 +182,19 @@ def test_resident_accounting_under_any_sequence(ops, budget, policy):
             assert rc.longest(base[s][: w + 1]) == w
     rc.clear()
     assert rc.used == 0 and len(rc) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_resident_hits_on_the_gpu_with_the_captured_prefill(tmp_path):
+    """On a GPU (captured first forward on by default) hits give model.generate's tokens."""
+    m = build_model("llama_gqa").cuda()
+    m.generation_config.pad_token_id = m.generation_config.eos_token_id
+    with TieredStore(StoreConfig(root=tmp_path / "s", dram_bytes=8 << 20, nvme_bytes=0)) as store:
+        hc = HCache(m, store, chunk_tokens=C, gpu_context_bytes=1 << 20)
+        ids = tokens(21, 1).cuda()
+        for rnd in range(4):
+            out = turn(hc, m, ids)
+            ids = torch.cat([out, tokens(5, 2 + rnd).cuda()], 1)
+        assert hc.stats.gpu_hits == 3 and hc.stats.restored_tokens == 0
+        assert type(hc.restore(ids, lazy=True).cache).__name__ == "LazyCache"  # what the captured prefill takes
