@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     elif command == "serve-bench":
         from hcache_adapter.serving.serve_bench import main as run
     elif command == "profile":
-        from hcache_adapter.scheduler.profiling import main as run
+        from hcache_adapter.bench.profile import main as run
     else:
         print(f"hcache: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2

@@ -183,7 +183,7 @@ class HCache:
         if self.method == "kv":
             return KV * L
         if self.method == "auto":
-            return self.scheduler.save_plan(tuple(t for t in ("gpu", "dram", "nvme") if getattr(self.store, t, None)))
+            return self.scheduler.save_plan(tuple(t.name for t in self.store.tiers))
         return RECOMPUTE * L
 
     def bytes_per_token(self, plan: str | None = None) -> int:
@@ -306,20 +306,16 @@ class HCache:
             return self._done(RestoreResult(new_cache(self.model), seconds=time.perf_counter() - t0))
         digests = digests[:m]
         where, sources = locate_layers(self.store, self.layout, plan, digests)
-        decision = self._split(plan, m, sources)
+        decision = self._split(plan, m, sources, suffix=ids.shape[1] - m * C,
+                               captured=lazy and self.prefill is not None and self.prefill.enabled)
         r = decision.recompute_layers
         if self.method == "auto" and r == L:
             # Recomputing every layer is a prefill: leave it to the caller's own forward, which then runs
             # the prefix and the new tokens in one pass. The stored chunks are not saved again.
             return self._done(RestoreResult(new_cache(self.model), 0, plan, L, sources, stored_chunks=m,
                                             seconds=time.perf_counter() - t0))
-        learn = decision.estimate is not None  # a split NVMe restore: its real time teaches auto
-        t_run = time.perf_counter()
-        cache, valid, release = self.restorer.restore(ids, digests, plan, r, lazy=lazy and not learn, where=where)
-        if learn:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)  # its time is known only when its work is done
-            self.scheduler.observe(decision, time.perf_counter() - t_run)
+        on_done = self._observer(decision) if decision.estimate is not None else None  # a split NVMe restore
+        cache, valid, release = self.restorer.restore(ids, digests, plan, r, lazy=lazy, where=where, on_done=on_done)
         if valid < m:
             log.warning("restore: chunk %d of the prefix is missing or corrupt; recomputing from there", valid)
         if valid == 0:
@@ -327,11 +323,23 @@ class HCache:
         return self._done(RestoreResult(cache, valid * C, plan, r if valid else 0, sources, digests[:valid],
                                         stored_chunks=m, seconds=time.perf_counter() - t0, release=release))
 
-    def _split(self, plan: str, m: int, sources: dict[str, int]) -> SplitDecision:
+    def _split(self, plan: str, m: int, sources: dict[str, int], *, suffix: int, captured: bool) -> SplitDecision:
         if self.scheduler is None:
             return SplitDecision(min_recompute(plan))
         depth = self.restorer.ring_depth(m, plan)
-        return self.scheduler.split(plan, m * self.chunk_tokens, sources, depth)
+        return self.scheduler.split(plan, m * self.chunk_tokens, sources, depth, suffix_tokens=suffix,
+                                    captured=captured)
+
+    def _observer(self, decision: SplitDecision):
+        """What a split NVMe restore calls once its last layer is queued: its real time teaches auto."""
+        t_run = time.perf_counter()
+
+        def on_done() -> None:
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()  # known only once its work is done
+            self.scheduler.observe(decision, time.perf_counter() - t_run)
+
+        return on_done
 
     # -- what the serving parts are handed (hcache_adapter.serving) ---------------------
     def _stored_chunks(self, digests: list[str]) -> int:

@@ -34,6 +34,7 @@ class Recomputer:
         self.decoder_layers = decoder_layers
         self.internal = InternalForward()
         self._cache_kw = cache_kwarg(model.base_model)
+        self.cache_kwarg = cache_kwarg(model)  # the model's own forward's name for the cache
 
     @property
     def num_layers(self) -> int:

@@ -95,11 +95,12 @@ class Restorer:
         return max(2, min(L.num_layers, self.prefetch_bytes // max(slot, 1)))
 
     def restore(self, ids: torch.Tensor, digests: list[str], plan: str, recompute_layers: int, *,
-                lazy: bool, where=None) -> tuple[Any, int, Callable[[], None]]:
+                lazy: bool, where=None, on_done: Callable[[], None] | None = None) -> tuple[Any, int, Callable[[], None]]:
         """(cache, valid chunks, release) for the first len(digests) chunks of `ids` ([1, >= n] on the
-        device); `release()` ends a lazy restore's readers once the caller is done with the cache."""
+        device); `release()` ends a lazy restore's readers once the caller is done with the cache.
+        `on_done()` is called once every layer's work is queued (lazy: when the model took the last)."""
         source = PrefixSource(self, ids[:, : len(digests) * self.layout.chunk_tokens], digests, plan,
-                              recompute_layers, where)
+                              recompute_layers, where, on_done)
         source.start()
         if lazy:
             cache = LazyCache.for_model(self.recomputer.model.config)
@@ -127,8 +128,9 @@ class PrefixSource:
     """Produces the layers of one restore (implements `LayerSource` for the lazy cache)."""
 
     def __init__(self, restorer: Restorer, ids: torch.Tensor, digests: list[str], plan: str, recompute_layers: int,
-                 where):
+                 where, on_done: Callable[[], None] | None = None):
         self.r = restorer
+        self.on_done = on_done
         self.ids = ids
         self.m = len(digests)
         self.n_tokens = self.m * restorer.layout.chunk_tokens
@@ -229,6 +231,8 @@ class PrefixSource:
         self._taken += 1
         if self._taken == self.r.layout.num_layers:
             self.close()
+            if self.on_done is not None:
+                self.on_done()
         return k, v, valid
 
     def take(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,12 +21,15 @@ from typing import Callable
 
 from hcache_adapter.layout import StateLayout
 from hcache_adapter.scheduler.planner import (
+    MEMORY_TIERS,
+    RECOMPUTE_MARGIN,
     RestoreEstimate,
     choose_save_plan,
     effective_bandwidth,
     estimate,
     min_recompute,
     restore_estimate,
+    ttft_estimates,
 )
 from hcache_adapter.scheduler.profile import Profile
 
@@ -58,8 +61,15 @@ class AutoScheduler:
         profile = self.profile
         return choose_save_plan(profile, sources=tuple(t for t in tiers if t in profile.read_bytes_per_s))
 
-    def split(self, plan: str, n_tokens: int, sources: dict[str, int], depth: int) -> SplitDecision:
-        """How many leading layers to recompute for state spread over `sources` (bytes per tier)."""
+    def split(self, plan: str, n_tokens: int, sources: dict[str, int], depth: int, *, suffix_tokens: int = 0,
+              captured: bool = False) -> SplitDecision:
+        """How many leading layers to recompute for state spread over `sources` (bytes per tier).
+
+        From memory tiers the choice is all or nothing, on the whole time to first
+        token (the host's work included: with a few short chunks and no captured
+        first forward, one plain prefill can win); from NVMe, the split that
+        balances reading against recomputing.
+        """
         profile = self.profile
         known = {s: b for s, b in sources.items() if s in profile.read_bytes_per_s}
         tier = max(known, key=known.get) if known else None
@@ -71,6 +81,11 @@ class AutoScheduler:
         if 0 < r < len(plan) and tier == "nvme":
             everything = estimate(profile, plan, len(plan), n_tokens, bw, depth=depth)
             return SplitDecision(r, est, everything.total_s)
+        if tier in MEMORY_TIERS and r < len(plan):
+            ttft = ttft_estimates(profile, plan, n_tokens, suffix_tokens, bw, recompute_layers=r, depth=depth,
+                                  chunk_tokens=self.layout.chunk_tokens, captured=captured)
+            if ttft["recompute"] < ttft["load"] * (1 - RECOMPUTE_MARGIN):
+                return SplitDecision(len(plan))
         return SplitDecision(max(r, min_recompute(plan)))
 
     def observe(self, decision: SplitDecision, seconds: float) -> None:

@@ -148,3 +148,26 @@ def effective_bandwidth(profile: Profile, bytes_by_source: dict[str, int], scale
                 return 0.0
             seconds += b / bw
     return total / seconds
+
+
+def ttft_estimates(profile: Profile, plan: str, n_tokens: int, suffix_tokens: int, bytes_per_s: float, *,
+                   recompute_layers: int | None = None, depth: int | None = None, chunk_tokens: int = 64,
+                   captured: bool = False) -> dict[str, float]:
+    """Time to first token of loading the prefix (with `recompute_layers` recomputed, default the least the
+    plan allows) and of recomputing everything, counting the host's work as well as the GPU's.
+
+    Loading: the host issues every chunk read and every layer's work (the GPU
+    runs them as they come), then the first forward of the new tokens: replayed
+    from a graph (GPU time only) or issued op by op (host time). Recomputing:
+    one forward over prefix and new tokens, bound by the GPU or by issuing it.
+    """
+    r = min_recompute(plan) if recompute_layers is None else recompute_layers
+    est = estimate(profile, plan, r, n_tokens, bytes_per_s, depth=depth)
+    loaded = len(plan) - r
+    host = loaded * (n_tokens // chunk_tokens) * profile.host_key_s + loaded * profile.host_layer_s
+    if captured and profile.captured_forward_s > 0:
+        load = max(host, est.total_s) + profile.captured_forward_s
+    else:
+        load = max(host + profile.forward_host_s, est.total_s)
+    everything = max(profile.forward_host_s, len(plan) * profile.recompute_seconds(n_tokens + suffix_tokens))
+    return {"load": load, "recompute": everything}

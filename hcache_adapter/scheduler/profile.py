@@ -24,6 +24,11 @@ class Profile:
     device: str = "cpu"
     dtype: str = "float32"
     notes: dict = field(default_factory=dict)
+    # Host-side costs (a launch-bound GPU host), measured on CUDA; 0 elsewhere and in older profiles:
+    host_key_s: float = 0.0  # issuing the read of one chunk key from a memory tier
+    host_layer_s: float = 0.0  # issuing one restored layer's copy and projection (events, graph replay)
+    forward_host_s: float = 0.0  # issuing one eager forward of a few new tokens (kernel launches)
+    captured_forward_s: float = 0.0  # GPU time of that forward replayed from a CUDA graph (0: not captured)
 
     def project_seconds(self, n: int) -> float:
         a, b = self.project_coef

@@ -65,7 +65,7 @@ def measure_profile(store, layout: StateLayout, projector, recomputer: Recompute
     read_bw = {"dram": _memory_bandwidth(device, probe_bytes)}
     if device.type == "cuda":
         read_bw["gpu"] = _device_copy_bandwidth(device, probe_bytes)
-    if store.nvme is not None:
+    if store.tier("nvme") is not None:
         read_bw["nvme"] = _nvme_bandwidth(store, layout, projector is not None, device,
                                           min(probe_bytes, store.config.dram_bytes // 2))
     lengths = _lengths(model, device)
@@ -79,6 +79,7 @@ def measure_profile(store, layout: StateLayout, projector, recomputer: Recompute
             proj_points.append((n, time_median(lambda: projector.project(layer, hidden, pos), device)))
         t = time_median(lambda: recomputer.prefix(ids, recomputer.num_layers, new_cache(model)), device, repeat=3)
         rec_points.append((n, t / recomputer.num_layers))
+    host = _host_costs(store, layout, projector, recomputer, device, read_bw.get("gpu", 0.0))
     profile = Profile(
         n_layers=recomputer.num_layers,
         hidden_bytes_per_token=hidden_bpt,
@@ -89,9 +90,67 @@ def measure_profile(store, layout: StateLayout, projector, recomputer: Recompute
         device=str(device),
         dtype=str(dtype).replace("torch.", ""),
         notes={"lengths": lengths, "projection_s": proj_points, "recompute_layer_s": rec_points},
+        **host,
     )
     log.info("measured profile: %s", profile.to_json())
     return profile
+
+
+def _host_median(fn: Callable[[], object], repeat: int = 5) -> float:
+    """Median host seconds to issue `fn` (no device sync inside the timed span)."""
+    fn()
+    samples = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def _host_costs(store, layout: StateLayout, projector, recomputer: Recomputer, device: torch.device,
+                device_copy_bw: float) -> dict[str, float]:
+    """What a restore and a first forward cost the host on a GPU (launch-bound hosts make these matter).
+
+    Per chunk key: a memory-tier read of real-sized chunks into the device. Per
+    layer: issuing one projection. The eager forward: issuing a forward of 32
+    tokens over a short cache. The replayed forward: the weights read once
+    (what a graphed forward of a few tokens costs the GPU).
+    """
+    if device.type != "cuda":
+        return {}
+    model = recomputer.model
+    kind = HIDDEN if projector is not None else KV
+    shape = layout.chunk_shape(0, kind)
+    chunk = torch.zeros(shape, dtype=layout.dtype)
+    dram = store.tier("dram")
+    n_keys = max(8, min(128, (dram.capacity - dram.used) // 8 // max(dram.footprint(
+        chunk.numel() * chunk.element_size()), 1)))
+    keys = [f"__hcache_profile__/host/{i}" for i in range(n_keys)]
+    out = torch.empty((n_keys, *shape), dtype=layout.dtype, device=device)
+    try:
+        store.put_many([(k, chunk) for k in keys])
+        key_s = _host_median(lambda: store.get_many_into(keys, out, non_blocking=True, promote=False)) / n_keys
+    finally:
+        for k in keys:
+            store.delete(k)
+    layer_s = 0.0
+    if projector is not None:
+        hidden = torch.zeros(1, layout.chunk_tokens, projector.hidden_size, dtype=layout.dtype, device=device)
+        pos = torch.arange(layout.chunk_tokens, device=device).unsqueeze(0)
+        layer_s = _host_median(lambda: projector.project(0, hidden, pos))
+    ids = torch.randint(0, model.config.vocab_size, (1, 96), device=device)
+    cache = recomputer.prefix(ids[:, :64], recomputer.num_layers)
+
+    def forward():
+        model(ids[:, 64:], use_cache=True, logits_to_keep=1, **{recomputer.cache_kwarg: cache})
+        cache.crop(-32)
+
+    forward_s = _host_median(forward)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    captured_s = weights / (2 * device_copy_bw) if device_copy_bw > 0 else 0.0  # a copy's rate counts both ends
+    torch.cuda.synchronize(device)
+    return {"host_key_s": key_s, "host_layer_s": layer_s, "forward_host_s": forward_s,
+            "captured_forward_s": captured_s}
 
 
 def _memory_bandwidth(device: torch.device, nbytes: int) -> float:
@@ -121,8 +180,9 @@ def _nvme_bandwidth(store, layout: StateLayout, hidden: bool, device: torch.devi
     chunk = torch.empty(shape, dtype=dtype)
     chunk_bytes = chunk.numel() * chunk.element_size()
     # The probe must not push the user's state out of either tier: a quarter of what is free, at most.
-    free_nvme = (store.nvme.capacity - store.nvme.used) // 4 // store.nvme.footprint(chunk_bytes)
-    free_dram = (store.dram.capacity - store.dram.used) // 4 // store.dram.footprint(chunk_bytes)
+    nvme, dram = store.tier("nvme"), store.tier("dram")
+    free_nvme = (nvme.capacity - nvme.used) // 4 // nvme.footprint(chunk_bytes)
+    free_dram = (dram.capacity - dram.used) // 4 // dram.footprint(chunk_bytes)
     chunks = max(8, min(nbytes // chunk_bytes, free_nvme, free_dram, 4096))
     per_layer = max(1, min(64, chunks // 8))  # 8 "layers" of up to 64 chunks
     layers = max(2, chunks // per_layer)
@@ -146,3 +206,4 @@ def _nvme_bandwidth(store, layout: StateLayout, hidden: bool, device: torch.devi
     finally:
         for k in keys:
             store.delete(k)
+

@@ -114,8 +114,8 @@ def test_corrupt_chunk_in_the_middle_stops_the_restore_there(tmp_path):
         hc.generate(ids, max_new_tokens=2, do_sample=False)
         store.flush()
         digests = hc.digests(ids[0, :56])
-        victim = store._entries[layer_key("hc", digests[3], "h", 1).encode()].durable
-        data_file = store.nvme.devices[victim.device].path
+        victim = store.durable_record(layer_key("hc", digests[3], "h", 1))
+        data_file = victim.path
     with open(data_file, "r+b") as f:  # flip payload bytes of chunk 3, layer 1
         f.seek(victim.offset + 4096 + 100)
         byte = f.read(1)
@@ -255,11 +255,17 @@ def test_auto_recomputes_everything_when_reading_is_slow_and_compute_is_free(sto
     assert store.stats()["puts"] - puts == new_chunks * (1 + model.config.num_hidden_layers)  # layers + manifest
 
 
-def test_auto_loads_everything_from_memory_tiers_whatever_the_profile_says(store):
-    """From DRAM the pipeline is bound by the host CPU, which the estimate does not model: no split."""
+def test_auto_never_splits_a_memory_tier_restore(store):
+    """From DRAM it is all or nothing, on the whole TTFT: a profile where reading DRAM is absurdly slow and
+    recomputing free recomputes everything; one where recomputing is dear loads every layer, exactly."""
     model, hc, out = _auto_after_a_round_where_recomputing_is_free(store)
-    cache, n = hc.restore(out)
-    assert n > 0 and hc.last_restore.sources.get("dram", 0) > 0 and hc.last_restore.recompute_layers == 0
+    _, n = hc.restore(out)
+    assert n == 0 and hc.last_restore.recompute_layers == hc.num_layers
+    L = model.config.num_hidden_layers
+    dear = HCache(model, store, method="auto", chunk_tokens=C, plan="H" * L,
+                  profile=slow_disk_profile(L, 1, 1, recompute_cheap=False))
+    cache, n = dear.restore(out)
+    assert n > 0 and dear.last_restore.sources.get("dram", 0) > 0 and dear.last_restore.recompute_layers == 0
     assert_cache_exact(model, cache, out, n)
 
 
@@ -361,8 +367,14 @@ def test_measuring_the_profile_never_evicts_stored_state(tmp_path):
         assert "nvme" in hc.profile.read_bytes_per_s  # measured now
         assert before == set(store.keys())
         cache, n = hc.restore(ids)
-        assert n == 40
-        assert_cache_exact(model, cache, ids, n)
+        # the measured (noisy, CPU) profile decides whether loading beats one prefill; either way nothing is lost
+        assert hc.last_restore.sources.get("dram", 0) + hc.last_restore.sources.get("nvme", 0) > 0
+        assert "missing" not in hc.last_restore.sources
+        if n:
+            assert n == 40
+            assert_cache_exact(model, cache, ids, n)
+        else:
+            assert hc.last_restore.recompute_layers == L
 
 
 def test_auto_does_not_learn_from_memory_tier_restores(tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -11,6 +12,7 @@ from hcache_adapter.scheduler.planner import (
     effective_bandwidth,
     estimate,
     min_recompute,
+    ttft_estimates,
 )
 from hcache_adapter.scheduler.profile import Profile, fit_linear, fit_quadratic
 
@@ -170,3 +172,35 @@ def test_fits():
     assert a == pytest.approx(1.0) and b == pytest.approx(0.01)
     a, b, c = fit_quadratic([(n, 0.5 + 0.001 * n + 1e-6 * n * n) for n in (64, 256, 1024, 4096)])
     assert (a, b, c) == pytest.approx((0.5, 0.001, 1e-6), rel=1e-6, abs=1e-9)
+
+
+def h200_host_costs(p: Profile, *, captured: bool) -> Profile:
+    """A launch-bound host (the lent H200's VM): 20 us per chunk key, 0.3 ms a layer, 50 ms an eager forward."""
+    p.host_key_s, p.host_layer_s, p.forward_host_s = 20e-6, 0.3e-3, 50e-3
+    p.captured_forward_s = 3.4e-3 if captured else 0.0
+    return p
+
+
+def test_ttft_of_loading_counts_the_hosts_work_and_the_captured_forward():
+    p = h200_host_costs(h100_llama7b(), captured=True)
+    eager = ttft_estimates(p, "H" * 32, 4096, 32, p.read_bytes_per_s["dram"], captured=False)
+    graphed = ttft_estimates(p, "H" * 32, 4096, 32, p.read_bytes_per_s["dram"], captured=True)
+    host = 32 * 64 * 20e-6 + 32 * 0.3e-3
+    assert eager["load"] == pytest.approx(host + 50e-3)  # the GPU's ~20 ms of restore hide under the host's work
+    assert graphed["load"] == pytest.approx(max(host, 0.0195) + 3.4e-3, rel=0.2)
+    assert graphed["load"] < eager["load"] < eager["recompute"]
+
+
+@pytest.mark.parametrize("captured", [False, True])
+def test_auto_recomputes_a_short_prefix_from_dram_only_when_that_is_faster_end_to_end(captured, tmp_path):
+    """At 256 tokens loading 32 layers costs the host 4 chunks x 32 reads plus an eager forward, while one
+    prefill of 288 tokens is bound by the same forward: without a captured forward, recompute wins."""
+    from hcache_adapter.layout import StateLayout
+    from hcache_adapter.scheduler.auto import AutoScheduler
+
+    p = h200_host_costs(h100_llama7b(), captured=captured)
+    p.recompute_coef = (0.0, 1e-9, 0.0)  # a short prefill costs the GPU next to nothing
+    layout = StateLayout("f", "hc", 64, torch.float16, 4096, (32,) * 32, (128,) * 32)
+    auto = AutoScheduler(layout, lambda: p)
+    decision = auto.split("H" * 32, 256, {"dram": 256 * 8192 * 32}, depth=32, suffix_tokens=32, captured=captured)
+    assert decision.recompute_layers == (0 if captured else 32)
