@@ -13,6 +13,8 @@
 #   errors     fp16 max abs error of restored K/V per architecture (benchmarks/fp16_errors.py)
 #   projspeed  the generic projection against the fast path, 7B shape (benchmarks/projection_speed.py)
 #   store      `hstore bench` on the machine's disk: NVMe vs raw O_DIRECT, DRAM, NVMe -> pinned -> GPU
+#   serve      the serving GPU tests, then `hcache serve-bench --preset gpu-7b` (chat + documents, 7B shape,
+#              ~5 minutes) -> $OUT/serve_bench; extra options in $SERVE_ARGS
 # Logs and results land under $OUT (or ./gpu-out when OUT is unset).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
@@ -53,6 +55,13 @@ for s in "$@"; do
     projspeed)
       stage projspeed
       timeout 240 python3 benchmarks/projection_speed.py 2>&1 | tee "$OUT/projection_speed.txt" | tail -20 ;;
+    serve)
+      stage serve
+      mkdir -p "$OUT/serve_bench"
+      timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/hcache/test_batched.py tests/hcache/test_resident.py \
+        tests/hcache/test_serve_bench.py -k "gpu" 2>&1 | tee "$OUT/serve_tests.log" | tail -15
+      timeout 420 python3 -m hcache_adapter serve-bench --preset gpu-7b --no-progress --out "$OUT/serve_bench" \
+        ${SERVE_ARGS:-} 2>&1 | tee "$OUT/serve_bench/serve_bench.log" | tail -60 ;;
     store)
       stage store
       timeout 240 python3 -m hstore.cli bench /tmp/hstore-bench --no-progress --csv "$OUT/hstore_bench.csv" 2>&1 \

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import sys
 
-USAGE = """usage: hcache [-h] [--version] {demo,bench,profile} ...
+USAGE = """usage: hcache [-h] [--version] {demo,bench,serve-bench,profile} ...
 
 HCache state restoration for HuggingFace models over the hstore tiered store.
 
 commands:
-  demo      store, evict and restore real context state on a CPU and print what it measured
-  bench     the restore benchmark (recompute / kv / hcache / auto / hf_offloaded), made for a GPU
-  profile   measure and print the scheduler's hardware profile for a model shape
+  demo         store, evict and restore real context state on a CPU and print what it measured
+  bench        the restore benchmark (recompute / kv / hcache / auto / hf_offloaded), made for a GPU
+  serve-bench  chat and long-document traces through a batching server, GPU contexts kept under a budget
+  profile      measure and print the scheduler's hardware profile for a model shape
 
 Run `hcache COMMAND --help` for a command's options.
 """
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         from hcache_adapter.demo import main as run
     elif command == "bench":
         from hcache_adapter.bench import main as run
+    elif command == "serve-bench":
+        from hcache_adapter.serving.serve_bench import main as run
     elif command == "profile":
         from hcache_adapter.bench.profile import main as run
     else:

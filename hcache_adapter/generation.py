@@ -5,9 +5,12 @@ from a restored prefix: greedy and sampled decoding, beam search and several
 return sequences (the prefix is restored once and repeated per beam), assisted
 decoding (the main model's cache), and the cache implementations
 transformers offers ("dynamic", "static" — its compiled fast path —,
-"offloaded"). A few cannot, and go to the model untouched: a cache the caller
+"offloaded"). Batches of several sequences, left padded as decoder-only
+batches are, restore a prefix per row (`serving.batch`; `pads` says where each
+row starts). A few cannot, and go to the model untouched: a cache the caller
 passes (respected, with a debug log), `inputs_embeds`, a quantized cache,
-`use_cache=False`, and batches of several sequences.
+`use_cache=False`, prompts masked other than by left padding, and assisted
+decoding of a batch (which transformers does not run).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from typing import Any
 import torch
 
 from hcache_adapter.compat import chunked_prefill_respects_cache
+from hcache_adapter.serving.rows import left_padding
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,12 @@ class GenerateCall:
     expand: int = 1  # rows per prompt row: beams, or return sequences when sampling
     max_length: int = 0  # prompt + new tokens: what a static cache must hold
     speculative: bool = False  # assisted / prompt-lookup decoding: forwards of drafts that may be rolled back
+    pads: tuple[int, ...] | None = None  # a batch (or a left-padded row): masked leading columns per row
+
+    @property
+    def batched(self) -> bool:
+        """Whether rows are restored one by one and laid out left padded (`serving.batch`)."""
+        return self.pads is not None
 
     @property
     def save_after_prefill(self) -> bool:
@@ -66,8 +76,6 @@ def inspect_call(model: torch.nn.Module, input_ids: Any, kwargs: dict, prompt: l
         return GenerateCall(False, "the caller passed a cache: it is used as given, nothing is restored")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         return GenerateCall(False, "input_ids is not a [batch, tokens] tensor")
-    if input_ids.shape[0] != 1:
-        return GenerateCall(False, f"a batch of {input_ids.shape[0]} sequences (restore handles one)")
     if kwargs.get("inputs_embeds") is not None:
         return GenerateCall(False, "inputs_embeds: the state is not keyed by token ids")
     gc = copy.copy(kwargs.get("generation_config") or model.generation_config)
@@ -76,9 +84,12 @@ def inspect_call(model: torch.nn.Module, input_ids: Any, kwargs: dict, prompt: l
         return GenerateCall(False, "use_cache=False")
     if getattr(gc, "prefill_chunk_size", None) and not chunked_prefill_respects_cache():
         return GenerateCall(False, "this transformers' chunked prefill ignores a restored cache")
-    if _masked(kwargs.get("attention_mask"), gc, prompt):
-        return GenerateCall(False, "part of the prompt is masked (padding): its state depends on the mask, not "
-                                   "on the tokens alone")
+    pads = None
+    if input_ids.shape[0] != 1 or _masked(kwargs.get("attention_mask"), gc, prompt):
+        pads = _left_padding(kwargs.get("attention_mask"), gc, input_ids)
+        if pads is None:
+            return GenerateCall(False, "part of the prompt is masked other than by left padding: its state "
+                                       "depends on the mask, not on the tokens alone")
     impl = gc.cache_implementation
     if impl not in DYNAMIC_IMPLEMENTATIONS and impl not in STATIC_IMPLEMENTATIONS:
         return GenerateCall(False, f"cache_implementation={impl!r} is not restored into")
@@ -92,7 +103,9 @@ def inspect_call(model: torch.nn.Module, input_ids: Any, kwargs: dict, prompt: l
         max_length = max(max_length, gc.max_cache_len)
     speculative = any(kwargs.get(k) is not None for k in SPECULATIVE_ARGS) or bool(
         getattr(gc, "prompt_lookup_num_tokens", None))
-    return GenerateCall(True, "", impl, expand, max_length, speculative)
+    if pads is not None and speculative:
+        return GenerateCall(False, "assisted decoding of a batch or of a padded prompt")
+    return GenerateCall(True, "", impl, expand, max_length, speculative, pads)
 
 
 def _masked(mask, gc, prompt: list[int] | None) -> bool:
@@ -107,6 +120,23 @@ def _masked(mask, gc, prompt: list[int] | None) -> bool:
     eos = gc.eos_token_id
     eos = set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
     return not (pads & eos) and any(t in pads for t in prompt)
+
+
+def _left_padding(mask, gc, input_ids: torch.Tensor) -> tuple[int, ...] | None:
+    """Each row's leading masked columns under the mask generate() will use (given, or inferred from pad
+    tokens the way generate() infers it); None when some row is masked other than on its left."""
+    if mask is None:
+        pad = gc.pad_token_id
+        pads = set(pad) if isinstance(pad, (list, tuple)) else ({pad} if pad is not None else set())
+        eos = gc.eos_token_id
+        eos = set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
+        rows = input_ids.tolist()
+        infer = bool(pads) and not (pads & eos) and any(t in pads for row in rows for t in row)
+        mask_rows = [[int(t not in pads) for t in row] if infer else [1] * len(row) for row in rows]
+    else:
+        mask_rows = torch.as_tensor(mask).tolist()
+    found = left_padding(mask_rows)
+    return tuple(found) if found is not None else None
 
 
 @contextmanager

@@ -41,6 +41,9 @@ from hcache_adapter.restore import Restorer, RestoreResult
 from hcache_adapter.scheduler.auto import AutoScheduler, SplitDecision
 from hcache_adapter.scheduler.planner import min_recompute
 from hcache_adapter.scheduler.profile import Profile
+from hcache_adapter.serving.batch import BatchedGenerator
+from hcache_adapter.serving.resident import GPU_SOURCE, admit_generated, make_resident
+from hcache_adapter.serving.stats import ServingStats
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,11 @@ class HCache:
     first forward over a restored prefix is replayed from a CUDA graph
     (`captured_prefill=`); all default to on with CUDA and off elsewhere (on a
     CPU, `captured_prefill=True` runs the same static-shape forward eagerly).
+
+    `gpu_context_bytes` keeps recent contexts' K/V on the GPU between requests
+    (at most that many bytes, evicted by hstore's `gpu_context_policy`: "lru",
+    "s3fifo" or "cost"); a request whose prefix is resident restores nothing.
+    `stats` counts GPU hits, restores and computed tokens.
     """
 
     def __init__(
@@ -80,6 +88,8 @@ class HCache:
         compile: bool | None = None,
         cuda_graphs: bool | None = None,
         captured_prefill: bool | None = None,
+        gpu_context_bytes: int | None = None,
+        gpu_context_policy: str = "lru",
     ):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -115,6 +125,15 @@ class HCache:
         self.prefill = (CapturedPrefill(model, self.decoder_layers, self._cache_kw, self.recomputer.internal)
                         if use_graph and CapturedPrefill.supported(model) else None)
         self.last_restore = RestoreResult(cache=None)  # for benchmarks and the demo; nothing reads it back
+        # Serving (hcache_adapter.serving): recent contexts' K/V kept on the GPU, a restore per row of a batch.
+        stores = self.method != "recompute"
+        self.stats = ServingStats()
+        self.resident = make_resident(gpu_context_bytes, self.layout, model.config, policy=gpu_context_policy,
+                                      stats=self.stats, profile=lambda: self.profile, plan=self.save_plan,
+                                      stored=self._stored_chunks if stores else None)
+        self.batched = BatchedGenerator(model, self.layout, resident=self.resident, stats=self.stats,
+                                        restore_row=self._restore_row if stores else None,
+                                        saver_for=self._row_saver if stores else None)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -184,6 +203,9 @@ class HCache:
         """
         prompt = input_ids[0].tolist() if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 else None
         call = inspect_call(self.model, input_ids, kwargs, prompt)  # `prompt`: the host copy digests and saver share
+        if call.restorable and (call.batched or (self.method == "recompute" and self.resident is not None
+                                                 and not call.speculative)):
+            return self.batched.generate(input_ids, kwargs, call)  # a prefix per row (hcache_adapter.serving)
         if self.method == "recompute" or not call.restorable:
             if not call.restorable:
                 log.debug("hc.generate: nothing restored or saved: %s", call.reason)
@@ -201,7 +223,10 @@ class HCache:
                     hidden = [l for l, kind in enumerate(saver.plan) if kind == HIDDEN]
                     stack.enter_context(first_forward(self.model, self.prefill.handler(
                         cache, result.tokens, saver.step, hidden)))
-                return self.model.generate(input_ids, **kw)
+                out = self.model.generate(input_ids, **kw)
+            if self.resident is not None and call.expand == 1 and not call.speculative:
+                admit_generated(self.resident, out, cache, self.num_layers, self.device)  # stays on the GPU
+            return out
         finally:
             result.close()
 
@@ -268,6 +293,10 @@ class HCache:
         ids = input_ids.to(self.device)
         C, L = self.chunk_tokens, self.num_layers
         max_chunks = self.layout.whole_chunks(ids.shape[1])
+        if self.resident is not None and max_chunks:  # a context still on the GPU: nothing to restore
+            hit = self.resident.restore(prompt if prompt is not None else ids[0].tolist(), lazy=lazy)
+            if hit is not None:
+                return self._done(hit)
         if self.method == "recompute":
             n = max_chunks * C
             cache = self.recomputer.prefix(ids[:, :n], L) if n else new_cache(self.model)
@@ -319,10 +348,22 @@ class HCache:
 
         return on_done
 
+    # -- what the serving parts are handed (hcache_adapter.serving) ---------------------
+    def _stored_chunks(self, digests: list[str]) -> int:
+        return stored_prefix(self.store, self.layout, digests)[1]
+
+    def _restore_row(self, ids: torch.Tensor, tokens: list[int]) -> RestoreResult:
+        return self._restore(ids, lazy=True, prompt=tokens)
+
+    def _row_saver(self, result: RestoreResult, cache, tokens: list[int]) -> StateSaver:
+        return self._saver(result, cache, prompt=tokens)
+
     def _done(self, result: RestoreResult) -> RestoreResult:
         # What happened, without the cache: holding it would keep its memory (and the captured prefill's
         # graph memory it may point at) alive until the next request.
         self.last_restore = dataclasses.replace(result, cache=None, release=None)
+        self.stats.count_restore(result.tokens, result.recompute_layers >= self.num_layers,
+                                 GPU_SOURCE in result.sources)
         return result
 
 

@@ -184,12 +184,13 @@ def test_unsupported_architecture_falls_back_to_kv_with_one_warning(store, caplo
     assert torch.equal(hc.generate(follow, **GEN), model.generate(follow, **GEN))
 
 
-def test_batches_pass_through_untouched(store):
+def test_batches_save_every_row(store):
+    """A batch restores and saves per row (tests/hcache/test_batched.py covers it in depth)."""
     model = _build("llama_mha")
     hc = HCache(model, store, chunk_tokens=C)
     batch = torch.cat([prompt(model, 20, 1), prompt(model, 20, 2)])
     assert torch.equal(hc.generate(batch, **GEN), model.generate(batch, **GEN))
-    assert len(store) == 0
+    assert [hc.restore(row[None]).tokens for row in batch] == [16, 16]
 
 
 @pytest.mark.parametrize("mode", [dict(num_beams=3), dict(num_beams=2, num_return_sequences=2),
