@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     elif command == "bench":
         from hcache_adapter.bench import main as run
     elif command == "profile":
-        from hcache_adapter.scheduler.profiling import main as run
+        from hcache_adapter.bench.profile import main as run
     else:
         print(f"hcache: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2

@@ -183,7 +183,7 @@ class HCache:
         if self.method == "kv":
             return KV * L
         if self.method == "auto":
-            return self.scheduler.save_plan(tuple(t for t in ("gpu", "dram", "nvme") if getattr(self.store, t, None)))
+            return self.scheduler.save_plan(tuple(t.name for t in self.store.tiers))
         return RECOMPUTE * L
 
     def bytes_per_token(self, plan: str | None = None) -> int:

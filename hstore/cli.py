@@ -1,10 +1,13 @@
 """The `hstore` command: look at, check and measure a store from the shell.
 
     hstore stats ROOT [--json]          summary, read-only, never takes the lock
+    hstore stats [ROOT] --remote URL    ... and the remote tier's servers and namespace
+    hstore recover ROOT [--nvme-dir D]  rebuild a lost or damaged index from the data files
     hstore verify ROOT [--repair]       read back and check every record
     hstore bench ROOT [...]             tier bandwidth next to the hardware's
+    hstore bench ROOT --remote URL      the remote tier's GB/s next to plain redis-py
 
-The commands are thin: `hstore.ondisk` and `hstore.bench` do the work and
+The commands are thin: `hstore.ondisk` and `hstore_bench` (outside the library) do the work and
 return data; this module parses arguments, draws progress bars on stderr and
 formats results on stdout. Expected failures (no store there, store in use,
 I/O errors) print one line on stderr, never a traceback.
@@ -43,7 +46,7 @@ def _version() -> str:
 
 
 def _size_arg(text: str) -> int:
-    from hstore.bench import parse_size
+    from hstore.units import parse_size
 
     try:
         return parse_size(text)
@@ -59,13 +62,25 @@ def _sizes_arg(text: str) -> list[int]:
 
 
 def _tiers_arg(text: str) -> list[str]:
-    from hstore.bench import TIERS
+    from hstore_bench import TIERS
 
     tiers = [t.strip().lower() for t in text.split(",") if t.strip()]
     bad = [t for t in tiers if t not in TIERS]
     if bad or not tiers:
         raise argparse.ArgumentTypeError(f"tiers must be a comma-separated subset of {','.join(TIERS)}, got {text!r}")
     return tiers
+
+
+def _remote_arg(text: str) -> str:
+    """A remote URL that parses (no connection yet); argparse shows the redacted reason."""
+    from hstore.errors import StoreConfigError
+    from hstore.tiers.remote.config import RemoteConfig
+
+    try:
+        RemoteConfig(text)
+    except StoreConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _positive_int(text: str) -> int:
@@ -101,7 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "(takes no lock)."),
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("root", metavar="ROOT", help="the store's root directory")
+    p.add_argument("root", metavar="ROOT", nargs="?", help="the store's root directory (optional with --remote)")
+    p.add_argument("--remote", metavar="URL", type=_remote_arg,
+                   help="also summarise the remote tier at URL (redis://, rediss://, redis+cluster://; "
+                        "?namespace=NAME for another namespace): its servers' memory and eviction settings "
+                        "and the namespace's keys")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_stats)
 
@@ -121,19 +140,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser(
+        "recover", help="rebuild a lost or damaged index from the data files",
+        description=_wrap("Rebuild the index of the store at ROOT from its data files' record headers, keeping per "
+                    "key the newest record whose checksum verifies. The old index folder is moved aside "
+                    "(ROOT/index.damaged-...), never deleted. Takes the store's lock. Records written before "
+                    "format 2 (and keys over 3.7 KiB) name their key only by a digest: they are counted, not "
+                    "recovered. Keys deleted whose space was not reused yet come back."),
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("root", metavar="ROOT", help="the store's root directory")
+    p.add_argument("--nvme-dir", action="append", metavar="DIR", dest="nvme_dirs",
+                   help="an NVMe directory of the store, in order (repeat; default: as recorded, else ROOT/nvme)")
+    p.add_argument("--engine", choices=["auto", "uring", "threads"], default="auto", help="I/O engine (default auto)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=cmd_recover)
+
+    p = sub.add_parser(
         "bench", help="measure tier bandwidth against the raw device and pinned H2D copies",
         description=_wrap("Measure write and read bandwidth of each tier through the store's public API, next to raw "
                     "O_DIRECT sequential reads of the same directory and (with CUDA) pinned host-to-device "
                     "copies. Works in a private directory under ROOT (created if needed) and removes it."),
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("root", metavar="ROOT", help="a directory on the device to measure")
+    p.add_argument("root", metavar="ROOT", nargs="?", help="a directory on the device to measure "
+                   "(not needed for --remote alone)")
     p.add_argument("--sizes", type=_sizes_arg, default="256K,512K,1M,2M,4M,8M", metavar="LIST",
                    help="chunk sizes, comma-separated (default 256K,512K,1M,2M,4M,8M)")
     p.add_argument("--total", type=_size_arg, default="512M", metavar="SIZE",
                    help="bytes moved per measurement (default 512M)")
-    p.add_argument("--tiers", type=_tiers_arg, default="dram,nvme,gpu", metavar="LIST",
-                   help="tiers to measure, comma-separated (default dram,nvme,gpu; gpu needs CUDA)")
+    p.add_argument("--tiers", type=_tiers_arg, metavar="LIST",
+                   help="tiers to measure, comma-separated (default dram,nvme,gpu, or none with --remote; "
+                        "gpu needs CUDA)")
+    p.add_argument("--remote", metavar="URL", type=_remote_arg,
+                   help="measure the remote tier at URL next to plain redis-py GET/SET of the same sizes "
+                        "(writes under a private namespace and removes it)")
     p.add_argument("--engine", choices=["auto", "uring", "threads"], default="auto",
                    help="NVMe I/O engine (default auto)")
     p.add_argument("--queue-depth", type=_positive_int, default=64, metavar="N",
@@ -153,13 +193,57 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------- stats
 def cmd_stats(args: argparse.Namespace) -> int:
-    from hstore.bench import human_bytes
+    if args.root is None and args.remote is None:
+        return _usage_error(args, "give ROOT, --remote URL, or both")
+    remote = _remote_summary(args.remote) if args.remote else None
+    if args.root is None:
+        print(json.dumps({"remote": remote}, indent=2) if args.json else _format_remote_summary(remote))
+        return EXIT_OK
     from hstore.ondisk import summarize
 
     s = summarize(args.root)
     if args.json:
-        print(json.dumps(s, indent=2))
+        print(json.dumps({**s, "remote": remote} if remote else s, indent=2))
         return EXIT_OK
+    print(_format_store_summary(s))
+    if remote:
+        print(_format_remote_summary(remote))
+    return EXIT_OK
+
+
+def _remote_summary(url: str) -> dict:
+    from hstore.tiers.remote import RedisTier
+
+    tier = RedisTier(url)
+    try:
+        return {"url": tier.config.url, "namespace": tier.config.namespace,
+                "mode": tier.stats()["mode"], "servers": tier.describe()}
+    finally:
+        tier.close()
+
+
+def _format_remote_summary(r: dict) -> str:
+    from hstore.units import human_bytes
+
+    out = [f"remote       {r['url']} ({r['mode']}), namespace {r['namespace']!r}"]
+    if not r["servers"]:
+        out.append("  no server reachable")
+    for s in r["servers"]:
+        if "error" in s:
+            out.append(f"  {s['server']}: unreachable ({s['error']})")
+            continue
+        maxmem = human_bytes(s["maxmemory"]) if s["maxmemory"] else "no maxmemory"
+        advice = "" if s["maxmemory"] and s["maxmemory_policy"] == "allkeys-lru" else \
+            "  (deploy with maxmemory + allkeys-lru)"
+        out.append(f"  {s['server']}: redis {s['redis_version']}, used {human_bytes(s['used_memory'])} of {maxmem}, "
+                   f"policy {s['maxmemory_policy']}, {s['evicted_keys']} evicted; namespace "
+                   f"{s['namespace_keys']} keys, {human_bytes(s['namespace_value_bytes'])}{advice}")
+    return "\n".join(out)
+
+
+def _format_store_summary(s: dict) -> str:
+    from hstore.units import human_bytes
+
     state = f"in use by pid {s['in_use_by_pid']}" if s["in_use"] else "not open"
     out = [
         f"store        {s['root']} ({state})",
@@ -196,8 +280,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
             )
     else:
         out.append("nvme files   none (no NVMe tier recorded)")
-    print("\n".join(out))
-    return EXIT_OK
+    return "\n".join(out)
 
 
 # ---------------------------------------------------------------------------- verify
@@ -224,17 +307,23 @@ class _Bar:
         if self.bar is not None:
             self.bar.close()
 
+    @classmethod
+    def run(cls, args: argparse.Namespace, work, **kwargs):
+        """`work(bar)` with a progress bar (unless --no-progress) that is closed however it ends."""
+        bar = cls(not args.no_progress, **kwargs)
+        try:
+            return work(bar)
+        finally:
+            bar.close()
+
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from hstore.bench import human_bytes
+    from hstore.units import human_bytes
     from hstore.ondisk import display_key, verify_store
 
-    bar = _Bar(not args.no_progress, desc="verify", unit="B", unit_scale=True, unit_divisor=1024)
-    try:
-        report = verify_store(args.root, repair=args.repair, batch_bytes=args.batch, io_engine=args.engine,
-                              progress=bar)
-    finally:
-        bar.close()
+    report = _Bar.run(args, lambda bar: verify_store(args.root, repair=args.repair, batch_bytes=args.batch,
+                                                     io_engine=args.engine, progress=bar),
+                      desc="verify", unit="B", unit_scale=True, unit_divisor=1024)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     else:
@@ -258,23 +347,42 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_PROBLEMS if report.bad else EXIT_OK
 
 
+# ---------------------------------------------------------------------------- recover
+def cmd_recover(args: argparse.Namespace) -> int:
+    from hstore.ondisk import recover_store
+
+    report = recover_store(args.root, nvme_dirs=args.nvme_dirs, io_engine=args.engine)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return EXIT_OK
+    print(f"recovered {report.recovered} keys from {report.records} verified records in {report.seconds:.1f} s "
+          f"({report.superseded} older versions skipped)")
+    if report.digest_only:
+        print(f"  {report.digest_only} records name their key only by a digest (format 1, or keys over 3.7 KiB): "
+              "not recoverable, their space is reused")
+    if report.moved_aside:
+        print(f"  the previous index is kept at {report.moved_aside}")
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------------- bench
 def cmd_bench(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from hstore.bench import BenchConfig, format_report, run_bench, write_csv
+    from hstore_bench import TIERS, BenchConfig, format_report, run_bench, write_csv
 
+    tiers = args.tiers if args.tiers is not None else [] if args.remote else list(TIERS)
+    if not tiers:
+        return _bench_remote(args)
+    if args.root is None:
+        return _usage_error(args, f"ROOT is needed to measure {','.join(tiers)}")
     try:
-        cfg = BenchConfig(root=args.root, sizes=args.sizes, total=args.total, tiers=args.tiers, engine=args.engine,
+        cfg = BenchConfig(root=args.root, sizes=args.sizes, total=args.total, tiers=tiers, engine=args.engine,
                           queue_depth=args.queue_depth, repeat=args.repeat, batch_bytes=args.batch,
                           torch_threads=args.torch_threads)
     except ValueError as e:
         return _usage_error(args, str(e))
-    bar = _Bar(not args.no_progress, desc="bench", unit="step")
-    try:
-        report = run_bench(cfg, progress=bar)
-    finally:
-        bar.close()
+    report = _Bar.run(args, lambda bar: run_bench(cfg, progress=bar), desc="bench", unit="step")
     if args.json:
         doc = {"host": report.host, "engine": report.engine, "direct_io": report.direct_io,
                "seconds": round(report.seconds, 3),
@@ -290,6 +398,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
         else:
             with open(args.csv, "w", newline="") as f:
                 write_csv(report, f)
+    return _bench_remote(args) if args.remote else EXIT_OK
+
+
+def _bench_remote(args: argparse.Namespace) -> int:
+    from hstore.tiers.remote.config import redact_url
+    from hstore_bench.remote import RemoteBenchConfig, format_rows, run_remote_bench
+
+    try:
+        cfg = RemoteBenchConfig(url=args.remote, sizes=args.sizes, total=args.total, repeat=args.repeat,
+                                batch_bytes=args.batch)
+    except ValueError as e:
+        return _usage_error(args, str(e))
+    rows = _Bar.run(args, lambda bar: run_remote_bench(cfg, progress=bar), desc="bench remote", unit="step")
+    if args.json:
+        print(json.dumps({"remote": redact_url(cfg.url), "rows": [r.as_dict() for r in rows]}, indent=2))
+    else:
+        print(format_rows(redact_url(cfg.url), rows))
     return EXIT_OK
 
 

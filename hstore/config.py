@@ -6,12 +6,16 @@ clear message, not deep inside a tier.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hstore.errors import StoreConfigError
+from hstore.format import default_nvme_dir
 from hstore.io.engine import IoEngine
+from hstore.policy.base import EvictionPolicy
+from hstore.tiers.base import RemoteTier
+from hstore.tiers.remote.config import RemoteConfig
 
 _MiB = 1 << 20
 
@@ -38,7 +42,8 @@ class StoreConfig:
     gpu_device: str = "cuda"
     """Device of the GPU tier. Tests pass "cpu" to exercise its logic without a GPU."""
     eviction: Any = "lru"
-    """Eviction policy for every tier: "lru", "s3fifo", "cost", or a factory returning an EvictionPolicy."""
+    """Eviction policy of every tier: "lru", "s3fifo", "cost", or a factory (e.g. a policy class) called once
+    per tier. Never a policy instance: one instance would be shared by every tier (a StoreConfigError says so)."""
     admission: Any = "all"
     """NVMe admission policy: "all", "second-hit", ..., or an AdmissionPolicy."""
     placement: Any = "round-robin"
@@ -64,6 +69,14 @@ class StoreConfig:
     """How long a put waits for the flusher to free DRAM before it raises."""
     index_map_bytes: int = 1 << 34
     """LMDB map size (virtual; the file grows only as used)."""
+    recover_index: bool = False
+    """Rebuild the index from the data files' record headers when it is damaged or missing (as
+    `hstore recover ROOT` does) instead of refusing to open with an IndexCorruptError."""
+    remote: Any = None
+    """A tier shared with other stores (read after every local tier, written by the flusher), or None:
+    a Redis URL ("redis://[user:password@]host:port/db", "rediss://...", "redis+cluster://host:port"),
+    a `hstore.tiers.remote.RemoteConfig`, or a ready RemoteTier (the caller's to close). A URL is parsed
+    here into a RemoteConfig, so a bad one fails now and the password never shows in this config's repr."""
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -94,6 +107,20 @@ class StoreConfig:
             if len(set(dirs)) != len(dirs):
                 raise StoreConfigError(f"nvme_dirs has duplicates: {self.nvme_dirs}")
             self.nvme_dirs = [Path(d) for d in self.nvme_dirs]
+        if isinstance(self.eviction, EvictionPolicy):
+            raise StoreConfigError(
+                f"eviction={self.eviction!r} is a policy instance, which every tier would share; pass a name "
+                f"({self.eviction.name!r}) or a factory such as the class ({type(self.eviction).__name__})"
+            )
+        if not isinstance(self.eviction, str) and not callable(self.eviction):
+            raise StoreConfigError(f"eviction must be a policy name or a factory, got {self.eviction!r}")
+        if isinstance(self.remote, str):
+            self.remote = RemoteConfig(self.remote)  # a bad URL fails here, redacted
+        if self.remote is not None and not isinstance(self.remote, (RemoteTier, RemoteConfig)):
+            raise StoreConfigError(f"remote must be a URL, a RemoteConfig, a RemoteTier or None, "
+                                   f"got {type(self.remote).__name__}")
+        if not isinstance(self.recover_index, bool):
+            raise StoreConfigError(f"recover_index must be a bool, got {self.recover_index!r}")
         t = self.put_timeout_s
         if not isinstance(t, (int, float)) or isinstance(t, bool) or not t > 0:  # NaN too
             raise StoreConfigError(f"put_timeout_s must be a positive number of seconds, got {t!r}")
@@ -103,4 +130,4 @@ class StoreConfig:
         """The directories of the NVMe tier (empty when disabled)."""
         if self.nvme_bytes == 0:
             return []
-        return list(self.nvme_dirs) if self.nvme_dirs else [Path(self.root) / "nvme"]
+        return list(self.nvme_dirs) if self.nvme_dirs else [default_nvme_dir(self.root)]

@@ -21,8 +21,11 @@ class StoreLockedError(HStoreError):
     """Another process holds the store's root open for writing."""
 
 
-class InvalidItemError(HStoreError, TypeError):
-    """A key or value handed to the store is not something it can hold."""
+class InvalidItemError(HStoreError, TypeError, ValueError):
+    """A key, value, cost hint or output buffer handed to the store is not something it can use.
+
+    Both a TypeError and a ValueError: bad input of either kind is caught the usual way.
+    """
 
 
 class CapacityError(HStoreError):
@@ -42,6 +45,18 @@ class StoreIOError(HStoreError, OSError):
 
     def __str__(self) -> str:  # OSError's default repr is "[Errno n] msg"
         return self.args[1] if len(self.args) > 1 else super().__str__()
+
+
+class DeviceError(HStoreError, RuntimeError):
+    """A torch device the store was asked to use cannot be used (no CUDA, a bad index, out of memory)."""
+
+
+class IndexCorruptError(HStoreError):
+    """The LMDB index is damaged or missing while data files exist.
+
+    Nothing was opened; the message names `hstore recover ROOT`, which rebuilds the index
+    from the data files' record headers (or open with StoreConfig(recover_index=True)).
+    """
 
 
 class CorruptChunkError(HStoreError):

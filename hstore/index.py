@@ -17,7 +17,9 @@ from typing import Iterable, Iterator
 import lmdb
 import torch
 
-from hstore.errors import StoreConfigError, StoreIOError
+from hstore.errors import IndexCorruptError, StoreConfigError, StoreIOError
+from hstore.format import INDEX_DATA_FILE
+from hstore.lmdbcheck import check_lmdb_file
 from hstore.record import CODE_TO_DTYPE, dtype_code
 
 _MAX_RAW_KEY = 400  # LMDB keys are limited to 511 bytes; longer keys are indexed by digest.
@@ -68,26 +70,60 @@ class IndexEntry:
         return cls(key, device, offset, length, nbytes, CODE_TO_DTYPE[code], tuple(shape), csum, created, atime, hits)
 
 
-class Index:
-    """Key -> IndexEntry in LMDB, plus a small table of store metadata."""
+# LMDB errors that mean the file's content is wrong (not a permission or a resource problem).
+_DAMAGE = (lmdb.InvalidError, lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.VersionMismatchError,
+           lmdb.IncompatibleError, lmdb.BadChecksumError, lmdb.PanicError)
 
-    def __init__(self, path: Path, *, map_size: int = 1 << 30, sync: bool = True, readonly: bool = False):
-        path.mkdir(parents=True, exist_ok=True) if not readonly else None
+
+def damaged(path: Path, why: object) -> IndexCorruptError:
+    """The error for a damaged index at `path` (ROOT/index): what is wrong, and the command that rebuilds it."""
+    root = path.parent
+    return IndexCorruptError(
+        f"the index at {path} is damaged ({why}); rebuild it from the data files with "
+        f"`hstore recover {root}` (or open with StoreConfig(recover_index=True))"
+    )
+
+
+class Index:
+    """Key -> IndexEntry in LMDB, plus a small table of store metadata.
+
+    The LMDB file is checked before LMDB maps it (`hstore.lmdbcheck`): a truncated or
+    mangled file would otherwise crash the process (SIGBUS) instead of raising. Any LMDB
+    error while reading is an IndexCorruptError naming `hstore recover`.
+    """
+
+    def __init__(self, path: Path, *, map_size: int = 1 << 30, sync: bool = True, readonly: bool = False,
+                 deep_check: bool = True):
+        self.path = path
+        if not readonly:
+            path.mkdir(parents=True, exist_ok=True)
+        problem = check_lmdb_file(path / INDEX_DATA_FILE, deep=deep_check)
+        if problem is not None:
+            raise damaged(path, problem)
         try:
             self._env = lmdb.open(
                 str(path), map_size=map_size, max_dbs=2, sync=sync, metasync=sync,
                 readonly=readonly, lock=not readonly, subdir=True,
             )
+        except _DAMAGE as e:
+            raise damaged(path, e) from e
         except lmdb.Error as e:
             raise StoreConfigError(f"cannot open the index at {path}: {e}") from e
-        self._entries = self._env.open_db(b"entries", create=not readonly)
-        self._meta = self._env.open_db(b"meta", create=not readonly)
+        try:
+            self._entries = self._env.open_db(b"entries", create=not readonly)
+            self._meta = self._env.open_db(b"meta", create=not readonly)
+        except lmdb.Error as e:
+            self._env.close()
+            raise damaged(path, e) from e
         self._grow_lock = threading.Lock()
 
     # -- entries -------------------------------------------------------------
     def get(self, key: bytes) -> IndexEntry | None:
-        with self._env.begin(db=self._entries) as txn:
-            raw = txn.get(index_key(key))
+        try:
+            with self._env.begin(db=self._entries) as txn:
+                raw = txn.get(index_key(key))
+        except lmdb.Error as e:
+            raise damaged(self.path, e) from e
         return IndexEntry.decode(raw) if raw is not None else None
 
     def put_many(self, entries: Iterable[IndexEntry]) -> None:
@@ -102,21 +138,30 @@ class Index:
 
     def items(self) -> Iterator[IndexEntry]:
         """Every entry (a consistent snapshot), decoded; undecodable records are skipped."""
-        with self._env.begin(db=self._entries) as txn:
-            for _k, raw in txn.cursor():
-                try:
-                    yield IndexEntry.decode(raw)
-                except (ValueError, struct.error):
-                    continue
+        try:
+            with self._env.begin(db=self._entries) as txn:
+                for _k, raw in txn.cursor():
+                    try:
+                        yield IndexEntry.decode(raw)
+                    except (ValueError, struct.error):
+                        continue
+        except lmdb.Error as e:
+            raise damaged(self.path, e) from e
 
     def __len__(self) -> int:
-        with self._env.begin(db=self._entries) as txn:
-            return txn.stat(self._entries)["entries"]
+        try:
+            with self._env.begin(db=self._entries) as txn:
+                return txn.stat(self._entries)["entries"]
+        except lmdb.Error as e:
+            raise damaged(self.path, e) from e
 
     # -- metadata ------------------------------------------------------------
     def meta_get(self, name: str) -> bytes | None:
-        with self._env.begin(db=self._meta) as txn:
-            return txn.get(name.encode())
+        try:
+            with self._env.begin(db=self._meta) as txn:
+                return txn.get(name.encode())
+        except lmdb.Error as e:
+            raise damaged(self.path, e) from e
 
     def meta_put(self, name: str, value: bytes) -> None:
         self._write(lambda txn: txn.put(name.encode(), value, db=self._meta))

@@ -1,4 +1,4 @@
-"""A store as it lies on disk: summarise it without opening it, and verify it.
+"""A store as it lies on disk: summarise it without opening it, verify it, rebuild its index.
 
 The CLI's `stats` must work while a serving process holds the store, so it
 reads the LMDB index read-only and never takes the writer lock. `verify` must
@@ -19,20 +19,18 @@ from collections import Counter
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import lmdb
 
-from hstore.buffers import align_up, aligned_empty
 from hstore.config import StoreConfig
 from hstore.errors import StoreConfigError, StoreIOError
+from hstore.format import INDEX_DIR, LAYOUT_META_KEY, data_file, default_nvme_dir, index_data_file, index_path, lock_path
 from hstore.index import Index, IndexEntry
-from hstore.tiers.base import Location, ReadStatus
-from hstore.tiers.nvme import DATA_FILE
+from hstore.opening import RootLock, read_layout_file
+from hstore.recovery import RecoveryReport, move_aside
+from hstore.tiers.base import ReadStatus
 
-LAYOUT_META = "layout"  # the meta record TieredStore writes with the resolved nvme_dirs
-INDEX_DIR = "index"
-LOCK_FILE = "LOCK"
 _MiB = 1 << 20
 
 
@@ -41,10 +39,6 @@ class NotAStoreError(StoreConfigError):
 
 
 # ---------------------------------------------------------------------------- the root on disk
-def index_path(root: str | os.PathLike) -> Path:
-    return Path(root) / INDEX_DIR
-
-
 def require_store_root(root: str | os.PathLike) -> Path:
     """`root` as a Path; NotAStoreError when it is not an hstore root (so nothing creates one by accident)."""
     path = Path(root)
@@ -52,19 +46,24 @@ def require_store_root(root: str | os.PathLike) -> Path:
         raise NotAStoreError(f"{path}: no such directory")
     if not path.is_dir():
         raise NotAStoreError(f"{path} is not a directory")
-    if not (index_path(path) / "data.mdb").is_file():
+    if not index_data_file(path).is_file():
         raise NotAStoreError(f"{path} is not an hstore store (no {INDEX_DIR}/data.mdb)")
     return path
 
 
 def open_index_readonly(root: str | os.PathLike) -> Index:
-    """The store's index, read-only and without LMDB's reader lock (no writer lock either)."""
-    return Index(index_path(require_store_root(root)), readonly=True)
+    """The store's index, read-only and without LMDB's reader lock (no writer lock either).
+
+    While a process holds the store, only the index's meta pages are checked before it is
+    mapped (its other pages change under a walk); otherwise the whole file is.
+    """
+    path = require_store_root(root)
+    return Index(index_path(path), readonly=True, deep_check=lock_holder(path) is None)
 
 
 def read_layout(index: Index) -> list[Path]:
     """The NVMe directories recorded in the index (empty for a store without an NVMe tier)."""
-    raw = index.meta_get(LAYOUT_META)
+    raw = index.meta_get(LAYOUT_META_KEY)
     if raw is None:
         return []
     try:
@@ -80,7 +79,7 @@ def lock_holder(root: str | os.PathLike) -> int | None:
     Reading /proc/locks takes no lock itself, so this never gets in a writer's way.
     """
     try:
-        st = os.stat(Path(root) / LOCK_FILE)
+        st = os.stat(lock_path(root))
         with open("/proc/locks") as f:
             lines = f.read().splitlines()
     except OSError:
@@ -115,7 +114,7 @@ def existing_config(root: str | os.PathLike, **overrides) -> StoreConfig:
         has_items = len(index) > 0
     sizes = []
     for d in dirs:
-        f = d / DATA_FILE
+        f = data_file(d)
         try:
             sizes.append(f.stat().st_size)
         except FileNotFoundError:
@@ -195,7 +194,7 @@ def _summarize(root: Path) -> dict:
             last_access = max(last_access, e.atime)
     devices = []
     for i, d in enumerate(dirs):
-        f = d / DATA_FILE
+        f = data_file(d)
         counts = per_dev.pop(i, Counter())
         info: dict = {
             "device": i,
@@ -217,7 +216,7 @@ def _summarize(root: Path) -> dict:
         except OSError:
             info.update(fs_total_bytes=None, fs_free_bytes=None)
         devices.append(info)
-    index_file = index_path(root) / "data.mdb"
+    index_file = index_data_file(root)
     holder = lock_holder(root)
 
     def item(e: IndexEntry | None) -> dict | None:
@@ -283,21 +282,6 @@ class VerifyReport:
         }
 
 
-def _batches(entries: list[IndexEntry], batch_bytes: int) -> Iterable[list[IndexEntry]]:
-    """Entries in (device, offset) order, cut into runs of at most `batch_bytes` of payload buffers."""
-    batch: list[IndexEntry] = []
-    size = 0
-    for e in sorted(entries, key=lambda e: (e.device, e.offset)):
-        need = align_up(max(e.nbytes, 1))
-        if batch and size + need > batch_bytes:
-            yield batch
-            batch, size = [], 0
-        batch.append(e)
-        size += need
-    if batch:
-        yield batch
-
-
 def verify_store(
     root: str | os.PathLike,
     *,
@@ -324,39 +308,65 @@ def verify_store(
     cfg = existing_config(root, io_engine=io_engine, queue_depth=queue_depth, verify_reads=True)
     report = VerifyReport()
     with TieredStore(cfg) as store:
-        # TODO(lead): a public TieredStore.durable_entries() would spare this private access.
-        entries = list(store._index.items())
+        entries = store.durable_entries()
         report.dropped_at_open = sorted(before - {e.key for e in entries})
         report.items = len(entries)
         total = sum(e.nbytes for e in entries)
         if progress is not None:
             progress(0, total)
-        if entries and store.nvme is None:
+        if entries and store.tier("nvme") is None:
             raise StoreConfigError(f"{root} indexes {len(entries)} items but has no NVMe tier")
-        buffer = aligned_empty(batch_bytes, pin=False) if entries else None
         done = 0
-        for batch in _batches(entries, batch_bytes):
-            need = sum(align_up(max(e.nbytes, 1)) for e in batch)
-            buf = buffer if need <= batch_bytes else aligned_empty(need, pin=False)
-            outs, off = [], 0
-            for e in batch:
-                outs.append(buf.narrow(0, off, e.nbytes))
-                off += align_up(max(e.nbytes, 1))
-            locs = [Location("nvme", e.device, e.offset, e.length, e.nbytes, e.checksum) for e in batch]
-            statuses = store.nvme.read_many([e.key for e in batch], locs, outs)
-            for e, status in zip(batch, statuses):
-                if status == ReadStatus.OK:
-                    report.ok += 1
-                elif status == ReadStatus.CORRUPT:
-                    report.corrupt.append(e.key)
-                else:
-                    report.unreadable.append(e.key)
-            done += sum(e.nbytes for e in batch)
+        for n, (e, status) in enumerate(store.verify_durable(entries, batch_bytes), 1):
+            if status == ReadStatus.OK:
+                report.ok += 1
+            elif status == ReadStatus.CORRUPT:
+                report.corrupt.append(e.key)
+            else:
+                report.unreadable.append(e.key)
+            done += e.nbytes
             report.bytes_checked = done
-            if progress is not None:
+            if progress is not None and (n % 256 == 0 or n == len(entries)):
                 progress(done, total)
         if repair:
             for key in report.corrupt + report.unreadable:
                 report.repaired += bool(store.delete(key))
     report.seconds = time.perf_counter() - start
+    return report
+
+
+# ---------------------------------------------------------------------------- recover
+def recover_store(
+    root: str | os.PathLike,
+    *,
+    nvme_dirs: list[str | os.PathLike] | None = None,
+    io_engine: str = "auto",
+) -> RecoveryReport:
+    """Rebuild the index of the store at `root` from its data files' record headers.
+
+    The old index folder (damaged, or merely distrusted) is moved aside, never deleted.
+    The NVMe directories come from `nvme_dirs`, else the layout file beside the index,
+    else the default ROOT/nvme. Takes the store's lock (StoreLockedError when it is open).
+    """
+    from hstore.store import TieredStore  # heavy import, only for the commands that open a store
+
+    path = Path(root)
+    if not path.is_dir():
+        raise NotAStoreError(f"{path}: no such directory")
+    dirs = [Path(d) for d in nvme_dirs] if nvme_dirs else read_layout_file(path) or [default_nvme_dir(path)]
+    sizes = [data_file(d).stat().st_size for d in dirs if data_file(d).exists()]
+    if len(sizes) != len(dirs) or not all(sizes):
+        missing = [str(data_file(d)) for d in dirs if not data_file(d).exists()]
+        raise NotAStoreError(f"{path}: no data files to recover from (missing: {', '.join(missing)}); "
+                             "name the NVMe directories with --nvme-dir")
+    lock = RootLock(path)
+    try:
+        moved = move_aside(index_path(path))
+    finally:
+        lock.release()
+    cfg = StoreConfig(root=path, nvme_dirs=dirs, nvme_bytes=max(sizes) * len(dirs), dram_bytes=64 * _MiB,
+                      gpu_bytes=0, pin_dram=False, io_engine=io_engine, recover_index=True)
+    with TieredStore(cfg) as store:
+        report = store.recovery
+    report.moved_aside = str(moved) if moved else None
     return report

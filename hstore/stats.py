@@ -29,6 +29,9 @@ class StoreStats:
     flush_failures: int = 0
     bytes_put: int = 0
     bytes_flushed: int = 0
+    memory_only_puts: int = 0  # puts the durable tier will never hold (declined by admission, or too large)
+    remote_writes_dropped: int = 0  # values the remote tier did not take (unreachable, full); local tiers keep them
+    bytes_shared: int = 0  # bytes written to the remote tier
     tiers: dict[str, TierStats] = field(default_factory=dict)
 
     def tier(self, name: str) -> TierStats:

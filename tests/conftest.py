@@ -1,11 +1,17 @@
-"""Fixtures shared by the test suite: stores on tmp_path that are always closed, both I/O engines."""
+"""Fixtures shared by the test suite: stores on tmp_path that are always closed, both I/O engines, and
+the figures of the fault campaign (printed at the end of a run)."""
 from __future__ import annotations
+
+import json
+import os
 
 import pytest
 
 from hstore import StoreConfig
 from hstore.io import FaultyEngine, make_engine
 from tests.helpers.store import ENGINE_KINDS, STORE_DEFAULTS
+
+pytest_plugins = ["tests.helpers.redis_servers"]  # real redis-server fixtures for the remote tier's tests
 
 
 @pytest.fixture(params=ENGINE_KINDS)
@@ -49,3 +55,34 @@ def faulty_engine(engine_kind):
     engine = FaultyEngine(make_engine(engine_kind, queue_depth=16, workers=2))
     yield engine
     engine.close()
+
+
+# ---------------------------------------------------------------------------- the fault campaign's figures
+_CAMPAIGN: dict[str, dict] = {}
+
+
+@pytest.fixture
+def campaign_figures(request):
+    """A dict a campaign test fills with its figures (kills, keys checked, faults injected, lost,
+    wrong, ...); they are printed at the end of the run: `python3 -m pytest -q -m campaign`."""
+    figures: dict = {}
+    yield figures
+    if figures:
+        _CAMPAIGN[request.node.nodeid] = figures
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _CAMPAIGN:
+        return
+    terminalreporter.section("hstore fault campaign")
+    totals: dict[str, int] = {}
+    for nodeid, figures in _CAMPAIGN.items():
+        terminalreporter.write_line(f"{nodeid}: " + ", ".join(f"{k} {v}" for k, v in figures.items()))
+        for k, v in figures.items():
+            if isinstance(v, int) and not isinstance(v, bool):
+                totals[k] = totals.get(k, 0) + v
+    terminalreporter.write_line("total: " + ", ".join(f"{k} {v}" for k, v in totals.items()))
+    path = os.environ.get("HSTORE_CAMPAIGN_JSON")
+    if path:
+        with open(path, "w") as f:
+            json.dump({"tests": _CAMPAIGN, "total": totals}, f, indent=2)

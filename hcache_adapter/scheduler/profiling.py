@@ -65,7 +65,7 @@ def measure_profile(store, layout: StateLayout, projector, recomputer: Recompute
     read_bw = {"dram": _memory_bandwidth(device, probe_bytes)}
     if device.type == "cuda":
         read_bw["gpu"] = _device_copy_bandwidth(device, probe_bytes)
-    if store.nvme is not None:
+    if store.tier("nvme") is not None:
         read_bw["nvme"] = _nvme_bandwidth(store, layout, projector is not None, device,
                                           min(probe_bytes, store.config.dram_bytes // 2))
     lengths = _lengths(model, device)
@@ -122,7 +122,8 @@ def _host_costs(store, layout: StateLayout, projector, recomputer: Recomputer, d
     kind = HIDDEN if projector is not None else KV
     shape = layout.chunk_shape(0, kind)
     chunk = torch.zeros(shape, dtype=layout.dtype)
-    n_keys = max(8, min(128, (store.dram.capacity - store.dram.used) // 8 // max(store.dram.footprint(
+    dram = store.tier("dram")
+    n_keys = max(8, min(128, (dram.capacity - dram.used) // 8 // max(dram.footprint(
         chunk.numel() * chunk.element_size()), 1)))
     keys = [f"__hcache_profile__/host/{i}" for i in range(n_keys)]
     out = torch.empty((n_keys, *shape), dtype=layout.dtype, device=device)
@@ -179,8 +180,9 @@ def _nvme_bandwidth(store, layout: StateLayout, hidden: bool, device: torch.devi
     chunk = torch.empty(shape, dtype=dtype)
     chunk_bytes = chunk.numel() * chunk.element_size()
     # The probe must not push the user's state out of either tier: a quarter of what is free, at most.
-    free_nvme = (store.nvme.capacity - store.nvme.used) // 4 // store.nvme.footprint(chunk_bytes)
-    free_dram = (store.dram.capacity - store.dram.used) // 4 // store.dram.footprint(chunk_bytes)
+    nvme, dram = store.tier("nvme"), store.tier("dram")
+    free_nvme = (nvme.capacity - nvme.used) // 4 // nvme.footprint(chunk_bytes)
+    free_dram = (dram.capacity - dram.used) // 4 // dram.footprint(chunk_bytes)
     chunks = max(8, min(nbytes // chunk_bytes, free_nvme, free_dram, 4096))
     per_layer = max(1, min(64, chunks // 8))  # 8 "layers" of up to 64 chunks
     layers = max(2, chunks // per_layer)
@@ -205,29 +207,3 @@ def _nvme_bandwidth(store, layout: StateLayout, hidden: bool, device: torch.devi
         for k in keys:
             store.delete(k)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`hcache profile`: measure and print the profile `auto` would plan with, for a model shape."""
-    import argparse
-    import tempfile
-
-    from hcache_adapter.bench.models import SHAPES, build_model
-    from hcache_adapter.hcache import HCache
-    from hstore import StoreConfig, TieredStore
-
-    p = argparse.ArgumentParser(prog="hcache profile", description=main.__doc__.split(":", 1)[1].strip(),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="tiny", choices=sorted(SHAPES))
-    p.add_argument("--layers", type=int, default=None, help="override the layer count")
-    p.add_argument("--dtype", default="float16" if torch.cuda.is_available() else "float32",
-                   choices=("float16", "bfloat16", "float32"))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--root", default=None, help="store root (a temporary directory when omitted)")
-    p.add_argument("--nvme-gib", type=float, default=1.0, help="0: profile without an NVMe tier")
-    args = p.parse_args(argv)
-    model = build_model(args.model, dtype=getattr(torch, args.dtype), device=args.device, layers=args.layers)
-    with tempfile.TemporaryDirectory(dir=".") as tmp:
-        cfg = StoreConfig(root=args.root or tmp, dram_bytes=1 << 30, nvme_bytes=int(args.nvme_gib * 2**30))
-        with TieredStore(cfg) as store:
-            print(HCache(model, store, method="auto").profile.to_json())
-    return 0

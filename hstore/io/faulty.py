@@ -14,12 +14,14 @@ counts its matches independently, so `nth` does not depend on other rules.
     engine.short(keep=4096, write=False, times=1)
     engine.flip(at=100, write=False, times=1)
     engine.fail_fsync(errno.EIO)
+    engine.fail(errno.EIO, write=False, p=0.01, seed=7)   # 1% of reads, reproducibly: a fault campaign
 """
 from __future__ import annotations
 
 import ctypes
 import enum
 import errno as errno_mod
+import random
 import threading
 from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
@@ -48,8 +50,15 @@ class FaultRule:
     keep: int = 0  # SHORT: bytes to transfer
     at: int = 0  # FLIP: byte index within the op's data
     mask: int = 0x01  # FLIP: bits to flip
+    p: float | None = None  # fire on each matching op with this probability (None: always)
+    seed: int | None = None  # for `p`: the same seed fires on the same matching ops
     matched: int = 0  # ops (or fsyncs) the filters matched so far
     fired: int = 0  # times the fault was injected
+
+    def __post_init__(self) -> None:
+        if self.p is not None and not 0.0 <= self.p <= 1.0:
+            raise ValueError(f"p must be in [0, 1], got {self.p}")
+        self._rng = random.Random(self.seed)
 
     def _filters_match(self, fd: int, write: bool | None, start: int, stop: int) -> bool:
         if self.fd is not None and fd != self.fd:
@@ -67,6 +76,8 @@ class FaultRule:
         index = self.matched
         self.matched += 1
         if self.nth is not None and index != self.nth:
+            return False
+        if self.p is not None and self._rng.random() >= self.p:
             return False
         return self.times is None or self.fired < self.times
 
@@ -134,8 +145,15 @@ class FaultyEngine(IoEngine):
         the flipped byte on the device (the caller's buffer is restored)."""
         return self.add(FaultRule(Fault.FLIP, at=at, mask=mask, **match))
 
-    def fail_fsync(self, errno: int = errno_mod.EIO, fd: int | None = None, times: int | None = None) -> FaultRule:
-        return self.add(FaultRule(Fault.FSYNC, errno=errno, fd=fd, times=times))
+    def fail_fsync(self, errno: int = errno_mod.EIO, fd: int | None = None, times: int | None = None,
+                   p: float | None = None, seed: int | None = None) -> FaultRule:
+        return self.add(FaultRule(Fault.FSYNC, errno=errno, fd=fd, times=times, p=p, seed=seed))
+
+    @property
+    def injected(self) -> int:
+        """Faults injected so far, by every rule."""
+        with self._lock:
+            return sum(r.fired for r in self.rules)
 
     def clear(self) -> None:
         with self._lock:

@@ -1,10 +1,13 @@
-"""Packing many tensors into one aligned byte extent, and back.
+"""Packing many tensors into one aligned byte extent, and back; batching records into I/O ops.
 
 A tier writes a batch of chunks as one large extent (one I/O instead of many)
 and reads it back the same way. O_DIRECT needs every transfer to start and end
 on a block boundary, so every record is placed at a multiple of `align` and
-the extent's length is padded to a multiple of `align`. These are pure
-functions of sizes and tensors: no files, no store.
+the extent's length is padded to a multiple of `align`. Records that end up
+back to back are moved by one vectored op (`merge_adjacent`), and long
+sequences are cut into batches of a bounded size (`cut_by_size`: the NVMe
+tier's read slices, the store's put groups). These are pure functions of sizes
+and tensors: no files, no store.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import torch
 
 from hstore.buffers import ALIGN, aligned_empty, align_up, as_bytes
 
-__all__ = ["Extent", "pack_layout", "pack_chunks", "unpack_chunks"]
+__all__ = ["Extent", "pack_layout", "pack_chunks", "unpack_chunks", "merge_adjacent", "cut_by_size"]
 
 
 def _check_align(align: int) -> int:
@@ -156,3 +159,55 @@ def unpack_chunks(buffer: torch.Tensor, extents: Sequence[Extent]) -> list[torch
             raise ValueError(f"{ext}: shape and dtype need {expected} bytes")
         result.append(_typed_view(buffer[ext.offset : ext.end], ext.dtype).reshape(ext.shape))
     return result
+
+
+def merge_adjacent(
+    extents: Sequence[tuple[int, int, int]],
+    *,
+    max_bytes: int,
+    parts: Sequence[int] | None = None,
+    max_parts: int | None = None,
+) -> list[list[int]]:
+    """Group ``(device, offset, size)`` extents that lie back to back on one device into runs.
+
+    Returns lists of indices into `extents`: every index exactly once, runs ordered by
+    (device, offset) and each run's extents contiguous in that order. A run grows while
+    its total stays within `max_bytes` (so several runs can be in flight at once) and,
+    when `parts` gives each extent's iovec count, while their sum stays within
+    `max_parts` (IOV_MAX). An extent larger than `max_bytes` is a run of its own.
+    """
+    if max_bytes <= 0:
+        raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
+    order = sorted(range(len(extents)), key=lambda i: (extents[i][0], extents[i][1]))
+    runs: list[list[int]] = []
+    dev = start = end = n_parts = None
+    for i in order:
+        d, off, size = extents[i]
+        p = parts[i] if parts is not None else 0
+        if (runs and d == dev and off == end and end + size - start <= max_bytes
+                and (max_parts is None or n_parts + p <= max_parts)):
+            runs[-1].append(i)
+            end += size
+            n_parts += p
+            continue
+        runs.append([i])
+        dev, start, end, n_parts = d, off, off + size, p
+    return runs
+
+
+def cut_by_size(sizes: Sequence[int], max_bytes: int) -> list[range]:
+    """Consecutive groups of `sizes` whose totals stay within `max_bytes`.
+
+    Ranges of indices covering ``range(len(sizes))`` in order; an item larger than
+    `max_bytes` is a group of its own (it is never dropped or split).
+    """
+    groups: list[range] = []
+    begin, total = 0, 0
+    for i, size in enumerate(sizes):
+        if i > begin and total + size > max_bytes:
+            groups.append(range(begin, i))
+            begin, total = i, 0
+        total += size
+    if begin < len(sizes):
+        groups.append(range(begin, len(sizes)))
+    return groups

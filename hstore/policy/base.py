@@ -10,7 +10,7 @@ policy shared by two stores (or driven from two threads) needs one too.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 
 def check_size(size: int) -> int:
@@ -41,9 +41,21 @@ class EvictionPolicy(ABC):
         Inserting a key already present updates its size/cost and counts as an access.
         """
 
+    def check_cost(self, cost: float | None) -> None:
+        """Raise ValueError if this policy cannot take `cost` as a hint.
+
+        The store asks before it installs anything, so a put with a bad hint changes
+        nothing. Policies that ignore costs accept any number.
+        """
+
     @abstractmethod
     def access(self, key: bytes) -> None:
         """`key` was hit. Unknown keys are ignored."""
+
+    def access_many(self, keys: Iterable[bytes]) -> None:
+        """`access` for a batch of hits, in order (a read of many keys calls this once)."""
+        for key in keys:
+            self.access(key)
 
     @abstractmethod
     def remove(self, key: bytes) -> None:

@@ -78,11 +78,20 @@ class CostAwarePolicy(EvictionPolicy):
         self._hint_count = 0
 
     @property
+    def heap_size(self) -> int:
+        """Pairs in the heap, live and stale: kept within about twice the tracked keys."""
+        return len(self._heap)
+
+    @property
     def inflation(self) -> float:
         """GDSF's L: the priority of the last victim (never decreases)."""
         return self._inflation
 
     # -- interface -----------------------------------------------------------
+
+    def check_cost(self, cost: float | None) -> None:
+        if cost is not None:
+            _check_cost(cost)
 
     def insert(self, key: bytes, size: int, cost: float | None = None) -> None:
         check_size(size)

@@ -35,6 +35,13 @@ class LruPolicy(EvictionPolicy):
         if key in self._order:
             self._order.move_to_end(key)
 
+    def access_many(self, keys) -> None:
+        order = self._order
+        move = order.move_to_end
+        for key in keys:
+            if key in order:
+                move(key)
+
     def remove(self, key: bytes) -> None:
         self._order.pop(key, None)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from hstore.layout.striping import next_round_robin
 from hstore.policy.base import PlacementPolicy
 
 
@@ -26,13 +27,10 @@ class RoundRobinPlacement(PlacementPolicy):
         self._next = 0
 
     def choose(self, key: bytes, size: int, free_bytes: Sequence[int]) -> int | None:
-        n = len(free_bytes)
-        for step in range(n):
-            device = (self._next + step) % n
-            if free_bytes[device] >= size:
-                self._next = (device + 1) % n
-                return device
-        return None
+        device = next_round_robin(self._next, free_bytes, size)
+        if device is not None:
+            self._next = (device + 1) % len(free_bytes)
+        return device
 
 
 class MostFreePlacement(PlacementPolicy):

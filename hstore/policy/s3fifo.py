@@ -110,13 +110,16 @@ class S3FifoPolicy(EvictionPolicy):
             not self._main
             or self._small_bytes > self.small_ratio * (self._small_bytes + self._main_bytes)
         )
-        if small_first:
-            victim = self._evict_small(skip)
-            return victim if victim is not None else self._evict_main(skip)
-        victim = self._evict_main(skip)
-        # Everything in main is skipped: fall back to probation rather than
-        # report a full tier.
-        return victim if victim is not None else self._evict_small(skip)
+        order = (self._evict_small, self._evict_main) if small_first else (self._evict_main, self._evict_small)
+        # Everything in one queue skipped: fall back to the other rather than report a full tier.
+        # A second round, because a pass over probation may promote its only unskipped keys to
+        # main (they were hit) and find no victim: main then holds them with their counters reset.
+        for _ in range(2):
+            for evict in order:
+                victim = evict(skip)
+                if victim is not None:
+                    return victim
+        return None
 
     def __len__(self) -> int:
         return len(self._entries)

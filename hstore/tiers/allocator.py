@@ -189,6 +189,10 @@ class ExtentAllocator:
         """
         return iter(sorted(self._used.items()))
 
+    def free_extents(self) -> list[tuple[int, int]]:
+        """``(offset, size)`` of every free extent, by increasing offset (always maximal runs)."""
+        return sorted(self._free.items())
+
     def __repr__(self) -> str:
         return (
             f"ExtentAllocator(capacity={self._capacity}, unit={self._unit}, used={self._used_bytes}, "

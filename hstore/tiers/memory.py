@@ -7,22 +7,18 @@ that the NVMe tier can write from directly with O_DIRECT.
 from __future__ import annotations
 
 import threading
-from typing import Sequence
 
 import torch
 
-from hstore.buffers import ALIGN, aligned_empty, as_bytes
-from hstore.errors import CapacityError, StoreConfigError, TierFullError
+from hstore.buffers import ALIGN, aligned_empty
+from hstore.errors import CapacityError, StoreConfigError
 from hstore.tiers.allocator import ExtentAllocator
-from hstore.tiers.base import Location, ReadStatus, Tier, WriteItem
+from hstore.tiers.base import ArenaTier, Location
 
 
-class MemoryTier(Tier):
-    """A tier living in one arena tensor. Besides the Tier interface it offers
-    zero-copy `allocate`/`view`, which the store uses to copy straight into and
-    out of slots (and to stream a slot to NVMe without staging)."""
-
-    persistent = False
+class MemoryTier(ArenaTier):
+    """An ArenaTier living in one arena tensor on one device: the store copies straight
+    into and out of its slots (and the NVMe tier streams a DRAM slot to disk without staging)."""
 
     def __init__(self, name: str, capacity: int, device: torch.device | str, *, pin: bool = False):
         self.name = name
@@ -38,6 +34,7 @@ class MemoryTier(Tier):
         except (RuntimeError, AssertionError, ValueError) as e:  # bad device, no CUDA, out of memory
             raise StoreConfigError(f"cannot allocate the {name} tier ({capacity} bytes on {device!r}): {e}") from e
         self.pinned = bool(pin and self.device.type == "cpu")
+        self._base = self._arena.data_ptr() if self.device.type == "cpu" else None
         self._alloc = ExtentAllocator(capacity, unit=ALIGN)
         self._lock = threading.Lock()
 
@@ -71,27 +68,8 @@ class MemoryTier(Tier):
         """Bytes [offset, offset + nbytes) of the arena (several adjacent slots at once)."""
         return self._arena.narrow(0, offset, nbytes)
 
-    def largest_free(self) -> int:
-        with self._lock:
-            return self._alloc.largest_free
-
-    def write_many(self, items: Sequence[WriteItem]) -> list[Location]:
-        locs: list[Location] = []
-        for item in items:
-            loc = self.allocate(item.payload.numel())
-            if loc is None:
-                for done in locs:
-                    self.free(done)
-                raise TierFullError(f"{self.name} tier is full")
-            locs.append(loc)
-        for item, loc in zip(items, locs):
-            self.view(loc).copy_(as_bytes(item.payload))
-        return locs
-
-    def read_many(self, keys: Sequence[bytes], locs: Sequence[Location], outs: Sequence[torch.Tensor]) -> list[ReadStatus]:
-        for loc, out in zip(locs, outs):
-            as_bytes(out).copy_(self.view(loc))
-        return [ReadStatus.OK] * len(locs)
+    def host_address(self, offset: int) -> int | None:
+        return self._base + offset if self._base is not None else None
 
     def free(self, loc: Location) -> None:
         with self._lock:
@@ -99,6 +77,7 @@ class MemoryTier(Tier):
 
     def close(self) -> None:
         self._arena = torch.empty(0, dtype=torch.uint8)
+        self._base = None
 
 
 class DramTier(MemoryTier):

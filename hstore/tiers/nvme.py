@@ -3,9 +3,10 @@
 Each item is a record: a 4 KiB self-describing header then the payload padded
 to 4 KiB, so every transfer is aligned for O_DIRECT and the page cache never
 hides the device's real speed. Items are striped over the directories by a
-placement policy (HCache's multi-SSD layout); a batch's records for one device
-are packed back to back into one extent and written with one vectored op
-straight from the DRAM arena (no staging copy).
+placement policy (HCache's multi-SSD layout, `hstore.layout.striping`); a
+batch's records for one device are packed back to back into one extent
+(`pack_layout`) and records that lie back to back move in one vectored op
+(`merge_adjacent`), straight from the DRAM arena (no staging copy).
 """
 from __future__ import annotations
 
@@ -13,102 +14,33 @@ import errno
 import logging
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
 from hstore.buffers import ALIGN, align_up, aligned_empty, as_bytes, copy_bytes, cuda_available
 from hstore.errors import StoreConfigError, StoreIOError, TierFullError
 from hstore.io.engine import IoEngine, IoOp
-from hstore.layout import pack_layout
+from hstore.layout import cut_by_size, merge_adjacent, pack_layout
 from hstore.policy.base import PlacementPolicy
-from hstore.record import HEADER_BYTES, RecordHeader, checksum, key_digest
-from hstore.tiers.allocator import ExtentAllocator
-from hstore.tiers.base import Location, ReadStatus, Tier, WriteItem
+from hstore.record import HEADER_BYTES, RecordHeader, checksum
+from hstore.tiers.base import DurableRead, DurableTier, Location, ReadStatus, ScannedRecord, WriteItem
+from hstore.tiers.datafile import DataFile, scan_records
 
 log = logging.getLogger(__name__)
 
 IOV_MAX = 1024
-DATA_FILE = "hstore.dat"
 MAX_OP_BYTES = 4 << 20  # merged ops stay this small so several are in flight at once
 READ_SLICE_BYTES = 16 << 20  # reads are checked in slices this big, overlapped with the next slice's I/O
 
 
-class _Device:
-    """One preallocated data file in one directory."""
-
-    def __init__(self, directory: Path, size: int):
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise StoreConfigError(f"cannot use {directory} as an NVMe directory: {e.strerror or e}") from e
-        self.path = directory / DATA_FILE
-        created = not self.path.exists()
-        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
-        try:
-            self.fd = os.open(self.path, flags | os.O_DIRECT, 0o644)
-            self.direct = True
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise StoreIOError(f"cannot open {self.path}: {e.strerror}", e.errno or 0) from e
-            # tmpfs and some FUSE filesystems refuse O_DIRECT; correctness holds without it.
-            log.warning("%s does not support O_DIRECT; NVMe tier falls back to buffered I/O there", directory)
-            self.fd = os.open(self.path, flags, 0o644)
-            self.direct = False
-        current = os.fstat(self.fd).st_size
-        if current > size:
-            os.close(self.fd)
-            raise StoreConfigError(
-                f"{self.path} holds {current} bytes but the config asks for {size} per device; "
-                "an NVMe tier cannot shrink (raise nvme_bytes or use a new root)"
-            )
-        if current < size:
-            # Check first: a failed fallocate may have taken every free block before it gave up.
-            vfs = os.statvfs(self.fd)
-            free = vfs.f_bavail * vfs.f_frsize
-            error: StoreIOError | None = None
-            if size - current > free:
-                error = StoreIOError(
-                    f"cannot reserve {size} bytes for the NVMe tier in {directory}: only {free} bytes are free "
-                    "(nvme_bytes is split evenly over nvme_dirs; lower it or free space)", errno.ENOSPC
-                )
-            else:
-                try:
-                    os.posix_fallocate(self.fd, 0, size)
-                except OSError as e:
-                    error = StoreIOError(
-                        f"cannot reserve {size} bytes for the NVMe tier in {directory}: {e.strerror}", e.errno or 0
-                    )
-            if error is not None:
-                self._give_back(current, created)
-                raise error
-        self.size = size
-        self.alloc = ExtentAllocator(size, unit=ALIGN)
-
-    def _give_back(self, size: int, created: bool) -> None:
-        """Undo a failed reservation: back to `size` bytes, or no file at all if this call made it."""
-        try:
-            if created:
-                os.unlink(self.path)
-            else:
-                os.ftruncate(self.fd, size)
-        except OSError as e:
-            log.warning("could not release the space reserved in %s: %s", self.path, e)
-        self.close()
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-class NvmeTier(Tier):
-    """Persistent tier on local files. Durable when `write_many` returns (if `sync`)."""
+class NvmeTier(DurableTier):
+    """Durable tier on local files. Durable when `write_many` returns (if `sync`)."""
 
     name = "nvme"
-    persistent = True
 
     def __init__(
         self,
@@ -129,10 +61,11 @@ class NvmeTier(Tier):
         self.verify = verify
         self._lock = threading.Lock()
         self._read_pool: ThreadPoolExecutor | None = None
-        self.devices: list[_Device] = []
+        self._seq = 0
+        self.devices: list[DataFile] = []
         try:
             for d in dirs:
-                self.devices.append(_Device(Path(d), per_device))
+                self.devices.append(DataFile(Path(d), per_device))
         except BaseException:
             self.close()
             raise
@@ -146,12 +79,20 @@ class NvmeTier(Tier):
     def used(self) -> int:
         return sum(d.alloc.used for d in self.devices)
 
+    @property
+    def max_item_bytes(self) -> int:
+        return min(d.alloc.capacity for d in self.devices) - HEADER_BYTES
+
+    @property
+    def paths(self) -> list[Path]:
+        """The data files, by device index."""
+        return [d.path for d in self.devices]
+
     def footprint(self, nbytes: int) -> int:
         return HEADER_BYTES + align_up(nbytes)
 
     def reserve(self, loc: Location) -> bool:
-        """Mark an indexed record's space used when reopening; False if it is out of range or overlaps."""
-        if not 0 <= loc.device < len(self.devices):
+        if not 0 <= loc.device < len(self.devices) or loc.length != self.footprint(loc.nbytes):
             return False
         with self._lock:
             try:
@@ -163,6 +104,12 @@ class NvmeTier(Tier):
     def free(self, loc: Location) -> None:
         with self._lock:
             self.devices[loc.device].alloc.free(loc.offset)
+
+    def _next_seq(self) -> int:
+        """Write order of records, kept in their headers: of two records of one key, the later wins."""
+        with self._lock:
+            self._seq = max(time.time_ns(), self._seq + 1)
+            return self._seq
 
     def _allocate(self, sizes: list[int], keys: list[bytes]) -> list[tuple[int, int]]:
         """(device, offset) per record; records of one device are packed into one extent when possible."""
@@ -231,7 +178,7 @@ class NvmeTier(Tier):
                 payload = bounce
             keep.append(payload)
             csum = checksum(payload)
-            hdr = RecordHeader(item.dtype, tuple(item.shape), n, csum, key_digest(item.key)).pack()
+            hdr = RecordHeader.for_item(item.key, item.dtype, tuple(item.shape), n, csum, self._next_seq()).pack()
             hslot = headers.narrow(0, i * HEADER_BYTES, HEADER_BYTES)
             hslot.copy_(torch.frombuffer(bytearray(hdr), dtype=torch.uint8))
             iov = [(hslot.data_ptr(), HEADER_BYTES)]
@@ -261,16 +208,16 @@ class NvmeTier(Tier):
         del keep
         return [rec[3] for rec in records]
 
-    def read_many(self, keys: Sequence[bytes], locs: Sequence[Location], outs: Sequence[torch.Tensor]) -> list[ReadStatus]:
-        n = len(locs)
+    def read_many(self, reads: Sequence[DurableRead]) -> list[ReadStatus]:
+        n = len(reads)
         if n == 0:
             return []
         headers = aligned_empty(HEADER_BYTES * n, pin=False)
         tails = aligned_empty(ALIGN * n, pin=False)
-        outs_b = [as_bytes(o) for o in outs]
-        for loc, ob in zip(locs, outs_b):
-            if ob.numel() != loc.nbytes:
-                raise ValueError(f"output buffer holds {ob.numel()} bytes, the item {loc.nbytes}")
+        outs_b = [as_bytes(r.out) for r in reads]
+        for r, ob in zip(reads, outs_b):
+            if ob.numel() != r.loc.nbytes:
+                raise ValueError(f"output buffer holds {ob.numel()} bytes, the item {r.loc.nbytes}")
         # Outputs we cannot DMA into (GPU, unaligned) are read through one bounce buffer.
         bounced = [i for i, ob in enumerate(outs_b) if ob.device.type != "cpu" or (ob.data_ptr() % ALIGN and ob.numel() >= ALIGN)]
         bounce_off: dict[int, int] = {}
@@ -279,12 +226,13 @@ class NvmeTier(Tier):
             total = 0
             for i in bounced:
                 bounce_off[i] = total
-                total += align_up(locs[i].nbytes)
+                total += align_up(reads[i].loc.nbytes)
             pin = cuda_available() and any(outs_b[i].device.type == "cuda" for i in bounced)
             bounce = aligned_empty(max(total, ALIGN), pin=pin)
         records = []
         dests: list[torch.Tensor] = []
-        for i, loc in enumerate(locs):
+        for i, r in enumerate(reads):
+            loc = r.loc
             hslot = headers.narrow(0, i * HEADER_BYTES, HEADER_BYTES)
             iov = [(hslot.data_ptr(), HEADER_BYTES)]
             if i in bounce_off:
@@ -305,18 +253,14 @@ class NvmeTier(Tier):
 
         def finish(i: int) -> None:
             """Check record i's header and checksum, and move it into its output."""
-            loc, dest = locs[i], dests[i]
+            r, dest = reads[i], dests[i]
+            loc = r.loc
             if i not in bounce_off:
                 body = loc.nbytes // ALIGN * ALIGN
                 if loc.nbytes > body:
                     copy_bytes(dest[body:], tails[i * ALIGN : i * ALIGN + loc.nbytes - body])
             hdr = RecordHeader.unpack(headers[i * HEADER_BYTES : (i + 1) * HEADER_BYTES].numpy())
-            ok = (
-                hdr is not None
-                and hdr.key_digest == key_digest(keys[i])
-                and hdr.nbytes == loc.nbytes
-                and hdr.checksum == loc.checksum
-            )
+            ok = hdr is not None and hdr.describes(r.key, r.dtype, r.shape, loc.nbytes, loc.checksum)
             if ok and self.verify:
                 ok = checksum(dest) == loc.checksum
             if not ok:
@@ -325,15 +269,15 @@ class NvmeTier(Tier):
                 copy_bytes(outs_b[i], dest)
 
         # Pipeline: while one slice of the batch is checked (checksums, headers), the next is being read.
-        slices = _slices(ops, READ_SLICE_BYTES)
+        slices = [[ops[j] for j in group] for group in cut_by_size([op.expected for op, _ in ops], READ_SLICE_BYTES)]
         pending = self._reader().submit(self.engine.run, [op for op, _ in slices[0]])
         for k, part in enumerate(slices):
             results = pending.result()
             if k + 1 < len(slices):
                 pending = self._reader().submit(self.engine.run, [op for op, _ in slices[k + 1]])
-            for (op, members), r in zip(part, results):
-                if r != op.expected:
-                    why = os.strerror(-r) if r < 0 else f"short read ({r} of {op.expected} bytes)"
+            for (op, members), res in zip(part, results):
+                if res != op.expected:
+                    why = os.strerror(-res) if res < 0 else f"short read ({res} of {op.expected} bytes)"
                     log.error("NVMe read of %d record(s) at fd %d offset %d failed: %s", len(members), op.fd, op.offset, why)
                     for i in members:
                         status[i] = ReadStatus.IO_ERROR
@@ -341,6 +285,12 @@ class NvmeTier(Tier):
                 for i in members:
                     finish(i)
         return status
+
+    def scan(self) -> Iterator[ScannedRecord]:
+        for dev, d in enumerate(self.devices):
+            for offset, hdr in scan_records(d.path):
+                loc = Location(self.name, dev, offset, self.footprint(hdr.nbytes), hdr.nbytes, hdr.checksum)
+                yield ScannedRecord(loc, hdr.key, hdr.dtype, hdr.shape, hdr.seq, hdr.version)
 
     def _reader(self) -> ThreadPoolExecutor:
         """Threads that run the next slice's I/O while the caller checks the previous slice."""
@@ -352,26 +302,14 @@ class NvmeTier(Tier):
 
     def _coalesce(self, records, *, write: bool) -> list[tuple[IoOp, list]]:
         """Merge records that are back to back on one device into one vectored op."""
-        ops: list[tuple[IoOp, list]] = []
-        order = sorted(range(len(records)), key=lambda i: (records[i][0], records[i][1]))
-        cur = None
-        for i in order:
-            dev, off, iov, tag = records[i]
-            size = sum(length for _, length in iov)
-            if (cur and cur["dev"] == dev and cur["end"] == off and len(cur["iov"]) + len(iov) <= IOV_MAX
-                    and cur["end"] + size - cur["off"] <= MAX_OP_BYTES):
-                cur["iov"].extend(iov)
-                cur["end"] += size
-                cur["tags"].append(tag)
-                continue
-            if cur:
-                ops.append(cur)
-            cur = {"dev": dev, "off": off, "end": off + size, "iov": list(iov), "tags": [tag]}
-        if cur:
-            ops.append(cur)
-        return [
-            (IoOp(write, self.devices[c["dev"]].fd, c["off"], tuple(c["iov"])), c["tags"]) for c in ops
-        ]
+        extents = [(dev, off, sum(length for _, length in iov)) for dev, off, iov, _ in records]
+        runs = merge_adjacent(extents, max_bytes=MAX_OP_BYTES, parts=[len(r[2]) for r in records], max_parts=IOV_MAX)
+        ops = []
+        for run in runs:
+            dev, off = records[run[0]][0], records[run[0]][1]
+            iov = tuple(part for i in run for part in records[i][2])
+            ops.append((IoOp(write, self.devices[dev].fd, off, iov), [records[i][3] for i in run]))
+        return ops
 
     def close(self) -> None:
         if self._read_pool is not None:
@@ -379,17 +317,3 @@ class NvmeTier(Tier):
             self._read_pool = None
         for d in self.devices:
             d.close()
-
-
-def _slices(ops: list, max_bytes: int) -> list[list]:
-    """Consecutive groups of ops of about `max_bytes` each (at least one op per group)."""
-    groups, cur, size = [], [], 0
-    for item in ops:
-        if cur and size + item[0].expected > max_bytes:
-            groups.append(cur)
-            cur, size = [], 0
-        cur.append(item)
-        size += item[0].expected
-    if cur:
-        groups.append(cur)
-    return groups

@@ -12,7 +12,7 @@ import pytest
 import torch
 from tests.helpers.models import build as build_model
 
-from hcache_adapter import HCache
+from hcache_adapter import HCache, Profile
 from hcache_adapter.compat import cache_kwarg, chunked_prefill_respects_cache, new_cache
 from hcache_adapter.lazycache import LazyCache, LazyLayer
 from hstore import StoreConfig, TieredStore
@@ -186,7 +186,9 @@ def test_static_shape_prefill_gives_the_models_tokens(mode, arch, method, store)
     handed to the saver), run eagerly on the CPU: the same tokens, and the saved state restores."""
     model = build(arch)
     plan = "HK" if method == "auto" else None  # a mixed plan, read from DRAM: restored, never recomputed
-    hc = HCache(model, store, method=method, chunk_tokens=C, captured_prefill=True, plan=plan)
+    dear = Profile(2, 1, 1, {"dram": 1e12, "nvme": 1e9}, (0.0, 1e-12), (1.0, 0.0, 0.0))  # recomputing: 1 s a layer
+    hc = HCache(model, store, method=method, chunk_tokens=C, captured_prefill=True, plan=plan,
+                profile=dear if method == "auto" else None)
     assert hc.prefill is not None
     two_rounds(hc, model, MODES[mode], seed=3)
     assert hc.prefill.runs >= 1

@@ -114,8 +114,8 @@ def test_corrupt_chunk_in_the_middle_stops_the_restore_there(tmp_path):
         hc.generate(ids, max_new_tokens=2, do_sample=False)
         store.flush()
         digests = hc.digests(ids[0, :56])
-        victim = store._entries[layer_key("hc", digests[3], "h", 1).encode()].durable
-        data_file = store.nvme.devices[victim.device].path
+        victim = store.durable_record(layer_key("hc", digests[3], "h", 1))
+        data_file = victim.path
     with open(data_file, "r+b") as f:  # flip payload bytes of chunk 3, layer 1
         f.seek(victim.offset + 4096 + 100)
         byte = f.read(1)
@@ -366,8 +366,14 @@ def test_measuring_the_profile_never_evicts_stored_state(tmp_path):
         assert "nvme" in hc.profile.read_bytes_per_s  # measured now
         assert before == set(store.keys())
         cache, n = hc.restore(ids)
-        assert n == 40
-        assert_cache_exact(model, cache, ids, n)
+        # the measured (noisy, CPU) profile decides whether loading beats one prefill; either way nothing is lost
+        assert hc.last_restore.sources.get("dram", 0) + hc.last_restore.sources.get("nvme", 0) > 0
+        assert "missing" not in hc.last_restore.sources
+        if n:
+            assert n == 40
+            assert_cache_exact(model, cache, ids, n)
+        else:
+            assert hc.last_restore.recompute_layers == L
 
 
 def test_auto_does_not_learn_from_memory_tier_restores(tmp_path):

@@ -22,10 +22,11 @@ import torch
 import xxhash
 
 import hstore.io as hio
+from hstore.policy import AdmissionPolicy
 from hstore.buffers import align_up
 from hstore.index import Index
-from hstore.record import DTYPE_TO_CODE, HEADER_BYTES, RecordHeader, key_digest
-from hstore.tiers.nvme import DATA_FILE
+from hstore.format import LAYOUT_META_KEY, data_file, index_path
+from hstore.record import DTYPE_TO_CODE, HEADER_BYTES, RecordHeader
 
 URING_SKIP = pytest.mark.skipif(
     not hio.uring_available(), reason=f"io_uring unavailable: {hio.uring_unavailable_reason()}"
@@ -73,6 +74,17 @@ def random_tensor(gen: torch.Generator, dtype: torch.dtype, shape: tuple[int, ..
     return raw.view(dtype).reshape(shape)
 
 
+def rand(shape, dtype=torch.float32, seed=0) -> torch.Tensor:
+    """random_tensor with a seed: the same call gives the same tensor."""
+    return random_tensor(torch.Generator().manual_seed(seed), dtype, tuple(shape))
+
+
+def cold(store) -> None:
+    """Make every following read of a store come from NVMe."""
+    store.flush()
+    store.drop_cached()
+
+
 def _seed(key: bytes, version: int) -> int:
     return int.from_bytes(hashlib.blake2b(key + version.to_bytes(8, "little"), digest_size=8).digest(), "little") >> 1
 
@@ -117,15 +129,15 @@ class ScanReport:
 def scan_root(root: str | os.PathLike) -> ScanReport:
     """Check every index entry of a closed store against the bytes in its data file."""
     report = ScanReport()
-    idx = Index(Path(root) / "index", readonly=True)
+    idx = Index(index_path(root), readonly=True)
     try:
-        meta = idx.meta_get("layout")
+        meta = idx.meta_get(LAYOUT_META_KEY)
         entries = list(idx.items())
         report.entries = len(entries)
         if not entries:
             return report
         dirs = json.loads(meta)["nvme_dirs"]
-        files = [open(Path(d) / DATA_FILE, "rb") for d in dirs]
+        files = [open(data_file(d), "rb") for d in dirs]
         try:
             extents: list[tuple[int, int, int, bytes]] = []
             for e in entries:
@@ -145,9 +157,7 @@ def scan_root(root: str | os.PathLike) -> ScanReport:
                 payload = block[HEADER_BYTES : HEADER_BYTES + e.nbytes]
                 if hdr is None:
                     report.problems.append(f"{name}: no valid record header")
-                elif (hdr.key_digest, hdr.nbytes, hdr.checksum, hdr.dtype, hdr.shape) != (
-                    key_digest(e.key), e.nbytes, e.checksum, e.dtype, e.shape
-                ):
+                elif not hdr.describes(e.key, e.dtype, e.shape, e.nbytes, e.checksum):
                     report.problems.append(f"{name}: header {hdr} does not match the index {e}")
                 elif xxhash.xxh3_64_intdigest(payload) != e.checksum:
                     report.problems.append(f"{name}: payload checksum mismatch")
@@ -163,14 +173,14 @@ def scan_root(root: str | os.PathLike) -> ScanReport:
     return report
 
 
-def find_record(data_file: str | os.PathLike, key: str | bytes) -> int | None:
+def find_record(path: str | os.PathLike, key: str | bytes) -> int | None:
     """Offset of the (first) record header of `key` in a data file, found by scanning headers."""
-    digest = key_digest(key.encode() if isinstance(key, str) else bytes(key))
-    with open(data_file, "rb") as f:
+    key = key.encode() if isinstance(key, str) else bytes(key)
+    with open(path, "rb") as f:
         offset = 0
         while block := f.read(HEADER_BYTES):
             hdr = RecordHeader.unpack(block)
-            if hdr is not None and hdr.key_digest == digest:
+            if hdr is not None and hdr.names(key):
                 return offset
             offset += HEADER_BYTES
     return None
@@ -190,3 +200,46 @@ def scan_root_elsewhere(root: str | os.PathLike) -> ScanReport:
         raise AssertionError(f"scan failed: {proc.stderr}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     return ScanReport(out["entries"], {bytes.fromhex(k) for k in out["keys"]}, out["problems"])
+
+
+def memory_ladder(dram: int = 256 << 10, gpu: int = 0):
+    """(catalog, ladder) over real memory tiers (a GPU tier on CPU memory when `gpu`), wired as the store wires them."""
+    from hstore.catalog import Catalog
+    from hstore.ladder import TierLadder
+    from hstore.policy import LruPolicy
+    from hstore.stats import StoreStats
+    from hstore.tiers.memory import DramTier, GpuTier
+
+    tiers = ([GpuTier(gpu, "cpu")] if gpu else []) + [DramTier(dram)]
+    stats = StoreStats()
+    ladder = TierLadder(tiers, stats)
+    cat = Catalog([LruPolicy() for _ in tiers], landing=ladder.landing.index, durable=None, free=ladder.free,
+                  view=ladder.view, index=None, stats=stats)
+    ladder.attach(cat)
+    return cat, ladder
+
+
+def put_in_landing(cat, ladder, key: bytes, value: torch.Tensor):
+    """Install `value` under `key` with one copy in the landing tier (what a put does, minus the checks)."""
+    import time
+
+    tier = ladder.landing.tier
+    loc = tier.allocate(value.numel() * value.element_size())
+    tier.view(loc).copy_(value.reshape(-1).view(torch.uint8))
+    with cat.lock:
+        e = cat.new_entry_locked(key, value.dtype, tuple(value.shape), loc.nbytes, None, time.time())
+        cat.install_locked(e, 0, False)
+        cat.add_copy_locked(e, ladder.landing.index, loc)
+    return e
+
+
+class SwitchAdmission(AdmissionPolicy):
+    """An NVMe admission policy that admits while `open` is true: lets a test decline chosen puts."""
+
+    name = "switch"
+
+    def __init__(self) -> None:
+        self.open = True
+
+    def admit(self, key: bytes, size: int, cost: float | None = None) -> bool:
+        return self.open

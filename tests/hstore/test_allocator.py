@@ -143,8 +143,8 @@ class AllocatorMachine(RuleBasedStateMachine):
     def free_map_is_coalesced(self):
         runs = free_runs(self.cells)
         assert self.alloc.largest_free == max((n for _, n in runs), default=0) * self.unit
-        # white-box: the free map holds exactly the maximal free runs (nothing left unmerged)
-        assert sorted(self.alloc._free.items()) == [(s * self.unit, n * self.unit) for s, n in runs]
+        # the free map holds exactly the maximal free runs (nothing left unmerged)
+        assert self.alloc.free_extents() == [(s * self.unit, n * self.unit) for s, n in runs]
 
 
 AllocatorMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)
@@ -241,4 +241,4 @@ def test_many_fragments_in_random_order():
     assert alloc.free_bytes == n // 2 * 4096
     for off in offsets[n // 2 :]:
         alloc.free(off)
-    assert alloc.largest_free == alloc.capacity and len(alloc._free) == 1
+    assert alloc.largest_free == alloc.capacity and len(alloc.free_extents()) == 1

@@ -16,13 +16,14 @@ import pytest
 import torch
 
 from hstore import StoreConfig, TieredStore
-from hstore.bench import CSV_COLUMNS, format_size, parse_size
+from hstore.units import format_size, parse_size
+from hstore_bench import CSV_COLUMNS
 from hstore.buffers import align_up
 from hstore.cli import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, main
 from hstore.index import Index
 from hstore.ondisk import existing_config
 from hstore.record import HEADER_BYTES
-from hstore.tiers.nvme import DATA_FILE
+from hstore.format import DATA_FILE
 
 _MiB = 1 << 20
 

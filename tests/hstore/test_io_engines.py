@@ -20,7 +20,7 @@ import hstore.io as hio
 from hstore.buffers import ALIGN, aligned_empty
 from hstore.errors import StoreClosedError, StoreConfigError
 from hstore.io import FaultyEngine, IoEngine, IoOp, ThreadPoolEngine, make_engine
-from hstore.io.rawbench import engine_sequential_read_gbps, raw_sequential_read_gbps
+from hstore_bench.rawio import engine_sequential_read_gbps, raw_sequential_read_gbps
 from hstore.io.threadpool import advance_views, iov_views
 
 DEPTH = 8  # small, so batches of dozens of ops must refill the ring

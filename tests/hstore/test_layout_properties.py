@@ -17,9 +17,12 @@ from hstore.layout import (
     Extent,
     assign_round_robin,
     chunk_spans,
+    cut_by_size,
     join_chunks,
     layer_major_to_token_major,
+    merge_adjacent,
     n_chunks,
+    next_round_robin,
     pack_chunks,
     pack_layout,
     split_into_chunks,
@@ -313,3 +316,51 @@ def test_round_robin_rejects_bad_input():
         assign_round_robin(3, 0)
     with pytest.raises(ValueError):
         assign_round_robin(-1, 2)
+
+
+@props
+@given(free=st.lists(st.integers(0, 100), min_size=1, max_size=8), cursor=st.integers(0, 20), size=st.integers(0, 100))
+def test_next_round_robin_picks_the_first_device_with_room_from_the_cursor(free, cursor, size):
+    device = next_round_robin(cursor, free, size)
+    n = len(free)
+    order = [(cursor + i) % n for i in range(n)]
+    fitting = [d for d in order if free[d] >= size]
+    assert device == (fitting[0] if fitting else None)
+
+
+def test_next_round_robin_is_assign_round_robin_while_every_device_has_room():
+    cursor, picked = 3, []
+    for _ in range(10):
+        d = next_round_robin(cursor, [10, 10, 10, 10], 1)
+        picked.append(d)
+        cursor = (d + 1) % 4
+    assert picked == assign_round_robin(10, 4, start=3)
+
+
+@props
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 6), st.integers(1, 4)), max_size=30),
+       st.integers(1, 12), st.integers(1, 6))
+def test_merge_adjacent_covers_every_extent_once_in_runs_that_touch(spec, max_bytes, max_parts):
+    extents, parts = [], []
+    for dev, slot, size in spec:
+        extents.append((dev, slot * 10 + len(extents) % 3 * 4, size))  # some back to back, some not
+        parts.append(1 + size % 2)
+    runs = merge_adjacent(extents, max_bytes=max_bytes, parts=parts, max_parts=max_parts)
+    assert sorted(i for run in runs for i in run) == list(range(len(extents)))
+    for run in runs:
+        for a, b in zip(run, run[1:]):
+            assert extents[a][0] == extents[b][0] and extents[a][1] + extents[a][2] == extents[b][1]
+        if len(run) > 1:
+            assert sum(extents[i][2] for i in run) <= max_bytes
+            assert sum(parts[i] for i in run) <= max_parts
+
+
+@props
+@given(st.lists(st.integers(0, 50), max_size=40), st.integers(1, 60))
+def test_cut_by_size_keeps_order_and_bounds_every_group_of_more_than_one(sizes, limit):
+    groups = cut_by_size(sizes, limit)
+    assert [i for g in groups for i in g] == list(range(len(sizes)))
+    for g in groups:
+        assert len(g) == 1 or sum(sizes[i] for i in g) <= limit
+    for a, b in zip(groups, groups[1:]):  # a group ends only where the next item would not fit
+        assert sum(sizes[i] for i in a) + sizes[b[0]] > limit

@@ -20,8 +20,9 @@ import torch
 
 from hstore import StoreConfigError, StoreIOError, TieredStore
 from hstore.index import Index, IndexEntry
+from hstore.testing import data_file_fd
 from hstore.record import HEADER_BYTES
-from hstore.tiers.nvme import DATA_FILE
+from hstore.format import DATA_FILE
 from tests.helpers.store import assert_same, find_record, keyed_tensor, scan_root
 
 KiB = 1 << 10
@@ -230,7 +231,7 @@ def test_eio_on_one_device_fails_only_the_records_there(open_store, store_config
     cfg = store_config(io_engine=faulty_engine, nvme_dirs=[tmp_path / "ssd0", tmp_path / "ssd1"])
     values = values_for([f"k{i}" for i in range(8)], n=1500)
     store = cold_store(open_store, cfg, values)
-    faulty_engine.fail(errno.EIO, write=False, fd=store.nvme.devices[1].fd)
+    faulty_engine.fail(errno.EIO, write=False, fd=data_file_fd(tmp_path / "ssd1"))
     got = store.get_many(list(values))  # one batch over both devices
     ok = {k for k, g in zip(values, got) if g is not None}
     for k in ok:

@@ -1,4 +1,4 @@
-"""Raw sequential-read bandwidth: the yardstick for the NVMe tier's numbers.
+"""Raw sequential I/O bandwidth: the yardstick for the NVMe tier's numbers.
 
 `raw_sequential_read_gbps` is what the device gives a plain program: one
 synchronous O_DIRECT preadv of `block_bytes` after another, like
@@ -7,13 +7,16 @@ so it stays a reference the engines (and the tier above them) are compared to.
 `engine_sequential_read_gbps` reads the same file through an `IoEngine` in one
 batch of `op_bytes` ops, so the two numbers can be put side by side:
 
-    python -m hstore.io.rawbench FILE [--op-kib 512] [--depth 32] [--engine uring]
+    python -m hstore_bench.rawio FILE [--op-kib 512] [--depth 32] [--engine uring]
 """
 from __future__ import annotations
 
 import argparse
 import os
 import time
+from pathlib import Path
+
+import torch
 
 from hstore.buffers import ALIGN, align_up, aligned_empty
 from hstore.errors import StoreConfigError, StoreIOError
@@ -84,6 +87,24 @@ def engine_sequential_read_gbps(
     if bad:
         raise StoreIOError(f"{len(bad)} reads failed, first: {os.strerror(-bad[0])}", -bad[0])
     return min(sum(results), span) / elapsed / GB if elapsed > 0 else 0.0
+
+
+def write_raw_file(path: Path, total: int, block: int) -> float:
+    """Write `total` bytes with O_DIRECT in `block` writes, then fdatasync; GB/s."""
+    buf = aligned_empty(block, pin=False)
+    buf.copy_(torch.randint(0, 256, (block,), dtype=torch.uint8))
+    view = memoryview(buf.numpy())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
+    try:
+        start = time.perf_counter()
+        done = 0
+        while done < total:
+            n = min(block, align_up(total - done))
+            done += os.pwritev(fd, [view[:n]], done)
+        os.fdatasync(fd)
+        return done / (time.perf_counter() - start) / GB
+    finally:
+        os.close(fd)
 
 
 def main(argv: list[str] | None = None) -> None:
