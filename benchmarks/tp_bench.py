@@ -58,7 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float16" if gpu else "float32", choices=("float16", "bfloat16", "float32"))
     p.add_argument("--device", default="cuda" if gpu else "cpu", choices=("cuda", "cpu"))
     p.add_argument("--dram-gib", type=float, default=None, help="each rank's DRAM tier (default: what the runs need)")
-    p.add_argument("--work", type=Path, default=None, help="where the model and the stores go (a temporary folder)")
+    p.add_argument("--work", type=Path, default=None,
+                   help="where the model and the stores go, kept (default: a temporary folder, removed); a kept "
+                        "folder's model is reused, so degrees can run as separate commands")
     p.add_argument("--out", type=Path, default=Path("tp-results"))
     args = p.parse_args(argv)
     args.tp = [int(x) for x in args.tp.split(",")]
@@ -233,6 +235,17 @@ def report(rows: list[dict], not_run: list[int]) -> str:
     return "\n".join(lines)
 
 
+def _earlier_rows(path: Path, rerun: set[int]) -> list[dict]:
+    """Rows an earlier command wrote to the same --out for degrees this one did not run (one degree per
+    command composes into one report)."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        rows = [{k: (int(v) if k in ("tp", "context", "bytes_per_token_rank", "restored_tokens", "recompute_layers")
+                     else v if k == "method" else float(v)) for k, v in r.items()} for r in csv.DictReader(f)]
+    return [r for r in rows if r["tp"] not in rerun]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off on the lent machines
@@ -242,13 +255,14 @@ def main(argv=None) -> int:
     args.work_dir = str(work)
     args.out.mkdir(parents=True, exist_ok=True)
     try:
-        model = build_model(args.model, dtype=getattr(torch, args.dtype), device=args.device, layers=args.layers,
-                            max_positions=max(args.contexts) + args.suffix + 1024)
-        print(f"{args.model}: {shape_label(model)}; {args.dtype} on {args.device}", flush=True)
-        model.save_pretrained(work / "model")
-        del model
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
+        if not (work / "model" / "config.json").exists():  # a kept --work folder already holds it
+            model = build_model(args.model, dtype=getattr(torch, args.dtype), device=args.device, layers=args.layers,
+                                max_positions=max(args.contexts) + args.suffix + 1024)
+            print(f"{args.model}: {shape_label(model)}; {args.dtype} on {args.device}", flush=True)
+            model.save_pretrained(work / "model")
+            del model
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
         rows, not_run = [], []
         for world in args.tp:
             got = run_degree(world, args, str(work / "model"), str(work))
@@ -256,6 +270,8 @@ def main(argv=None) -> int:
                 not_run.append(world)
             else:
                 rows += got
+        rows = _earlier_rows(args.out / "tp_bench.csv", {r["tp"] for r in rows} | set(not_run)) + rows
+        rows.sort(key=lambda r: (r["tp"], r["context"], METHODS.index(r["method"])))
         with open(args.out / "tp_bench.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=FIELDS)
             w.writeheader()
