@@ -11,7 +11,7 @@ own stores hold; `shards.assign_reads` picks, per chunk, one rank that has it.
 That leaves the chunks of ranks that are gone: a prefix saved at TP=4 and
 restored at TP=2, or on one process. Two ways reach them:
 
-* the remote tier (Redis, `StoreConfig(remote="redis://...")` once merged):
+* the remote tier (Redis, `StoreConfig(remote="redis://...")`):
   every rank's store is given the same server; whatever any rank flushed is
   found by every rank's store, on any node. This is the deployment story.
 * on one node without it, `NodeStores`: the node keeps one store root per
@@ -84,16 +84,11 @@ class NodeStores:
         return self.own.config
 
     @property
-    def gpu(self):
-        return self.own.gpu
+    def tiers(self):
+        return self.own.tiers
 
-    @property
-    def dram(self):
-        return self.own.dram
-
-    @property
-    def nvme(self):
-        return self.own.nvme
+    def tier(self, name: str):
+        return self.own.tier(name)
 
     # -- writes: the own root ---------------------------------------------------------------
     def put_many(self, items, **kwargs) -> None:
@@ -105,9 +100,11 @@ class NodeStores:
     def delete(self, key) -> bool:
         return self.own.delete(key)
 
-    def flush(self) -> None:
-        for s in self.stores:
+    def flush(self):
+        """Flush every root (state read from a peer root may be promoted into it); the own root's result."""
+        for s in self.stores[1:]:
             s.flush()
+        return self.own.flush()
 
     def drop_cached(self, keys=None) -> int:
         return sum(s.drop_cached(keys) for s in self.stores)
