@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 
 from hcache_adapter.parallel.stores import NodeStores
+from hstore import TieredStore
 from tests.helpers import tp_ranks as T
 from tests.helpers.distributed import run_ranks
 
@@ -117,5 +118,23 @@ def test_state_saved_at_one_degree_restores_at_another(saved_at_four, model_dir,
 
     # TP=4 -> one process: the unsharded model reads every slot of the node.
     back = T.restore_from(one, NodeStores.open(root / "hidden", slots=4, world=1, rank=0, config=T.nvme_config))
+    run, = back["runs"]
+    assert run["restored"] == full and run["error"] <= ATOL and run["tokens"] == reference[1]
+
+
+@pytest.mark.slow
+def test_ranks_share_state_through_the_remote_tier(model_dir, reference, tmp_path, redis_fresh):
+    """The deployment story: every rank's store has the same Redis server; TP=2 saves, fresh stores at TP=2
+    and one process restore."""
+    url = redis_fresh.url()
+    full = CHUNKS * T.CHUNK
+    for rank, got in enumerate(run_ranks(2, T.remote_rank, str(model_dir), str(tmp_path), url)):
+        assert got["saved"]["tokens"] == reference[1], rank
+        assert got["saved"]["hidden_keys"] == CHUNKS // 2 * LAYERS, rank  # one copy between the two ranks
+        run, = got["back"]["runs"]
+        assert run["restored"] == full and run["error"] <= ATOL and run["tokens"] == reference[1], rank
+    one = T.load_unsharded(model_dir)
+
+    back = T.restore_from(one, NodeStores([TieredStore(T.remote_config(tmp_path / "single", url))]))
     run, = back["runs"]
     assert run["restored"] == full and run["error"] <= ATOL and run["tokens"] == reference[1]

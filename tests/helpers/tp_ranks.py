@@ -138,3 +138,16 @@ def _restore_and_generate(model, hc, ids) -> dict:
 
 def nvme_config(root: Path) -> StoreConfig:
     return StoreConfig(root=root, **WITH_NVME)
+
+
+def remote_rank(rank: int, world: int, model_dir: str, root: str, url: str) -> dict:
+    """Save through a shared remote tier (this rank's own root, DRAM only), close, then restore with a fresh
+    root: everything read comes from the remote, each rank reading its share."""
+    model = load_tensor_parallel(LlamaForCausalLM, model_dir, dtype=torch.float32).eval()
+    saved = save_into(model, NodeStores([TieredStore(remote_config(Path(root) / f"save{rank}", url))]), "hcache")
+    back = restore_from(model, NodeStores([TieredStore(remote_config(Path(root) / f"fresh{rank}", url))]))
+    return dict(saved=saved, back=back)
+
+
+def remote_config(root: Path, url: str) -> StoreConfig:
+    return StoreConfig(root=root, remote=url, **DRAM_ONLY)
