@@ -7,8 +7,9 @@ layer just appended to the cache. Whenever a layer has a whole chunk of tokens,
 the chunk goes to the store at once (on a GPU: an asynchronous copy into pinned
 DRAM on a side stream; the store's flusher then writes it to NVMe): the
 two-stage save, so decoding never waits for storage. A chunk's manifest is put
-after the last layer has put its part. Nothing here changes a tensor the model
-computes.
+after the last layer has put its part. Under tensor parallelism (the layout's
+`shard`) each rank puts its own K/V heads and the hidden-state chunks it owns.
+Nothing here changes a tensor the model computes.
 
 A forward that does not call the hooks (a replayed CUDA graph of the prefill)
 hands the same inputs over with `step()`. Forward passes HCache runs for itself
@@ -183,8 +184,10 @@ class StateSaver:
         if done <= first:
             return
         rows = (torch.cat(pending, dim=1) if len(pending) > 1 else pending[0])[0]
+        shard = self.layout.shard  # tensor parallelism: every rank sees this hidden state; one of them saves it
         self._put([(self.layout.chunk_key(self._digest(a // self.C), HIDDEN, layer), rows[a - first: a - first + self.C])
-                   for a in range(first, done, self.C) if a // self.C >= self._stored_chunks])
+                   for a in range(first, done, self.C) if a // self.C >= self._stored_chunks
+                   and (shard is None or shard.owns_chunk(a // self.C))])
         rest = rows[done - first:]
         pending.clear()
         if rest.shape[0]:

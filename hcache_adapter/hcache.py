@@ -15,6 +15,8 @@ immutable.
 This class is the front only; the parts are `StateLayout` (what a chunk is),
 `StateSaver` (saving), `Restorer` (loading, projecting, recomputing),
 `AutoScheduler` (auto's decisions) and `generation` (what a call asks for).
+A model loaded with transformers' tensor parallelism is detected and served
+rank by rank (hcache_adapter.parallel: every rank runs the same calls).
 """
 from __future__ import annotations
 
@@ -33,6 +35,9 @@ from hcache_adapter.firstforward import first_forward, skip_cached_tokens
 from hcache_adapter.generation import cache_for_call, inspect_call, with_cache
 from hcache_adapter.layout import StateLayout
 from hcache_adapter.manifest import HIDDEN, KV, RECOMPUTE
+from hcache_adapter.parallel import tp as tensor_parallel
+from hcache_adapter.parallel.gather import HiddenExchange
+from hcache_adapter.parallel.projection import shard_projector
 from hcache_adapter.prefill_graph import CapturedPrefill
 from hcache_adapter.prefix import complete_chunks, locate_layers, stored_prefix
 from hcache_adapter.projection import projector_for
@@ -100,7 +105,8 @@ class HCache:
         self.model = model
         self.store = store
         on_gpu = next(model.parameters()).device.type == "cuda"
-        self.projector = projector_for(model)
+        self.tp = tensor_parallel.detect(model)  # None: the model is on one device
+        self.projector = shard_projector(model) if self.tp else projector_for(model)
         if self.projector is not None and hasattr(self.projector, "compile"):
             # One compiled graph for norm + K/V GEMMs + rotary: worth it on a GPU, not on a CPU.
             self.projector.compile = on_gpu if compile is None else compile
@@ -115,13 +121,16 @@ class HCache:
         self.method = method
         self.layout = StateLayout.for_model(model, self.projector, namespace=namespace, chunk_tokens=chunk_tokens,
                                             model_id=model_id)
+        if self.tp:
+            self.layout = tensor_parallel.shard_layout(self.layout, self.tp, model, self.decoder_layers)
         self.recomputer = Recomputer(model, self.decoder_layers)
         self.restorer = Restorer(self.layout, store, self.projector, self.recomputer, self.device,
-                                 prefetch_bytes=prefetch_bytes)
+                                 prefetch_bytes=prefetch_bytes,
+                                 exchange=HiddenExchange(self.tp, self.layout, store, self.device) if self.tp else None)
         self._profile = profile
         self.scheduler = AutoScheduler(self.layout, lambda: self.profile, plan) if method == "auto" else None
         self._cache_kw = cache_kwarg(model)
-        use_graph = on_gpu if captured_prefill is None else captured_prefill
+        use_graph = (on_gpu if captured_prefill is None else captured_prefill) and not self.tp  # no collectives in graphs
         self.prefill = (CapturedPrefill(model, self.decoder_layers, self._cache_kw, self.recomputer.internal)
                         if use_graph and CapturedPrefill.supported(model) else None)
         self.last_restore = RestoreResult(cache=None)  # for benchmarks and the demo; nothing reads it back
@@ -166,14 +175,24 @@ class HCache:
         if self._profile is None:
             from hcache_adapter.scheduler.profiling import measure_profile
 
-            path = Path(self.store.config.root) / "profiles" / f"{self.fingerprint}-{self.device.type}.json"
-            self._profile = Profile.load(path)
-            if self._profile is None:
-                devices = [self.device] if self.device.type == "cuda" else []
+            degree = f"-tp{self.tp.world}" if self.tp else ""
+            path = Path(self.store.config.root) / "profiles" / f"{self.fingerprint}-{self.device.type}{degree}.json"
+            devices = [self.device] if self.device.type == "cuda" else []
+
+            def measure() -> Profile:
                 with torch.random.fork_rng(devices=devices):  # the probes draw random inputs: not from the user's RNG
-                    self._profile = measure_profile(self.store, self.layout, self.projector, self.recomputer,
-                                                    self.device)
-                self._profile.save(path)
+                    return measure_profile(self.store, self.layout, self.projector, self.recomputer, self.device)
+
+            if self.tp:  # collective: every rank plans with one profile
+                from hcache_adapter.parallel.profile import tensor_parallel_profile
+
+                hidden = self.projector.hidden_size if self.projector is not None else None
+                self._profile = tensor_parallel_profile(self.tp, path, measure, hidden, self.dtype)
+            else:
+                self._profile = Profile.load(path)
+                if self._profile is None:
+                    self._profile = measure()
+                    self._profile.save(path)
         return self._profile
 
     def save_plan(self) -> str:
@@ -303,19 +322,23 @@ class HCache:
             return self._done(RestoreResult(cache, n, RECOMPUTE * L, L, seconds=time.perf_counter() - t0))
         digests = self.layout.digests(prompt[: max_chunks * C] if prompt is not None else ids[0, : max_chunks * C])
         plan, m = stored_prefix(self.store, self.layout, digests)
+        if self.tp:  # every rank restores the same prefix (each looked in its own store)
+            plan, m = self.tp.agree_prefix(plan, m, L)
         if m == 0:
             return self._done(RestoreResult(new_cache(self.model), seconds=time.perf_counter() - t0))
         digests = digests[:m]
         where, sources = locate_layers(self.store, self.layout, plan, digests)
-        complete = complete_chunks(where)
-        if complete < m:  # a chunk without every layer: the prefix ends before it
+        # a chunk without every layer ends the prefix (under TP each rank holds only its share: the
+        # exchange finds what the group lacks, and all ranks cut at the same chunk)
+        complete = m if self.tp else complete_chunks(where)
+        if complete < m:
             m, digests = complete, digests[:complete]
             if m == 0:
                 return self._done(RestoreResult(new_cache(self.model), seconds=time.perf_counter() - t0))
             where, sources = locate_layers(self.store, self.layout, plan, digests)
         decision = self._split(plan, m, sources, suffix=ids.shape[1] - m * C,
                                captured=lazy and self.prefill is not None and self.prefill.enabled)
-        r = decision.recompute_layers
+        r = decision.recompute_layers if not self.tp else self.tp.agree_rank0(decision.recompute_layers)
         if self.method == "auto" and r == L:
             # Recomputing every layer is a prefill: leave it to the caller's own forward, which then runs
             # the prefix and the new tokens in one pass. The stored chunks are not saved again.

@@ -36,12 +36,16 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     Hashing all weights of a 7B model would take seconds; a strided sample of
     4096 values per tensor (plus names, shapes and dtypes) tells apart any two
     models that were trained or initialised differently, at a cost of a few
-    milliseconds. Pass `model_id=` to HCache to name a model explicitly instead.
+    milliseconds (under tensor parallelism the split weights are gathered once, so
+    every degree gets the same fingerprint). Pass `model_id=` to HCache to name a
+    model explicitly instead.
     """
     h = hashlib.sha256()
     h.update(type(model).__name__.encode())
     h.update(_config_json(model.config).encode())
     for name, p in model.state_dict().items():
+        if hasattr(p, "full_tensor"):  # a weight split by tensor parallelism: the fingerprint of the whole model,
+            p = p.full_tensor()  # the same at every degree (a collective: every rank fingerprints together)
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
         flat = p.reshape(-1)
         if flat.numel() == 0:

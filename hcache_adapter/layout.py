@@ -4,6 +4,9 @@ Everything that decides what a stored chunk is lives here, fixed when HCache is
 built: the model's fingerprint (so two models never share state), the key
 namespace, the chunk size, the dtype, and per layer the shape of a chunk saved
 as hidden state ("H": ``[C, D]``) or as K/V ("K": ``[2, kv_heads, C, head_dim]``).
+Under tensor parallelism (`shard`: this rank of N) `kv_heads` are this rank's,
+K/V keys name the shard and manifests of plans with K/V layers the degree;
+hidden-state keys stay the same at every degree (hcache_adapter.parallel).
 The saver, the restorer and the planner take a layout instead of the whole
 HCache; the token-chunk arithmetic itself is hstore's (`hstore.layout`).
 """
@@ -16,6 +19,7 @@ import torch
 
 from hcache_adapter.keys import chunk_digests, layer_key, manifest_key, model_fingerprint
 from hcache_adapter.manifest import HIDDEN, KV, RECOMPUTE, Manifest
+from hcache_adapter.parallel.shards import Shard
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,7 @@ class StateLayout:
     hidden_size: int | None  # None: no hidden-state projection for this model
     kv_heads: tuple[int, ...]  # per layer, heads the model's cache holds
     head_dims: tuple[int, ...]
+    shard: Shard | None = None  # this rank of a tensor-parallel group; None: one process
 
     def __post_init__(self) -> None:
         if not isinstance(self.chunk_tokens, int) or isinstance(self.chunk_tokens, bool) or self.chunk_tokens < 1:
@@ -106,7 +111,14 @@ class StateLayout:
         return chunk_digests(self.fingerprint, token_ids, self.chunk_tokens, after=after)
 
     def chunk_key(self, digest: str, kind: str, layer: int) -> str:
-        return layer_key(self.namespace, digest, "h" if kind == HIDDEN else "kv", layer)
+        if kind == HIDDEN:
+            return layer_key(self.namespace, digest, "h", layer)
+        return layer_key(self.namespace, digest, "kv", layer) + (self.shard.key_suffix if self.shard else "")
+
+    @property
+    def kv_shards(self) -> int:
+        """Ranks the K/V heads are split over (1: one process)."""
+        return self.shard.world if self.shard else 1
 
     def manifest_key(self, digest: str) -> str:
         return manifest_key(self.namespace, digest)
@@ -115,7 +127,8 @@ class StateLayout:
         return [self.chunk_key(d, kind, layer) for d in digests]
 
     def manifest(self, plan: str) -> Manifest:
-        return Manifest(self.fingerprint, plan, self.chunk_tokens, self.dtype_name)
+        return Manifest(self.fingerprint, plan, self.chunk_tokens, self.dtype_name,
+                        kv_shards=self.kv_shards if KV in plan else 1)
 
     def accepts(self, man: Manifest | None) -> bool:
         """Whether a stored manifest describes state this layout can restore."""
@@ -126,4 +139,5 @@ class StateLayout:
             and man.dtype == self.dtype_name
             and len(man.plan) == self.num_layers
             and (self.hidden_size is not None or HIDDEN not in man.plan)
+            and (KV not in man.plan or man.kv_shards == self.kv_shards)  # K/V shards of another degree
         )

@@ -3,7 +3,8 @@
 The plan chosen at save time (hidden state, K/V, or nothing because the layer
 is recomputed) is stored with the state, so a restore never guesses. A chunk's
 manifest is written after all of its layer entries; restore still checks every
-entry, because after a crash any subset may be durable.
+entry, because after a crash any subset may be durable. Manifests written
+before `kv_shards` existed read as 1 (one process).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class Manifest:
     chunk_tokens: int
     dtype: str
     format: int = FORMAT
+    kv_shards: int = 1  # ranks the K/V layers' heads were split over (tensor parallelism); 1 for H/R-only plans
 
     def __post_init__(self):
         if set(self.plan) - {HIDDEN, KV, RECOMPUTE}:

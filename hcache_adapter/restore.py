@@ -15,6 +15,10 @@ chunks turn out unreadable then is recomputed from tokens, so the cache never
 holds wrong state and its length never changes under the model. With
 `lazy=False` every layer is produced before returning and the cache is cut to
 the chunks every layer could read (`restore()`'s contract).
+
+Under tensor parallelism an `exchange` (hcache_adapter.parallel.gather) sits
+between a layer's read and its projection: each rank reads its share of a
+hidden-state layer's chunks and the exchange all-gathers the rest.
 """
 from __future__ import annotations
 
@@ -70,8 +74,10 @@ class Restorer:
     """Builds restored caches for one model; holds the streams and sizes shared by every restore."""
 
     def __init__(self, layout: StateLayout, store, projector, recomputer: Recomputer, device: torch.device, *,
-                 prefetch_bytes: int | None = None):
+                 prefetch_bytes: int | None = None, exchange=None):
+        """`exchange`: a tensor-parallel `HiddenExchange` (None: one process reads everything)."""
         self.layout = layout
+        self.exchange = exchange
         self.store = store
         self.projector = projector
         self.recomputer = recomputer
@@ -99,8 +105,9 @@ class Restorer:
         """(cache, valid chunks, release) for the first len(digests) chunks of `ids` ([1, >= n] on the
         device); `release()` ends a lazy restore's readers once the caller is done with the cache.
         `on_done()` is called once every layer's work is queued (lazy: when the model took the last)."""
+        exchange = self.exchange.begin(plan, digests, recompute_layers, where) if self.exchange else None
         source = PrefixSource(self, ids[:, : len(digests) * self.layout.chunk_tokens], digests, plan,
-                              recompute_layers, where, on_done)
+                              recompute_layers, where, on_done, exchange)
         source.start()
         if lazy:
             cache = LazyCache.for_model(self.recomputer.model.config)
@@ -128,8 +135,9 @@ class PrefixSource:
     """Produces the layers of one restore (implements `LayerSource` for the lazy cache)."""
 
     def __init__(self, restorer: Restorer, ids: torch.Tensor, digests: list[str], plan: str, recompute_layers: int,
-                 where, on_done: Callable[[], None] | None = None):
+                 where, on_done: Callable[[], None] | None = None, exchange=None):
         self.r = restorer
+        self.exchange = exchange  # tensor parallelism: this rank reads its share; the exchange gathers
         self.on_done = on_done
         self.ids = ids
         self.m = len(digests)
@@ -138,8 +146,8 @@ class PrefixSource:
         self.recompute_layers = recompute_layers
         L = restorer.layout
         known = where.keys if where is not None else {}
-        self.reads = [LayerRead(l, kind, known.get(l) or L.layer_keys(digests, kind, l), L.chunk_shape(l, kind))
-                      for l, kind in enumerate(plan) if l >= recompute_layers]
+        self.reads = [LayerRead(l, kind, self._keys(l, kind, known.get(l) or L.layer_keys(digests, kind, l)),
+                                L.chunk_shape(l, kind)) for l, kind in enumerate(plan) if l >= recompute_layers]
         self._index = {read.layer: i for i, read in enumerate(self.reads)}
         self.where = where  # prefix.LayerLocations from the planner: keys and tiers per layer
         self.loader: LayerLoader | None = None
@@ -147,6 +155,9 @@ class PrefixSource:
         self._positions: torch.Tensor | None = None
         self._taken = 0
         self._warned = False
+
+    def _keys(self, layer: int, kind: str, keys: list[str]) -> list[str]:
+        return keys if self.exchange is None else self.exchange.keys(layer, kind, keys)
 
     # -- producing ----------------------------------------------------------------
     def start(self) -> None:
@@ -190,9 +201,12 @@ class PrefixSource:
     def _compute(self, read: LayerRead) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Load one layer (blocking until read) and project or reshape it on the current stream."""
         i = self._index[read.layer]
-        loaded = self.loader.get(i)
-        valid = loaded.valid_chunks
         try:
+            if self.exchange is None:
+                loaded = self.loader.get(i)
+                data, valid = loaded.data, loaded.valid_chunks
+            else:  # this rank's share, gathered into the whole layer; `valid` is the same on every rank
+                data, valid = self.exchange.layer(read.layer, read.kind, lambda: self.loader.get(i))
             if valid == 0:
                 return None, None, 0
             C = self.r.layout.chunk_tokens
@@ -200,10 +214,10 @@ class PrefixSource:
             if read.kind == HIDDEN:
                 if self._positions is None or self._positions.shape[1] != rows:
                     self._positions = torch.arange(rows, device=self.r.device).unsqueeze(0)
-                hidden = loaded.data[:valid].reshape(1, rows, -1)
+                hidden = data[:valid].reshape(1, rows, -1)
                 k, v = self.r.projector.project_prefix(read.layer, hidden, self._positions)
             else:
-                kv = loaded.data[:valid]  # [chunks, 2, kv_heads, C, head_dim] -> K, V [1, kv_heads, rows, head_dim]
+                kv = data[:valid]  # [chunks, 2, kv_heads, C, head_dim] -> K, V [1, kv_heads, rows, head_dim]
                 heads, hd = kv.shape[2], kv.shape[-1]
                 k = kv.new_empty(1, heads, rows, hd)
                 v = kv.new_empty(1, heads, rows, hd)

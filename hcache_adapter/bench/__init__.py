@@ -31,10 +31,13 @@ def parse_args(argv):
     p.add_argument("--sources", default="dram,nvme", help="tiers the state is restored from")
     p.add_argument("--nvme-contexts", default="4096,16384", help="contexts also measured from NVMe")
     p.add_argument("--methods", default=",".join(ALL_METHODS))
+    p.add_argument("--long-methods", default="recompute,ideal,hf_offloaded,kv,hcache,auto",
+                   help="methods measured from NVMe and at >= 16K tokens (the slow rows)")
     p.add_argument("--suffix-tokens", type=int, default=32, help="new tokens in the request")
     p.add_argument("--repeat", type=int, default=9, help="timed repetitions per method")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (the 2nd captures CUDA graphs)")
     p.add_argument("--long-repeat", type=int, default=5, help="repetitions from NVMe and at >= 16K tokens")
+    p.add_argument("--long-warmup", type=int, default=2, help="warm-up rounds from NVMe and at >= 16K tokens")
     p.add_argument("--layers", type=int, default=None, help="override the layer count (quick runs)")
     p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     p.add_argument("--root", type=Path, default=Path("/tmp/hcache-bench"), help="store root (NVMe tier lives here)")
@@ -49,7 +52,7 @@ def parse_args(argv):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    for name in ("contexts", "nvme_contexts", "models", "sources", "methods"):
+    for name in ("contexts", "nvme_contexts", "models", "sources", "methods", "long_methods"):
         setattr(args, name, [x for x in getattr(args, name).split(",") if x])
     args.contexts = [int(c) for c in args.contexts]
     args.nvme_contexts = [int(c) for c in args.nvme_contexts]
@@ -84,9 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     print(header, flush=True)
     rows, floors, extra = [], {}, []
     plans = [(n, s) for n in args.contexts for s in args.sources if s == "dram" or n in args.nvme_contexts]
-    per_round = len(args.methods)
-    total = sum((args.warmup + (args.long_repeat if s == "nvme" or n >= 16384 else args.repeat)) * per_round
-                for n, s in plans) * len(args.models)
+    def is_long(n, s):
+        return s == "nvme" or n >= 16384
+
+    def methods_for(n, s):
+        return [m for m in args.methods if not is_long(n, s) or m in args.long_methods]
+
+    total = sum((args.long_warmup + args.long_repeat if is_long(n, s) else args.warmup + args.repeat)
+                * len(methods_for(n, s)) for n, s in plans) * len(args.models)
     bar = tqdm(total=total, desc="bench", unit="run", disable=args.no_progress)
     cfg = StoreConfig(root=args.root, dram_bytes=int(args.dram_gib * 2**30), nvme_bytes=int(args.nvme_gib * 2**30),
                       pin_dram=device.type == "cuda")
@@ -126,10 +134,11 @@ def main(argv: list[str] | None = None) -> int:
                     if method in hcs:
                         floors[(model_name, n, what)] = copy_floor_ms(hcs[method].bytes_per_token() * n, device)
                 for source in sources:
-                    long = source == "nvme" or n >= 16384
+                    long = is_long(n, source)
                     bar.set_postfix(model=model_name, n=n, source=source)
-                    rows += measure_rows(model_name, model, hcs, request, n, source, drop, args.methods,
-                                         repeat=args.long_repeat if long else args.repeat, warmup=args.warmup,
+                    rows += measure_rows(model_name, model, hcs, request, n, source, drop, methods_for(n, source),
+                                         repeat=args.long_repeat if long else args.repeat,
+                                         warmup=args.long_warmup if long else args.warmup,
                                          progress=lambda: bar.update(1))
                     _write(args.out, rows, floors, header, extra)
                 for ns in {("hcache" if m == "hcache-eager-prefill" else m) for m in hcs}:

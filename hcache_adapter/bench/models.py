@@ -1,7 +1,8 @@
 """Model shapes the demo and the benchmarks build with random weights (nothing is downloaded).
 
 The 7B/8B shapes are Llama-2-7B (multi-head: 32 K/V heads) and Llama-3-8B
-(grouped-query: 8 K/V heads); the small ones make CPU runs take seconds.
+(grouped-query: 8 K/V heads); Llama-2-13B (multi-head, 40 layers x 5120) is
+the tensor-parallel benchmark's; the small ones make CPU runs take seconds.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import torch
 SHAPES = {
     "llama2-7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                       intermediate_size=11008, vocab_size=32000),
+    "llama2-13b": dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
+                       intermediate_size=13824, vocab_size=32000),
     "llama3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                       intermediate_size=14336, vocab_size=128256, rope_theta=500000.0),
     "base": dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=12, num_key_value_heads=12,

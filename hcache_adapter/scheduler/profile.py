@@ -5,6 +5,12 @@ compute device, how long projecting one layer's hidden states takes, how long
 recomputing one layer from tokens takes (both as functions of the token count),
 and how many bytes a token's state takes per layer. `Profile` holds them and
 round-trips through JSON; `measure_profile` (in profiling.py) fills one.
+
+Under tensor parallelism over `tp_world` ranks (hcache_adapter.parallel.profile)
+the bytes are those of all ranks together (the whole hidden state, every K/V
+shard) and the bandwidths the sum of the ranks' own links, so bytes over
+bandwidth is still the time of a layer's reads; a hidden-state layer's compute
+adds the all-gather of its shares (`gather_coef`) to its projection.
 """
 from __future__ import annotations
 
@@ -29,10 +35,19 @@ class Profile:
     host_layer_s: float = 0.0  # issuing one restored layer's copy and projection (events, graph replay)
     forward_host_s: float = 0.0  # issuing one eager forward of a few new tokens (kernel launches)
     captured_forward_s: float = 0.0  # GPU time of that forward replayed from a CUDA graph (0: not captured)
+    # Tensor parallelism (1 and no cost for one process, and in older profiles):
+    tp_world: int = 1
+    gather_coef: tuple[float, float] = (0.0, 0.0)  # one layer's all-gather of n tokens' hidden state: a + b*n s
 
     def project_seconds(self, n: int) -> float:
+        """One hidden-state layer's work between its read and its K/V: the all-gather of the ranks' shares
+        (tensor parallelism) and the projection."""
         a, b = self.project_coef
-        return max(0.0, a + b * n)
+        return max(0.0, a + b * n) + self.gather_seconds(n)
+
+    def gather_seconds(self, n: int) -> float:
+        a, b = self.gather_coef
+        return max(0.0, a + b * n) if self.tp_world > 1 else 0.0
 
     def recompute_seconds(self, n: int) -> float:
         a, b, c = self.recompute_coef
@@ -46,6 +61,8 @@ class Profile:
         d = json.loads(text)
         d["project_coef"] = tuple(d["project_coef"])
         d["recompute_coef"] = tuple(d["recompute_coef"])
+        if "gather_coef" in d:
+            d["gather_coef"] = tuple(d["gather_coef"])
         return cls(**d)
 
     def save(self, path: Path) -> None:
