@@ -32,7 +32,8 @@ def parse_args(argv):
     p.add_argument("--nvme-contexts", default="4096,16384", help="contexts also measured from NVMe")
     p.add_argument("--methods", default=",".join(ALL_METHODS))
     p.add_argument("--long-methods", default="recompute,ideal,hf_offloaded,kv,hcache,auto",
-                   help="methods measured from NVMe and at >= 16K tokens (the slow rows)")
+                   help="methods measured at >= 16K tokens (the slow rows)")
+    p.add_argument("--nvme-methods", default="recompute,kv,hcache,auto", help="methods measured from NVMe")
     p.add_argument("--suffix-tokens", type=int, default=32, help="new tokens in the request")
     p.add_argument("--repeat", type=int, default=9, help="timed repetitions per method")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (the 2nd captures CUDA graphs)")
@@ -52,7 +53,7 @@ def parse_args(argv):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    for name in ("contexts", "nvme_contexts", "models", "sources", "methods", "long_methods"):
+    for name in ("contexts", "nvme_contexts", "models", "sources", "methods", "long_methods", "nvme_methods"):
         setattr(args, name, [x for x in getattr(args, name).split(",") if x])
     args.contexts = [int(c) for c in args.contexts]
     args.nvme_contexts = [int(c) for c in args.nvme_contexts]
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         return s == "nvme" or n >= 16384
 
     def methods_for(n, s):
-        return [m for m in args.methods if not is_long(n, s) or m in args.long_methods]
+        return [m for m in args.methods if (n < 16384 or m in args.long_methods)
+                and (s != "nvme" or m in args.nvme_methods)]
 
     total = sum((args.long_warmup + args.long_repeat if is_long(n, s) else args.warmup + args.repeat)
                 * len(methods_for(n, s)) for n, s in plans) * len(args.models)
