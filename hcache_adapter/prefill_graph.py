@@ -117,7 +117,7 @@ class CapturedPrefill:
     """Runs generate()'s first forward over a restored prefix from per-bucket CUDA graphs."""
 
     def __init__(self, model: torch.nn.Module, decoder_layers: list[torch.nn.Module], cache_kwarg: str, internal, *,
-                 capture: bool | None = None, max_buckets: int = 2):
+                 capture: bool | None = None, max_buckets: int = 1):
         """`internal`: the flag that makes the state saver ignore the forwards run here to warm up and capture."""
         self.model = model
         self.decoder_layers = decoder_layers
