@@ -53,8 +53,10 @@ class StateSaver:
         self._ids: list[torch.Tensor] = []  # token ids fed since `start`, as given (maybe on GPU)
         self._prefix_digest = prefix_digest  # digest of the chunk ending at `start` (None at 0)
         self._pending: dict[int, list[torch.Tensor]] = {l: [] for l, k in enumerate(plan) if k == HIDDEN}
-        self._pending_start: dict[int, int] = {l: start for l in self._pending}
-        self._pending_end: dict[int, int] = dict(self._pending_start)  # position after the last pending row
+        # All H layers receive the same tokens each step, so one span describes every layer's pending rows.
+        self._hidden_start = start  # position of the first pending row
+        self._hidden_end = start  # position after the last pending row
+        self._recording = False  # the current step's hidden states are being kept
         self._manifest = layout.manifest(plan).encode()
         self._kv_saved: dict[int, int] = {l: start // self.C for l, k in enumerate(plan) if k == KV}
         self._manifests_done = max(start // self.C, stored_chunks)
@@ -63,7 +65,7 @@ class StateSaver:
         self._prompt = prompt
         self._decoder_layers = decoder_layers
         self._embeddings = embeddings
-        self._internal = internal
+        self._internal = internal if internal is not None else _NotInternal()
         self._handles = []
         self._step_tokens = 0
         self._prefill_rows = prefill_rows
@@ -100,7 +102,7 @@ class StateSaver:
         self.enabled = False
 
     def _watching(self) -> bool:
-        return self.enabled and not (self._internal is not None and self._internal.active)
+        return self.enabled and not self._internal.active
 
     # -- one step, fed from outside the hooks ------------------------------------------
     def step(self, ids: torch.Tensor, hidden: dict[int, torch.Tensor]) -> None:
@@ -109,9 +111,8 @@ class StateSaver:
         are read from the cache, which must already hold this step's K/V."""
         if not self._begin_step(ids):
             return
-        for l in self._pending:
-            if not self._take_hidden(l, hidden[l]):
-                return
+        for l, pending in self._pending.items():
+            pending.append(hidden[l])
         for l in self._kv_saved:
             self._save_kv(l)
         self._end_step()
@@ -119,12 +120,16 @@ class StateSaver:
     # -- hooks -------------------------------------------------------------------
     def _on_embed(self, module, args):
         if self._watching():
-            self._begin_step(args[0] if args else None)
+            self._recording = self._begin_step(args[0] if args else None)
 
     def _hidden_hook(self, layer: int):
+        # Runs for every layer at every decoding step: one append. The rows are checked and cut into
+        # chunks once per step, after the last layer (`_end_step`), and only when a chunk is complete.
+        pending, internal = self._pending[layer], self._internal
+
         def hook(module, args, kwargs):
-            if self._watching():
-                self._take_hidden(layer, args[0] if args else kwargs.get("hidden_states"))
+            if self._recording and not internal.active:
+                pending.append(args[0] if args else kwargs.get("hidden_states"))
 
         return hook
 
@@ -136,8 +141,9 @@ class StateSaver:
         return hook
 
     def _on_last_layer(self, module, args, output):
-        if self._watching():
+        if self._watching() and self._recording:
             self._end_step()
+        self._recording = False
 
     # -- the work ----------------------------------------------------------------
     def _begin_step(self, ids) -> bool:
@@ -160,39 +166,44 @@ class StateSaver:
         self._step_tokens = ids.shape[1]
         return True
 
-    def _take_hidden(self, layer: int, h) -> bool:
-        """Keep `layer`'s input rows of this step; put every chunk they complete. Runs for every layer
-        at every decoding step: a few attribute reads in the common case."""
-        if self._row is not None and h is not None and h.dim() == 3:
-            h = h[self._row]
-        if h is None or h.dim() != 3 or h.shape[0] != 1 or h.shape[1] != self._step_tokens:
-            self._disable(f"unexpected hidden state at layer {layer}")
-            return False
-        self._pending[layer].append(h)  # [1, T, D], by reference: the model does not write it in place
-        end = self._pending_end[layer] = self._pending_end[layer] + h.shape[1]
-        if end % self.C == 0 or end // self.C != (end - h.shape[1]) // self.C:
-            self._flush_hidden(layer)
-        return True
-
-    def _flush_hidden(self, layer: int) -> None:
-        """Put every whole chunk among `layer`'s pending rows; keep the rest pending."""
-        pending = self._pending[layer]
-        done = (self._pending_end[layer] // self.C) * self.C
+    def _end_hidden(self) -> bool:
+        """After a step: when its rows complete a chunk, check every H layer's pending rows and put the
+        whole chunks (False when a layer's rows are not what the step fed: saving stops)."""
+        T = self._step_tokens
+        end = self._hidden_end = self._hidden_end + T
+        if not self._pending or (end % self.C and end // self.C == (end - T) // self.C):
+            return True  # no chunk completed by this step
+        first = self._hidden_start
+        done = (end // self.C) * self.C
         if self._limit_chunks is not None:
             done = min(done, self._limit_chunks * self.C)
-        first = self._pending_start[layer]
-        if done <= first:
-            return
-        rows = (torch.cat(pending, dim=1) if len(pending) > 1 else pending[0])[0]
+        rows = {}
+        for l, pending in self._pending.items():
+            if any(h is None or h.dim() != 3 for h in pending):
+                self._disable(f"unexpected hidden state at layer {l}")
+                return False
+            kept = [h if h.shape[0] == 1 else h[:1] for h in pending]  # beams: the prompt's first row
+            if sum(h.shape[1] for h in kept) != end - first:
+                self._disable(f"layer {l} did not see every token of the step")
+                return False
+            rows[l] = (torch.cat(kept, dim=1) if len(kept) > 1 else kept[0])[0]
+        if done > first:
+            for l, r in rows.items():
+                self._put_hidden(l, r, first, done)
+            if not self.enabled:
+                return False
+        for l, r in rows.items():
+            rest = r[done - first:].clone() if done > first else r  # a copy: the step's whole tensor can go
+            self._pending[l][:] = [rest.unsqueeze(0)] if rest.shape[0] else []
+        self._hidden_start = max(first, done)
+        return True
+
+    def _put_hidden(self, layer: int, rows: torch.Tensor, first: int, done: int) -> None:
+        """Put the whole chunks [first, done) of `layer`'s rows (those not stored yet, and this rank's)."""
         shard = self.layout.shard  # tensor parallelism: every rank sees this hidden state; one of them saves it
         self._put([(self.layout.chunk_key(self._digest(a // self.C), HIDDEN, layer), rows[a - first: a - first + self.C])
                    for a in range(first, done, self.C) if a // self.C >= self._stored_chunks
                    and (shard is None or shard.owns_chunk(a // self.C))])
-        rest = rows[done - first:]
-        pending.clear()
-        if rest.shape[0]:
-            pending.append(rest.unsqueeze(0))
-        self._pending_start[layer] = done
 
     def _save_kv(self, layer: int) -> None:
         end = self.next_pos + self._step_tokens
@@ -216,6 +227,8 @@ class StateSaver:
         self._kv_saved[layer] = c
 
     def _end_step(self) -> None:
+        if not self._end_hidden():
+            return
         self.next_pos += self._step_tokens
         complete = self.next_pos // self.C
         if self._limit_chunks is not None:
@@ -252,3 +265,7 @@ class StateSaver:
             return
         if count:
             self.bytes_saved += sum(v.numel() * v.element_size() for _, v in items)
+
+
+class _NotInternal:
+    active = False
