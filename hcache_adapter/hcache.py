@@ -12,6 +12,7 @@ costs at most 63 tokens of prefill and keeps every stored chunk immutable.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,11 +21,14 @@ from typing import Any
 
 import torch
 
+from transformers.cache_utils import DynamicLayer
+
 from hcache_adapter.capture import StateSaver
 from hcache_adapter.compat import cache_kwarg, fill_layer, new_cache
 from hcache_adapter.keys import chunk_digests, layer_key, manifest_key, model_fingerprint
 from hcache_adapter.manifest import HIDDEN, KV, RECOMPUTE, Manifest
-from hcache_adapter.projection import projector_for
+from hcache_adapter.projection import support
+from hcache_adapter.projection.continuation import generate_on, step_through
 from hcache_adapter.restore import LayerLoader, LayerRead
 from hcache_adapter.scheduler.planner import (
     choose_save_plan,
@@ -97,7 +101,14 @@ class HCache:
         self.prefetch_bytes = prefetch_bytes
         if plan is not None and method != "auto":
             raise ValueError("an explicit plan goes with method='auto'")
-        self.projector = projector_for(model)
+        self.support = support(model)  # up front: how this model can be served, and why
+        if self.support.kind == "refused":
+            raise ValueError(f"HCache cannot serve {type(model).__name__}: {self.support.reason}")
+        if len(self.support.hidden_shape) > 1:  # StateSaver keeps [1, T, D] rows only
+            self.support = dataclasses.replace(self.support, kind="recompute", projector=None, reason=(
+                f"its decoder layers take {self.support.hidden_shape} values per token (several streams); "
+                "StateSaver stores one row per token"))
+        self.projector = self.support.projector
         on_gpu = next(model.parameters()).device.type == "cuda"
         if self.projector is not None and hasattr(self.projector, "compile"):
             # One compiled graph for norm + K/V GEMMs + rotary: worth it on a GPU, not on a CPU.
@@ -105,13 +116,17 @@ class HCache:
         if self.projector is not None and hasattr(self.projector, "graphs"):
             # Replayed CUDA graphs for repeated restore lengths: the CPU cost of a layer drops ~10x.
             self.projector.graphs = on_gpu if cuda_graphs is None else cuda_graphs
-        self.decoder_layers = self.projector.decoder_layers if self.projector else _find_decoder_layers(model)
+        self.decoder_layers = list(self.support.decoder_layers)
+        if not self.decoder_layers and self.support.kind != "recompute":
+            self.decoder_layers = _find_decoder_layers(model)
         self.num_layers = len(self.decoder_layers)
-        if method in ("hcache", "auto") and self.projector is None:
-            fallback = "kv"
+        can_kv = self.support.kind in ("hidden", "kv") and all(
+            layer.plain_kv or layer.sliding_kv for layer in self.support.layers)  # the saver stops at a full window
+        if (method in ("hcache", "auto") and self.projector is None) or (method == "kv" and not can_kv):
+            fallback = "kv" if can_kv else "recompute"
             log.warning(
-                "HCache has no hidden-state projection for model_type %r; method %r falls back to %r",
-                getattr(model.config, "model_type", "?"), method, fallback,
+                "HCache cannot serve model_type %r with method %r (%s); it falls back to %r",
+                getattr(model.config, "model_type", "?"), method, self.support.reason, fallback,
             )
             method = fallback
         self.method = method
@@ -188,7 +203,11 @@ class HCache:
         prefix_digest = self._restored_digests[-1] if n else None
         kwargs[self._cache_kw] = cache
         with StateSaver(self, self.save_plan(), n, cache, prefix_digest, stored_chunks=self._stored_chunks):
-            return self.model.generate(input_ids, **kwargs)
+            if n and self.support.continuation == "step":  # generate() then continues with the last token only
+                step_through(self.model.base_model, input_ids, cache, n, input_ids.shape[1] - 1)
+                n = input_ids.shape[1] - 1
+            # A recurrent-only cache has no length generate() can read: it is shown only the tokens after it.
+            return generate_on(self.model, input_ids, n if self.support.new_tokens_only else 0, kwargs)
 
     @torch.no_grad()
     def save(self, input_ids: torch.Tensor) -> int:
@@ -206,7 +225,10 @@ class HCache:
         ids = input_ids.to(self.device)
         stored = self._stored_chunks
         with StateSaver(self, self.save_plan(), n, cache, prefix_digest, stored_chunks=stored) as saver:
-            self.model.base_model(input_ids=ids[:, n:], use_cache=True, **{self._base_cache_kw: cache})
+            if n and self.support.continuation == "step":
+                step_through(self.model.base_model, ids, cache, n, ids.shape[1])
+            else:
+                self.model.base_model(input_ids=ids[:, n:], use_cache=True, **{self._base_cache_kw: cache})
         return max(n, stored * self.chunk_tokens) + (saver.chunks_saved * self.chunk_tokens if saver.enabled else 0)
 
     def _manageable(self, input_ids, kwargs) -> bool:
@@ -270,6 +292,8 @@ class HCache:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # a split restore's time is known only when its work is done
             self._calibrate(time.perf_counter() - t_run)
+        if valid < m and any(type(layer) is not DynamicLayer for layer in cache.layers):
+            valid = 0  # only plain K/V layers can be cut to the valid prefix: restore nothing rather than wrong
         if valid < m:
             log.warning("restore: chunk %d of the prefix is missing or corrupt; recomputing from there", valid)
             _truncate(cache, valid * self.chunk_tokens)
@@ -404,13 +428,12 @@ class HCache:
                 rows = valid * self.chunk_tokens
                 if read.kind == HIDDEN:
                     hidden = loaded.data[:valid].reshape(1, rows, -1)
-                    k, v = self.projector.project_prefix(read.layer, hidden, positions)
+                    self.projector.fill_prefix(cache, read.layer, hidden, positions)  # any cache layer kind
                 else:
                     kv = loaded.data[:valid]  # [chunks, 2, kv_heads, C, head_dim]
                     k = kv[:, 0].permute(1, 0, 2, 3).reshape(1, kv.shape[2], rows, kv.shape[-1])
                     v = kv[:, 1].permute(1, 0, 2, 3).reshape(1, kv.shape[2], rows, kv.shape[-1])
-                    k, v = k.contiguous(), v.contiguous()
-                fill_layer(cache, read.layer, k, v)
+                    fill_layer(cache, read.layer, k.contiguous(), v.contiguous())
                 loader.release(i)
         finally:
             loader.close()
