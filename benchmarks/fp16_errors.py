@@ -98,7 +98,8 @@ def families_table(families: list[str], dev: torch.device, dtype: torch.dtype, d
         except Exception as e:  # report and go on: one family must not stop the table
             kind, err = "error", f"{type(e).__name__}: {str(e)[:120]}"
         errors[family] = err
-        lines.append(f"| {family} | {kind} | {err:.3e} |" if isinstance(err, float) else f"| {family} | {kind} | {err} |")
+        shown = f"{err:.3e}" if isinstance(err, float) else err
+        lines.append(f"| {family} | {kind} | {shown} |")
         print(lines[-1], flush=True)
     numbers = [e for e in errors.values() if isinstance(e, float)]
     return lines, max(numbers, default=0.0), errors

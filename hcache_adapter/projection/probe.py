@@ -4,7 +4,8 @@
 `CapturingCache` (in logging mode) and a pre- and post-hook on every block of
 every ``nn.ModuleList`` of the model.  The decoder layers are then the list
 whose blocks the forward ran in order, each once, on ``[batch, tokens, ...]``
-inputs (``[batch, tokens, hidden]``, or several streams per token with hyper-connections), and inside whose calls every cache write happened; each layer's writes
+inputs (``[batch, tokens, hidden]``, or several streams per token with
+hyper-connections), and inside whose calls every cache write happened; each layer's writes
 are those made while it ran (a layer may own several cache slots: LongCat's
 two attention sublayers per block).  What `support()` decides is built on this.
 """

@@ -58,7 +58,8 @@ def test_fast_path_equals_the_generic_projection_bit_for_bit(name):
     _, hidden = prefill(model, generic.decoder_layers, ids)
     positions = torch.arange(SEQ).expand(BATCH, SEQ)
     for layer in range(generic.num_layers):
-        for a, b in zip(fast.project(layer, hidden[layer], positions), generic.project(layer, hidden[layer], positions)):
+        pair = fast.project(layer, hidden[layer], positions), generic.project(layer, hidden[layer], positions)
+        for a, b in zip(*pair):
             assert a.shape == b.shape and a.dtype == b.dtype
             assert torch.equal(a, b), (name, layer, (a - b).abs().max().item())
 

@@ -155,6 +155,7 @@ def build(name: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
 # are in NOT_BUILDABLE with the reason.
 
 TINY_LAYERS = 4
+TINY_MAX_PARAMETERS = 100_000_000  # a few families keep per-layer sub-configs the shrink does not reach
 TINY_SIZES = dict(
     vocab_size=VOCAB, hidden_size=D, n_embd=D, d_model=D, emb_dim=D, dim_model=D, embedding_dim=D,
     num_hidden_layers=TINY_LAYERS, n_layer=TINY_LAYERS, num_layers=TINY_LAYERS, n_layers=TINY_LAYERS,
@@ -165,7 +166,8 @@ TINY_SIZES = dict(
     decoder_ffn_dim=128, encoder_ffn_dim=128,
     max_position_embeddings=256, n_positions=256, n_ctx=256, max_seq_len=256, max_target_positions=256,
     num_experts=4, num_local_experts=4, n_routed_experts=4, moe_num_experts=4, num_experts_per_tok=2,
-    moe_intermediate_size=32, shared_expert_intermediate_size=32, expert_ffn_hidden_size=32, n_shared_experts=1,
+    moe_intermediate_size=32, shared_expert_intermediate_size=32, shared_experts_intermediate_size=32,
+    expert_ffn_hidden_size=32, n_shared_experts=1,
     n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
     v_head_dim=16, qk_head_dim=16, rotary_dim=8, first_k_dense_replace=1, index_head_dim=16, index_n_heads=2,
     state_size=16, ssm_state_size=16, mamba_d_state=16, mamba_n_heads=8, mamba_d_head=16, mamba_chunk_size=16,
@@ -224,13 +226,12 @@ class NotBuildable(Exception):
     """A family the sweep cannot build from a tiny text-only config; the message says why."""
 
 
-def _config_fields(cls) -> set[str]:
+def _config_fields(cls, default) -> set[str]:
+    """The settable fields of a config class (dataclass fields in transformers >= 5.2x, else its to_dict keys)."""
     import dataclasses
 
-    if not dataclasses.is_dataclass(cls):
-        return set()
-    props = {n for n in dir(cls) if isinstance(getattr(cls, n, None), property)}
-    return {f.name for f in dataclasses.fields(cls)} - props
+    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set(default.to_dict())
+    return names - {n for n in dir(cls) if isinstance(getattr(cls, n, None), property)}
 
 
 def _pick_layers(types: list[str], n: int) -> list[int]:
@@ -265,11 +266,11 @@ def tiny_config(model_type: str):
     if model_type in NOT_BUILDABLE:
         raise NotBuildable(NOT_BUILDABLE[model_type])
     cls = CONFIG_MAPPING[model_type]
-    fields = _config_fields(cls)
     try:
         default = cls()
     except Exception:  # a few defaults are invalid on their own
         default = cls(**TINY_OVERRIDES.get(model_type, {}))
+    fields = _config_fields(cls, default)
     why = multimodal_reason(default) if model_type not in TEXT_ONLY else None
     if why:
         raise NotBuildable(why)
@@ -320,6 +321,13 @@ def tiny_causal_lm(model_type: str, seed: int = 0, dtype: torch.dtype = torch.fl
         model_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
         if model_cls.__name__.endswith("ForConditionalGeneration"):
             raise NotBuildable(f"{model_cls.__name__}: a multimodal model")
+        try:
+            with torch.device("meta"):  # count first: a config the shrink missed must not take the machine down
+                size = sum(p.numel() for p in model_cls(config).parameters())
+        except Exception as e:
+            raise NotBuildable(f"cannot build ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from e
+        if size > TINY_MAX_PARAMETERS:
+            raise NotBuildable(f"its tiny config still has {size / 1e6:.0f}M parameters")
         torch.manual_seed(seed)
         try:
             model = model_cls(config)
