@@ -179,10 +179,11 @@ class StateSaver:
             done = min(done, self._limit_chunks * self.C)
         rows = {}
         for l, pending in self._pending.items():
-            if any(h is None or h.dim() != 3 for h in pending):
+            if any(h is None or h.dim() < 3 for h in pending):
                 self._disable(f"unexpected hidden state at layer {l}")
                 return False
-            kept = [h if h.shape[0] == 1 else h[:1] for h in pending]  # beams: the prompt's first row
+            # beams: the prompt's first row; several streams per token (hyper-connections): one flat row
+            kept = [(h if h.shape[0] == 1 else h[:1]).flatten(2) for h in pending]
             if sum(h.shape[1] for h in kept) != end - first:
                 self._disable(f"layer {l} did not see every token of the step")
                 return False

@@ -40,7 +40,8 @@ from hcache_adapter.parallel.gather import HiddenExchange
 from hcache_adapter.parallel.projection import shard_projector
 from hcache_adapter.prefill_graph import CapturedPrefill
 from hcache_adapter.prefix import complete_chunks, locate_layers, stored_prefix
-from hcache_adapter.projection import projector_for
+from hcache_adapter.projection import support as model_support
+from hcache_adapter.projection.continuation import STEP, generate_on, step_through
 from hcache_adapter.recompute import Recomputer
 from hcache_adapter.restore import Restorer, RestoreResult
 from hcache_adapter.scheduler.auto import AutoScheduler, SplitDecision
@@ -106,18 +107,32 @@ class HCache:
         self.store = store
         on_gpu = next(model.parameters()).device.type == "cuda"
         self.tp = tensor_parallel.detect(model)  # None: the model is on one device
-        self.projector = shard_projector(model) if self.tp else projector_for(model)
+        # Up front: how this model can be served, and why (under TP the Llama shard projector serves it).
+        self.support = None if self.tp else model_support(model)
+        if self.support is not None and self.support.kind == "refused":
+            raise ValueError(f"HCache cannot serve {type(model).__name__}: {self.support.reason}")
+        self.projector = shard_projector(model) if self.tp else self.support.projector
         if self.projector is not None and hasattr(self.projector, "compile"):
             # One compiled graph for norm + K/V GEMMs + rotary: worth it on a GPU, not on a CPU.
             self.projector.compile = on_gpu if compile is None else compile
         if self.projector is not None and hasattr(self.projector, "graphs"):
             # Replayed CUDA graphs for repeated restore lengths: the CPU cost of a layer drops ~10x.
             self.projector.graphs = on_gpu if cuda_graphs is None else cuda_graphs
-        self.decoder_layers = self.projector.decoder_layers if self.projector else _find_decoder_layers(model)
-        if method in ("hcache", "auto") and self.projector is None:
-            log.warning("HCache has no hidden-state projection for model_type %r; method %r falls back to 'kv'",
-                        getattr(model.config, "model_type", "?"), method)
-            method = "kv"
+        if self.tp:
+            self.decoder_layers = self.projector.decoder_layers if self.projector else _find_decoder_layers(model)
+            can_kv = True
+        else:
+            self.decoder_layers = list(self.support.decoder_layers)
+            if not self.decoder_layers and self.support.kind != "recompute":  # looped models keep none
+                self.decoder_layers = _find_decoder_layers(model)
+            can_kv = self.support.kind in ("hidden", "kv") and all(
+                layer.plain_kv or layer.sliding_kv for layer in self.support.layers)  # the saver stops at a full window
+        if (method in ("hcache", "auto") and self.projector is None) or (method == "kv" and not can_kv):
+            fallback = "kv" if can_kv else "recompute"
+            log.warning("HCache cannot serve model_type %r with method %r (%s); it falls back to %r",
+                        getattr(model.config, "model_type", "?"), method,
+                        self.support.reason if self.support else "no projection", fallback)
+            method = fallback
         self.method = method
         self.layout = StateLayout.for_model(model, self.projector, namespace=namespace, chunk_tokens=chunk_tokens,
                                             model_id=model_id)
@@ -230,7 +245,7 @@ class HCache:
                 log.debug("hc.generate: nothing restored or saved: %s", call.reason)
             return self.model.generate(input_ids, **kwargs)
         with torch.no_grad():
-            result = self._restore(input_ids, lazy=call.lazy, prompt=prompt)
+            result = self._restore(input_ids, lazy=call.lazy and self._plain_continuation, prompt=prompt)
         try:
             cache = cache_for_call(call, self.model, result.cache)
             saver = self._saver(result, cache, prefill_rows=call.expand, prefill_only=call.save_after_prefill,
@@ -242,17 +257,34 @@ class HCache:
                     hidden = [l for l, kind in enumerate(saver.plan) if kind == HIDDEN]
                     stack.enter_context(first_forward(self.model, self.prefill.handler(
                         cache, result.tokens, saver.step, hidden)))
-                out = self.model.generate(input_ids, **kw)
+                out = self._generate_after(input_ids, result.tokens, cache, kw)
             if self.resident is not None and call.expand == 1 and not call.speculative:
                 admit_generated(self.resident, out, cache, self.num_layers, self.device)  # stays on the GPU
             return out
         finally:
             result.close()
 
+    @property
+    def _plain_continuation(self) -> bool:
+        """generate() may run its usual prefill of the new tokens over the restored cache (most models; see
+        projection/continuation.py for those that must step one token at a time or see only new tokens)."""
+        return self.support is None or (self.support.continuation != STEP and not self.support.new_tokens_only)
+
+    def _generate_after(self, input_ids: torch.Tensor, n: int, cache, kw: dict):
+        """model.generate over a cache holding the first n tokens, as this model can continue one."""
+        if not n or self._plain_continuation:
+            return self.model.generate(input_ids, **kw)
+        if self.support.continuation == STEP:  # generate() then continues with the last token only
+            step_through(self.model.base_model, input_ids, cache, n, input_ids.shape[1] - 1)
+            n = input_ids.shape[1] - 1
+        # A recurrent-only cache has no length generate() can read: it is shown only the tokens after it.
+        return generate_on(self.model, input_ids, n if self.support.new_tokens_only else 0, kw)
+
     def _graph_prefill(self, call, result: RestoreResult) -> bool:
         """Whether generate()'s first forward may run from the captured prefill: a restored prefix under
         the default cache (calls with masked prompt positions are never restored at all)."""
-        return self.prefill is not None and self.prefill.enabled and call.lazy and bool(result.tokens)
+        return (self.prefill is not None and self.prefill.enabled and call.lazy and self._plain_continuation
+                and bool(result.tokens))
 
     @torch.no_grad()
     def save(self, input_ids: torch.Tensor) -> int:
@@ -265,12 +297,15 @@ class HCache:
             input_ids = input_ids.unsqueeze(0)
         if self.method == "recompute" or input_ids.shape[0] != 1:
             return 0
-        result = self._restore(input_ids, lazy=True)
+        result = self._restore(input_ids, lazy=self._plain_continuation)
         ids = input_ids.to(self.device)
         try:
             with self._saver(result, result.cache) as saver:
-                self.model.base_model(input_ids=ids[:, result.tokens:], use_cache=True,
-                                      **{cache_kwarg(self.model.base_model): result.cache})
+                if result.tokens and not self._plain_continuation and self.support.continuation == STEP:
+                    step_through(self.model.base_model, ids, result.cache, result.tokens, ids.shape[1])
+                else:
+                    self.model.base_model(input_ids=ids[:, result.tokens:], use_cache=True,
+                                          **{cache_kwarg(self.model.base_model): result.cache})
         finally:
             result.close()
         done = max(result.tokens, result.stored_chunks * self.chunk_tokens)
@@ -376,7 +411,7 @@ class HCache:
         return stored_prefix(self.store, self.layout, digests)[1]
 
     def _restore_row(self, ids: torch.Tensor, tokens: list[int]) -> RestoreResult:
-        return self._restore(ids, lazy=True, prompt=tokens)
+        return self._restore(ids, lazy=self._plain_continuation, prompt=tokens)
 
     def _row_saver(self, result: RestoreResult, cache, tokens: list[int]) -> StateSaver:
         return self._saver(result, cache, prompt=tokens)

@@ -52,11 +52,11 @@ class StateLayout:
             kv_heads = tuple(int(projector.num_kv_heads(l)) for l in range(layers))
             head_dims = tuple(int(projector.head_dim(l)) for l in range(layers))
             hidden = int(projector.hidden_size)
-        else:
-            layers = int(cfg.num_hidden_layers)
-            heads = int(cfg.num_attention_heads)
+        else:  # no projection: the config's attention shape (none at all for attention-free models)
+            layers = int(getattr(cfg, "num_hidden_layers", 0) or 0)
+            heads = int(getattr(cfg, "num_attention_heads", 0) or 0)
             kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
-            hd = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+            hd = int(getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else 0))
             kv_heads, head_dims, hidden = (kv,) * layers, (hd,) * layers, None
         return cls(model_id or model_fingerprint(model), namespace, chunk_tokens, dtype, hidden, kv_heads, head_dims)
 

@@ -12,6 +12,7 @@ for another purpose (the state saver) ignore these passes.
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 
 import torch
 
@@ -26,6 +27,16 @@ class InternalForward(threading.local):
     """Whether the current thread is inside a forward pass HCache runs for itself."""
 
     active = False
+
+    @contextmanager
+    def running(self):
+        """Mark what runs inside as HCache's own work (a projection through the model's own layers, a
+        recomputation): hooks watching the model for the user's forward passes ignore it."""
+        previous, self.active = self.active, True
+        try:
+            yield
+        finally:
+            self.active = previous
 
 
 class Recomputer:

@@ -29,6 +29,8 @@ from typing import Any, Callable
 
 import torch
 
+from transformers.cache_utils import DynamicLayer
+
 from hcache_adapter.compat import fill_layer, layer_kv, new_cache
 from hcache_adapter.lazycache import LazyCache
 from hcache_adapter.layout import StateLayout
@@ -88,6 +90,12 @@ class Restorer:
         self.compute_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
         self.copy_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
         self.ring = SlotRing(self.device)
+        # Which layers are plain K/V, one cache layer per decoder layer (fetched lazily, cut back on misses);
+        # the others are restored through the projector's fill_prefix into the model's own cache layers.
+        template = new_cache(recomputer.model)
+        one_to_one = len(template.layers) == layout.num_layers
+        self.plain_layers = frozenset(l for l in range(layout.num_layers)
+                                      if one_to_one and type(template.layers[l]) is DynamicLayer)
 
     def ring_depth(self, n_chunks: int, plan: str) -> int:
         """Layers the loader may hold at once: as many as fit the prefetch budget (at least 2).
@@ -107,26 +115,34 @@ class Restorer:
         `on_done()` is called once every layer's work is queued (lazy: when the model took the last)."""
         exchange = self.exchange.begin(plan, digests, recompute_layers, where) if self.exchange else None
         source = PrefixSource(self, ids[:, : len(digests) * self.layout.chunk_tokens], digests, plan,
-                              recompute_layers, where, on_done, exchange)
+                              recompute_layers, where, on_done, exchange, self.plain_layers)
         source.start()
+        L = self.layout.num_layers
         if lazy:
             cache = LazyCache.for_model(self.recomputer.model.config)
-            for l in range(self.layout.num_layers):
-                if not cache.make_lazy(l, source, source.n_tokens, self.layout.dtype, self.device):
-                    k, v = source.take(l)  # a layer type we do not make lazy (sliding window, ...): fill it now
-                    fill_layer(cache, l, k, v)
+            for l in range(L):
+                if l not in self.plain_layers or not cache.make_lazy(l, source, source.n_tokens, self.layout.dtype,
+                                                                     self.device):
+                    source.fill(cache, l, must=True)  # a layer kind we do not make lazy (sliding, recurrent): now
             weakref.finalize(cache, source.close)  # a cache dropped before every layer was taken ends its readers
             return cache, len(digests), source.close
+        cache = new_cache(self.recomputer.model)
+        produced, filled = {}, []
         try:
-            produced = [source.produce(l) for l in range(self.layout.num_layers)]
+            for l in range(L):  # in layer order: the loader's ring frees slots in that order
+                if l in self.plain_layers:
+                    produced[l] = source.produce(l)
+                else:
+                    filled.append(source.fill(cache, l))
         finally:
             source.close()
-        valid = min((p[2] for p in produced), default=len(digests))
-        cache = new_cache(self.recomputer.model)
+        valid = min([p[2] for p in produced.values()] + filled, default=len(digests))
+        if valid < len(digests) and filled:
+            valid = 0  # only plain K/V layers can be cut back to what was readable: restore nothing, not wrong
         if valid == 0:
-            return cache, 0, source.close
+            return new_cache(self.recomputer.model), 0, source.close
         rows = valid * self.layout.chunk_tokens
-        for l, (k, v, _) in enumerate(produced):
+        for l, (k, v, _) in produced.items():
             fill_layer(cache, l, k[..., :rows, :], v[..., :rows, :])
         return cache, valid, source.close
 
@@ -135,8 +151,9 @@ class PrefixSource:
     """Produces the layers of one restore (implements `LayerSource` for the lazy cache)."""
 
     def __init__(self, restorer: Restorer, ids: torch.Tensor, digests: list[str], plan: str, recompute_layers: int,
-                 where, on_done: Callable[[], None] | None = None, exchange=None):
+                 where, on_done: Callable[[], None] | None = None, exchange=None, plain_layers=frozenset()):
         self.r = restorer
+        self.plain = plain_layers
         self.exchange = exchange  # tensor parallelism: this rank reads its share; the exchange gathers
         self.on_done = on_done
         self.ids = ids
@@ -155,6 +172,7 @@ class PrefixSource:
         self._positions: torch.Tensor | None = None
         self._taken = 0
         self._warned = False
+        self._recomputed = None  # the cache the leading layers were recomputed into
 
     def _keys(self, layer: int, kind: str, keys: list[str]) -> list[str]:
         return keys if self.exchange is None else self.exchange.keys(layer, kind, keys)
@@ -166,13 +184,14 @@ class PrefixSource:
             if self.reads:
                 self._open_loader()
                 self.loader.prefetch()  # I/O of the loaded layers overlaps the recomputation
-            cache = r.recomputer.prefix(self.ids, self.recompute_layers)
+            cache = self._recomputed = r.recomputer.prefix(self.ids, self.recompute_layers)
             for l in range(self.recompute_layers):
-                k, v = layer_kv(cache, l)
-                self._ready[l] = (k, v, self.m, None)
+                if l in self.plain:
+                    k, v = layer_kv(cache, l)
+                    self._ready[l] = (k, v, self.m, None)
         elif self.reads:
             self._open_loader()
-        if self.loader is not None and self.loader.inline:
+        if self.loader is not None and self.loader.inline and all(read.layer in self.plain for read in self.reads):
             # Nothing blocks (memory tiers, GPU): queue every layer's copy and compute now, on a side stream.
             with torch.cuda.stream(r.compute_stream):
                 for read in self.reads:
@@ -198,31 +217,63 @@ class PrefixSource:
             self.loader.close()
             self.loader = None
 
+    def _loaded(self, read: LayerRead) -> tuple[torch.Tensor, int]:
+        """One layer's chunks (blocking until read) and how many lead chunks were readable."""
+        i = self._index[read.layer]
+        if self.exchange is None:
+            loaded = self.loader.get(i)
+            return loaded.data, loaded.valid_chunks
+        # this rank's share, gathered into the whole layer; `valid` is the same on every rank
+        return self.exchange.layer(read.layer, read.kind, lambda: self.loader.get(i))
+
+    def _hidden(self, data: torch.Tensor, valid: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = valid * self.r.layout.chunk_tokens
+        if self._positions is None or self._positions.shape[1] != rows:
+            self._positions = torch.arange(rows, device=self.r.device).unsqueeze(0)
+        return data[:valid].reshape(1, rows, -1), self._positions
+
+    def fill(self, cache, layer: int, *, must: bool = False) -> int:
+        """Restore a layer of a kind that is not plain K/V (sliding, recurrent, ...) into `cache` itself,
+        through the projector's `fill_prefix` (the model's own cache layer); returns the valid chunks.
+        `must`: the cache's length is already fixed, so an unreadable layer is recomputed from tokens."""
+        try:
+            if layer < self.recompute_layers:
+                if self._recomputed is not None and layer < len(self._recomputed.layers):
+                    cache.layers[layer] = self._recomputed.layers[layer]
+                return self.m
+            read = self.reads[self._index[layer]]
+            i = self._index[layer]
+            try:
+                data, valid = self._loaded(read)
+                if valid == self.m or (valid and not must):
+                    if read.kind == HIDDEN:
+                        with self.r.recomputer.internal.running():  # the generic projector calls model layers
+                            self.r.projector.fill_prefix(cache, layer, *self._hidden(data, valid))
+                    else:
+                        fill_layer(cache, layer, *_kv_from_chunks(data, valid, self.r.layout.chunk_tokens))
+            finally:
+                self.loader.release(i)
+            if valid < self.m and must:
+                self._warn(layer, valid)
+                fresh = self.r.recomputer.prefix(self.ids, layer + 1)
+                cache.layers[layer] = fresh.layers[layer]
+                return self.m
+            return valid
+        finally:
+            self._count_taken()
+
     def _compute(self, read: LayerRead) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Load one layer (blocking until read) and project or reshape it on the current stream."""
         i = self._index[read.layer]
         try:
-            if self.exchange is None:
-                loaded = self.loader.get(i)
-                data, valid = loaded.data, loaded.valid_chunks
-            else:  # this rank's share, gathered into the whole layer; `valid` is the same on every rank
-                data, valid = self.exchange.layer(read.layer, read.kind, lambda: self.loader.get(i))
+            data, valid = self._loaded(read)
             if valid == 0:
                 return None, None, 0
-            C = self.r.layout.chunk_tokens
-            rows = valid * C
             if read.kind == HIDDEN:
-                if self._positions is None or self._positions.shape[1] != rows:
-                    self._positions = torch.arange(rows, device=self.r.device).unsqueeze(0)
-                hidden = data[:valid].reshape(1, rows, -1)
-                k, v = self.r.projector.project_prefix(read.layer, hidden, self._positions)
+                with self.r.recomputer.internal.running():  # the generic projector calls model layers
+                    k, v = self.r.projector.project_prefix(read.layer, *self._hidden(data, valid))
             else:
-                kv = data[:valid]  # [chunks, 2, kv_heads, C, head_dim] -> K, V [1, kv_heads, rows, head_dim]
-                heads, hd = kv.shape[2], kv.shape[-1]
-                k = kv.new_empty(1, heads, rows, hd)
-                v = kv.new_empty(1, heads, rows, hd)
-                k.view(heads, valid, C, hd).copy_(kv[:, 0].transpose(0, 1))
-                v.view(heads, valid, C, hd).copy_(kv[:, 1].transpose(0, 1))
+                k, v = _kv_from_chunks(data, valid, self.r.layout.chunk_tokens)
             return k, v, valid
         finally:
             self.loader.release(i)
@@ -242,23 +293,40 @@ class PrefixSource:
                 if k is not None:  # made on the compute stream, used and freed on this one
                     k.record_stream(stream)
                     v.record_stream(stream)
+        self._count_taken()
+        return k, v, valid
+
+    def _count_taken(self) -> None:
         self._taken += 1
         if self._taken == self.r.layout.num_layers:
             self.close()
             if self.on_done is not None:
                 self.on_done()
-        return k, v, valid
+
+    def _warn(self, layer: int, valid: int) -> None:
+        if not self._warned:
+            log.warning("restore: layer %d has %d of %d chunks readable; recomputing it from tokens",
+                        layer, valid, self.m)
+            self._warned = True
 
     def take(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`LayerSource.take`: a layer whose chunks could not all be read is recomputed from tokens."""
         k, v, valid = self.produce(layer)
         if valid < self.m:
-            if not self._warned:
-                log.warning("restore: layer %d has %d of %d chunks readable; recomputing it from tokens",
-                            layer, valid, self.m)
-                self._warned = True
+            self._warn(layer, valid)
             k, v = self.r.recomputer.layer(self.ids, layer)
         return k, v
 
     def close(self) -> None:
         self._close_loader()
+
+
+def _kv_from_chunks(data: torch.Tensor, valid: int, C: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[chunks, 2, kv_heads, C, head_dim] -> K, V [1, kv_heads, valid * C, head_dim], one copy each."""
+    kv = data[:valid]
+    heads, hd = kv.shape[2], kv.shape[-1]
+    k = kv.new_empty(1, heads, valid * C, hd)
+    v = kv.new_empty(1, heads, valid * C, hd)
+    k.view(heads, valid, C, hd).copy_(kv[:, 0].transpose(0, 1))
+    v.view(heads, valid, C, hd).copy_(kv[:, 1].transpose(0, 1))
+    return k, v

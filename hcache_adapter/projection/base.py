@@ -31,6 +31,8 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from hcache_adapter.compat import fill_layer
+
 KV = tuple[Tensor, Tensor]
 RowIndex = slice | Tensor
 
@@ -133,6 +135,16 @@ class Projector(ABC):
         can replay a captured graph for this common case do (see ``graphs.py``).
         """
         return self.project(layer_idx, hidden, position_ids)
+
+    def fill_prefix(self, cache: Any, layer_idx: int, hidden: Tensor, position_ids: Tensor) -> None:
+        """Restore layer `layer_idx` of a transformers `cache` from its input hidden state (a prefix from 0).
+
+        What the model's prefill would have left in that cache layer: for K/V
+        layers `project_prefix` then the layer's own fill; the generic projector
+        also rebuilds layers whose state is not only K/V (see ``generic.py``).
+        """
+        k, v = self.project_prefix(layer_idx, hidden, position_ids)
+        fill_layer(cache, layer_idx, k, v)
 
 
 # ---------------------------------------------------------------------- rotary

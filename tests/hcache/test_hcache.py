@@ -166,11 +166,24 @@ def test_foreign_manifest_under_our_key_is_ignored(store):
     assert hc.restore(ids)[1] == 0
 
 
-def test_unsupported_architecture_falls_back_to_kv_with_one_warning(store, caplog):
-    from transformers import BloomConfig, BloomForCausalLM
+class _TokenKey(torch.nn.Module):
+    """k_proj plus an embedding of the tokens being run: K depends on more than the layer's hidden state."""
 
-    torch.manual_seed(0)
-    model = BloomForCausalLM(BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4)).eval()
+    def __init__(self, k_proj, tokens: dict):
+        super().__init__()
+        self.k_proj, self.tokens = k_proj, tokens
+        self.embed = torch.nn.Embedding(128, k_proj.out_features)
+
+    def forward(self, x):
+        return self.k_proj(x) + self.embed(self.tokens["ids"])
+
+
+def test_a_model_whose_k_v_need_more_than_hidden_states_falls_back_to_kv_with_one_warning(store, caplog):
+    model = _build("llama_mha")
+    tokens: dict = {}
+    model.get_input_embeddings().register_forward_pre_hook(lambda m, args: tokens.__setitem__("ids", args[0]))
+    for layer in model.model.layers:
+        layer.self_attn.k_proj = _TokenKey(layer.self_attn.k_proj, tokens)
     with caplog.at_level(logging.WARNING):
         hc = HCache(model, store, method="hcache", chunk_tokens=C)
     assert hc.method == "kv"

@@ -18,7 +18,7 @@ from transformers import BloomConfig, BloomForCausalLM, DynamicCache
 
 from tests.helpers.models import ATOL, BATCH, CASES, D, HD, HEADS, LAYERS, SEQ, VOCAB, build
 
-from hcache_adapter.projection import Projector, projector_for, register, supported_model_types
+from hcache_adapter.projection import GenericProjector, Projector, projector_for, register, supported_model_types
 
 def _cache_kwarg(model: torch.nn.Module) -> str:
     """5.24 names it `cache` (`past_key_values` is a deprecated alias); 5.17 `past_key_values`."""
@@ -182,11 +182,13 @@ def test_position_ids_default_to_a_prefix_from_zero():
     assert (k - cached[1][0]).abs().max() <= ATOL and (v - cached[1][1]).abs().max() <= ATOL
 
 
-def test_unsupported_model_gives_none():
+def test_a_family_without_a_fast_path_gets_the_generic_projection():
     torch.manual_seed(0)
-    bloom = BloomForCausalLM(BloomConfig(vocab_size=VOCAB, hidden_size=D, n_layer=LAYERS, n_head=HEADS))
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=VOCAB, hidden_size=D, n_layer=LAYERS, n_head=HEADS)).eval()
     assert "bloom" not in supported_model_types()
-    assert projector_for(bloom) is None
+    proj = projector_for(bloom)
+    assert isinstance(proj, GenericProjector)
+    assert max(_max_errors(bloom, proj, _input_ids())) <= ATOL
     assert projector_for(torch.nn.Linear(2, 2)) is None
 
 
