@@ -20,13 +20,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from hcache_adapter.bench import build_model
-from hcache_adapter.projection import fast_projector_for, generic_projector_for
-from hcache_adapter.scheduler.profiling import time_median
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hcache_adapter.bench.models import build_model  # noqa: E402
+from hcache_adapter.projection import fast_projector_for, generic_projector_for  # noqa: E402
+from hcache_adapter.scheduler.profiling import time_median  # noqa: E402
 
 TARGET = 1.3
 
@@ -58,7 +62,7 @@ def main() -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("no CUDA device: use --device cpu --model tiny --tokens 64 --dtype float32")
     dtype = getattr(torch, args.dtype)
-    model = build_model(args.model, dtype, device, args.layers, args.tokens + 64)
+    model = build_model(args.model, dtype=dtype, device=device, layers=args.layers, max_positions=args.tokens + 64)
     n_layers, width = model.config.num_hidden_layers, model.config.hidden_size
     hidden = torch.randn(n_layers, 1, args.tokens, width, device=device, dtype=dtype)
     fast, generic = fast_projector_for(model), generic_projector_for(model)

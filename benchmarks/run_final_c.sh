@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# GPU calls of the third session:  bash benchmarks/run_final_c.sh A|B   (carry .devdeps; logs under $OUT)
+#   A: GPU tests (incl. the generic projection on CUDA), generic vs fast projection speed (7B shape),
+#      fp16 max error for every family, TBT while saving (7B, 1K), the Redis tier vs raw redis-py.
+#   B: `hcache bench` for the 7B shape at 32K from DRAM; `hcache serve-bench --preset gpu-7b`.
+set -uo pipefail
+OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
+source .devdeps/install.sh >/dev/null 2>&1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+python3 setup.py build_ext --inplace -q >/dev/null 2>&1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+case "${1:-A}" in
+  A)
+    echo "=== tests $(date +%T)"
+    timeout 170 python3 -m pytest -q -s -p no:cacheprovider tests/hcache/test_gpu.py tests/hcache/test_projection.py \
+      tests/hcache/test_projection_generic.py -k "cuda or gpu or float16" > $OUT/gpu_tests.log 2>&1; tail -3 $OUT/gpu_tests.log
+    echo "=== projection speed $(date +%T)"
+    timeout 100 python3 benchmarks/projection_speed.py > $OUT/projection_speed.txt 2>&1; tail -8 $OUT/projection_speed.txt
+    echo "=== fp16 errors $(date +%T)"
+    timeout 170 python3 benchmarks/fp16_errors.py --families all --json $OUT/fp16_errors.json --out $OUT/fp16_errors.md \
+      > $OUT/fp16_errors.log 2>&1; tail -3 $OUT/fp16_errors.log
+    echo "=== TBT $(date +%T)"
+    timeout 80 python3 -m hcache_adapter bench --no-progress --models llama2-7b --contexts 1024 --sources dram --methods hcache \
+      --repeat 1 --warmup 1 --tbt-context 1024 --tbt-tokens 64 --tbt-pairs 4 --out $OUT/tbt > $OUT/tbt.log 2>&1; grep "TBT" $OUT/tbt.log
+    echo "=== remote $(date +%T)"
+    timeout 60 python3 benchmarks/remote_bench.py --total 128M --repeat 3 --out $OUT > $OUT/remote.log 2>&1; tail -12 $OUT/remote.log
+    ;;
+  B)
+    echo "=== 32K $(date +%T)"
+    mkdir -p $OUT/long
+    timeout 230 python3 -m hcache_adapter bench --no-progress --models llama2-7b --contexts 32768 --sources dram \
+      --long-methods recompute,ideal,kv,hcache,auto --long-repeat 3 --long-warmup 1 --out $OUT/long > $OUT/long/full.log 2>&1
+    grep "^|\|###" $OUT/long/full.log | cut -c1-120 | head -30; tail -3 $OUT/long/full.log
+    echo "=== serve $(date +%T)"
+    mkdir -p $OUT/serve
+    timeout 320 python3 -m hcache_adapter serve-bench --preset gpu-7b --time-limit-s 280 --no-progress --out $OUT/serve \
+      > $OUT/serve/log 2>&1; tail -30 $OUT/serve/log
+    ;;
+esac
