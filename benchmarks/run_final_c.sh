@@ -3,6 +3,8 @@
 #   A: GPU tests (incl. the generic projection on CUDA), generic vs fast projection speed (7B shape),
 #      fp16 max error for every family, TBT while saving (7B, 1K), the Redis tier vs raw redis-py.
 #   B: `hcache bench` for the 7B shape at 32K from DRAM; `hcache serve-bench --preset gpu-7b`.
+#   C: after the fixes B and A called for: fp16 errors of every family again (save() now passes generate()'s
+#      position ids), TBT with room for its compile warm-up, 32K with two HCache instances (hcache, auto).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
 source .devdeps/install.sh >/dev/null 2>&1
@@ -35,5 +37,18 @@ case "${1:-A}" in
     mkdir -p $OUT/serve
     timeout 320 python3 -m hcache_adapter serve-bench --preset gpu-7b --time-limit-s 280 --no-progress --out $OUT/serve \
       > $OUT/serve/log 2>&1; tail -30 $OUT/serve/log
+    ;;
+  C)
+    echo "=== fp16 errors $(date +%T)"
+    timeout 170 python3 benchmarks/fp16_errors.py --families all --json $OUT/fp16_errors.json --out $OUT/fp16_errors.md \
+      > $OUT/fp16_errors.log 2>&1; tail -2 $OUT/fp16_errors.log
+    echo "=== 32K $(date +%T)"
+    mkdir -p $OUT/long
+    timeout 200 python3 -m hcache_adapter bench --no-progress --models llama2-7b --contexts 32768 --sources dram \
+      --methods recompute,ideal,hcache,auto --long-repeat 3 --long-warmup 1 --out $OUT/long > $OUT/long/full.log 2>&1
+    grep "^|\|###" $OUT/long/full.log | cut -c1-120 | head -30; tail -3 $OUT/long/full.log
+    echo "=== TBT $(date +%T)"
+    timeout 150 python3 -m hcache_adapter bench --no-progress --models llama2-7b --contexts 1024 --sources dram --methods hcache \
+      --repeat 1 --warmup 1 --tbt-context 1024 --tbt-tokens 64 --tbt-pairs 4 --out $OUT/tbt > $OUT/tbt.log 2>&1; grep "TBT" $OUT/tbt.log; tail -3 $OUT/tbt.log
     ;;
 esac

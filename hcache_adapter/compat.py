@@ -86,3 +86,13 @@ def causal_lm_output(logits: torch.Tensor, cache):
 
     field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
     return CausalLMOutputWithPast(logits=logits, **{field: cache})
+
+
+def generate_positions(model, start: int, end: int, device) -> dict:
+    """The `position_ids` generate() passes for tokens start..end-1 of an unpadded prompt, as a forward kwarg of
+    `model.base_model` ({} when generate passes none). Some models' own default differs (RoBERTa counts from
+    padding_idx + 1), and state computed outside generate() must be the state generate() would have built."""
+    if getattr(model.config, "is_encoder_decoder", False) or not all(
+            "position_ids" in inspect.signature(m.forward).parameters for m in (model, model.base_model)):
+        return {}
+    return {"position_ids": torch.arange(start, end, device=device).unsqueeze(0)}

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from hcache_adapter.capture import StateSaver
-from hcache_adapter.compat import cache_kwarg, new_cache
+from hcache_adapter.compat import cache_kwarg, generate_positions, new_cache
 from hcache_adapter.firstforward import first_forward, skip_cached_tokens
 from hcache_adapter.generation import cache_for_call, inspect_call, with_cache
 from hcache_adapter.layout import StateLayout
@@ -305,6 +305,7 @@ class HCache:
                     step_through(self.model.base_model, ids, result.cache, result.tokens, ids.shape[1])
                 else:
                     self.model.base_model(input_ids=ids[:, result.tokens:], use_cache=True,
+                                          **generate_positions(self.model, result.tokens, ids.shape[1], self.device),
                                           **{cache_kwarg(self.model.base_model): result.cache})
         finally:
             result.close()

@@ -198,12 +198,28 @@ class CapturedPrefill:
         if b is None or set(b.hidden) != set(hidden_layers):
             while len(self._buckets) >= self.max_buckets:
                 self._buckets.popitem(last=False)
+            if not self._fits(key[1], cache):
+                return None
             b = self._buckets[key] = self._new_bucket(*key, cache, hidden_layers)
         self._buckets.move_to_end(key)
         b.asked += 1
         if self.capture and b.asked < 2:
             return None  # a length seen once (a growing chat) is not worth a capture
         return b
+
+    def _fits(self, total: int, cache: LazyCache) -> bool:
+        """Whether a static cache of `total` rows leaves the GPU room: it takes at most half of what is free,
+        so a long context runs the model's own forward instead of failing a capture out of memory."""
+        if self.device.type != "cuda":
+            return True
+        need = sum(2 * layer.keys[0, :, :1].numel() * layer.keys.element_size() * total for layer in cache.layers)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        if need <= free // 2:
+            return True
+        log.info("captured prefill: a static cache of %d rows (%.1f GiB) does not fit in half of the free GPU "
+                 "memory (%.1f GiB); the model's own forward runs", total, need / 2**30, free / 2**30)
+        return False
 
     def _new_bucket(self, suffix: int, total: int, cache: LazyCache, hidden_layers: list[int]) -> _Bucket:
         dev = self.device

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import torch
 
-from hcache_adapter.compat import cache_kwarg, layer_kv, new_cache
+from hcache_adapter.compat import cache_kwarg, generate_positions, layer_kv, new_cache
 
 
 class _StopForward(Exception):
@@ -65,7 +65,9 @@ class Recomputer:
             hook = self.decoder_layers[layers].register_forward_pre_hook(stop, with_kwargs=True)
         previous, self.internal.active = self.internal.active, True
         try:
-            self.model.base_model(input_ids=ids, use_cache=True, **{self._cache_kw: cache})
+            start = cache.get_seq_length()
+            self.model.base_model(input_ids=ids, use_cache=True, **{self._cache_kw: cache},
+                                  **generate_positions(self.model, start, start + ids.shape[1], ids.device))
         except _StopForward:
             pass
         finally:

@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import torch
 
-from hcache_adapter.compat import cache_kwarg, fill_layer, layer_kv, new_cache
+from hcache_adapter.compat import cache_kwarg, fill_layer, generate_positions, layer_kv, new_cache
 from hcache_adapter.generation import GenerateCall, cache_for_call, with_cache
 from hcache_adapter.layout import StateLayout
 from hcache_adapter.restore import RestoreResult
@@ -118,6 +118,7 @@ class BatchedGenerator:
                 saver = self.saver_for(result, cache, tokens) if self.saver_for is not None else nullcontext()
                 with saver:
                     self.model.base_model(input_ids=row_ids[:, start:held], use_cache=True,
+                                          **generate_positions(self.model, start, held, row_ids.device),
                                           **{self._base_cache_kw: cache})
                 self.stats.row_prefill_tokens += held - start
             kv = [layer_kv(cache, l) for l in range(self.num_layers)]

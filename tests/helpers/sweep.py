@@ -167,6 +167,7 @@ def _serve(model, model_type: str, row: Row, root: Path) -> None:
             row.problems.append(f"rounds after the first restored nothing: {row.restored_tokens}")
         cache, n = hc.restore(ids)
         row.max_error = restore_error(model, cache, ids, n)
+        _check_saved_ahead(model, store, ids, gen, row)
         store.flush()
     with _open_store(root) as store:  # reopened: the state comes back from NVMe
         hc = HCache(model, store, method="hcache", chunk_tokens=CHUNK)
@@ -184,6 +185,22 @@ def _serve(model, model_type: str, row: Row, root: Path) -> None:
             row.problems.append("another model's generate() on this store differs from its own")
     if row.max_error is None or not row.max_error <= ATOL:
         row.problems.append(f"restored state differs from the prefill by {row.max_error}")
+
+
+def _check_saved_ahead(model, store, ids: torch.Tensor, gen: dict, row: Row) -> None:
+    """`hc.save` (a document stored ahead of time, outside generate()) stores what generate() would have built:
+    restored, it equals generate()'s prefill, and generate() from it gives model.generate's tokens."""
+    from hcache_adapter import HCache
+
+    ahead = HCache(model, store, method="hcache", chunk_tokens=CHUNK, namespace="saved-ahead")
+    ahead.save(ids)
+    cache, n = ahead.restore(ids)
+    if not n:
+        row.problems.append("hc.save stored nothing")
+        return
+    row.max_error = max(row.max_error, restore_error(model, cache, ids, n))
+    if not torch.equal(ahead.generate(ids, **gen), model.generate(ids, **gen)):
+        row.problems.append("after hc.save: tokens differ from model.generate")
 
 
 def run_sweep(model_types: list[str], jobs: int = 2) -> list[Row]:
