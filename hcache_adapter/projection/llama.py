@@ -143,6 +143,16 @@ class LlamaProjector(Projector):
         value = attn.v_proj(x).view(heads_shape).transpose(1, 2)
         return rotate_key(key.transpose(1, 2), cos, sin, modeling_function(attn, "rotate_half")), value
 
+    @property
+    def uses_tensor_path(self) -> bool:
+        """Whether projections run the tensors-only `llama_kv` (known norms, plain Linears) rather than the modules."""
+        return self._use_tensor_path()
+
+    @property
+    def graph_replays(self) -> int:
+        """Layer projections served by replaying a captured CUDA graph so far (0 without graphs)."""
+        return self._graphs.replays if self._graphs is not None else 0
+
     def _use_tensor_path(self) -> bool:
         """Whether `llama_kv` stands in for the modules: known norms, and equal on a few random rows."""
         if self._tensor_path is None:

@@ -94,7 +94,7 @@ def test_graphed_restores_equal_ungraphed_ones_and_never_alias(tmp_path):
         second, _ = graphed.restore(ids)  # captures and replays
         snapshot = [(l.keys.clone(), l.values.clone()) for l in second.layers]
         third, _ = graphed.restore(ids)  # replays again into the same graph memory
-        assert graphed.projector._graphs.replays >= 2 * cfg.num_hidden_layers
+        assert graphed.projector.graph_replays >= 2 * cfg.num_hidden_layers
         for a, b, (k, v), c in zip(ref.layers, second.layers, snapshot, third.layers):
             assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
             assert torch.equal(b.keys, k) and torch.equal(b.values, v)  # untouched by the third restore

@@ -249,7 +249,7 @@ def test_llama_family_projects_through_the_tensor_function(name):
     """The known RMSNorms are reproduced op for op, so the fast tensors-only path is taken (and is exact)."""
     model = build(name)
     proj = projector_for(model)
-    assert proj._use_tensor_path()
+    assert proj.uses_tensor_path
     assert max(_max_errors(model, proj, _input_ids())) <= ATOL
 
 
@@ -269,7 +269,7 @@ def test_unknown_norm_is_called_as_a_module_and_stays_exact():
     for layer in model.model.layers:
         layer.input_layernorm = _ScaledNorm(layer.input_layernorm)
     proj = projector_for(model)
-    assert not proj._use_tensor_path()
+    assert not proj.uses_tensor_path
     assert max(_max_errors(model, proj, _input_ids())) <= ATOL
 
 
