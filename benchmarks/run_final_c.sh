@@ -3,6 +3,7 @@
 #   A: GPU tests (incl. the generic projection on CUDA), generic vs fast projection speed (7B shape),
 #      fp16 max error for every family, TBT while saving (7B, 1K), the Redis tier vs raw redis-py.
 #   B: `hcache bench` for the 7B shape at 32K from DRAM; `hcache serve-bench --preset gpu-7b`.
+#   D: the merged code, 7B and 8B at 1K/4K from DRAM, and the 7B/4K breakdown (see the end).
 #   C: after the fixes B and A called for: fp16 errors of every family again (save() now passes generate()'s
 #      position ids), TBT with room for its compile warm-up, 32K with two HCache instances (hcache, auto).
 set -uo pipefail
@@ -52,3 +53,14 @@ case "${1:-A}" in
       --repeat 1 --warmup 1 --tbt-context 1024 --tbt-tokens 64 --tbt-pairs 4 --out $OUT/tbt > $OUT/tbt.log 2>&1; grep "TBT" $OUT/tbt.log; tail -3 $OUT/tbt.log
     ;;
 esac
+# D (appended): the code as merged, 7B and 8B at 1K/4K from DRAM (median of 9), and the 7B/4K breakdown.
+if [ "${1:-}" = D ]; then
+  echo "=== 1K/4K $(date +%T)"
+  mkdir -p $OUT/short
+  timeout 300 python3 -m hcache_adapter bench --no-progress --models llama2-7b,llama3-8b --contexts 1024,4096 --sources dram \
+    --repeat 9 --warmup 3 --out $OUT/short > $OUT/short/full.log 2>&1
+  grep "^|\|###" $OUT/short/full.log | cut -c1-130 | head -40; tail -2 $OUT/short/full.log
+  echo "=== breakdown $(date +%T)"
+  timeout 120 python3 benchmarks/ttft_breakdown.py --model llama2-7b --context 4096 > $OUT/breakdown_7b_4k.txt 2>&1
+  head -45 $OUT/breakdown_7b_4k.txt
+fi
