@@ -64,3 +64,10 @@ if [ "${1:-}" = D ]; then
   timeout 120 python3 benchmarks/ttft_breakdown.py --model llama2-7b --context 4096 > $OUT/breakdown_7b_4k.txt 2>&1
   head -45 $OUT/breakdown_7b_4k.txt
 fi
+# E (appended): D's 7B rows again with the store flushed before measuring (D ran with the flusher busy).
+if [ "${1:-}" = E ]; then
+  mkdir -p $OUT/short
+  timeout 165 python3 -m hcache_adapter bench --no-progress --models llama2-7b --contexts 1024,4096 --sources dram \
+    --methods recompute,ideal,kv,hcache,auto --repeat 7 --warmup 2 --out $OUT/short > $OUT/short/full.log 2>&1
+  grep "^|\|###" $OUT/short/full.log | cut -c1-130 | head -24; tail -2 $OUT/short/full.log
+fi
