@@ -270,12 +270,11 @@ class CapturedPrefill:
         mask = future.to(dtype) * torch.finfo(dtype).min
         hooks = [self.decoder_layers[l].register_forward_pre_hook(_copy_input(b.hidden[l]), with_kwargs=True)
                  for l in b.hidden]
-        previous, self.internal.active = self.internal.active, True
         try:
-            out = forward(input_ids=b.ids, position_ids=b.pos, attention_mask=mask, use_cache=True,
-                          logits_to_keep=b.idx, return_dict=True, **{self.cache_kwarg: b.cache})
+            with self.internal.running():
+                out = forward(input_ids=b.ids, position_ids=b.pos, attention_mask=mask, use_cache=True,
+                              logits_to_keep=b.idx, return_dict=True, **{self.cache_kwarg: b.cache})
         finally:
-            self.internal.active = previous
             for h in hooks:
                 h.remove()
         if b.logits is None:

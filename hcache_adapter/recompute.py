@@ -63,15 +63,14 @@ class Recomputer:
                 raise _StopForward
 
             hook = self.decoder_layers[layers].register_forward_pre_hook(stop, with_kwargs=True)
-        previous, self.internal.active = self.internal.active, True
         try:
             start = cache.get_seq_length()
-            self.model.base_model(input_ids=ids, use_cache=True, **{self._cache_kw: cache},
-                                  **generate_positions(self.model, start, start + ids.shape[1], ids.device))
+            with self.internal.running():
+                self.model.base_model(input_ids=ids, use_cache=True, **{self._cache_kw: cache},
+                                      **generate_positions(self.model, start, start + ids.shape[1], ids.device))
         except _StopForward:
             pass
         finally:
-            self.internal.active = previous
             if hook is not None:
                 hook.remove()
         return cache
