@@ -92,7 +92,13 @@ def generate_positions(model, start: int, end: int, device) -> dict:
     """The `position_ids` generate() passes for tokens start..end-1 of an unpadded prompt, as a forward kwarg of
     `model.base_model` ({} when generate passes none). Some models' own default differs (RoBERTa counts from
     padding_idx + 1), and state computed outside generate() must be the state generate() would have built."""
-    if getattr(model.config, "is_encoder_decoder", False) or not all(
-            "position_ids" in inspect.signature(m.forward).parameters for m in (model, model.base_model)):
+    if getattr(model.config, "is_encoder_decoder", False) or not (
+            _takes_position_ids(type(model)) and _takes_position_ids(type(model.base_model))):
         return {}
     return {"position_ids": torch.arange(start, end, device=device).unsqueeze(0)}
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_position_ids(cls: type) -> bool:
+    """Whether `cls.forward` takes `position_ids` (per class, once: restores call this on their path)."""
+    return "position_ids" in inspect.signature(cls.forward).parameters
