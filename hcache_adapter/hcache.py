@@ -245,7 +245,8 @@ class HCache:
                 log.debug("hc.generate: nothing restored or saved: %s", call.reason)
             return self.model.generate(input_ids, **kwargs)
         with torch.no_grad():
-            result = self._restore(input_ids, lazy=call.lazy and self._plain_continuation, prompt=prompt)
+            result = self._restore(input_ids, lazy=call.lazy and self._plain_continuation, prompt=prompt,
+                                   into_prefill=not call.speculative and self._graph_prefill(call))
         try:
             cache = cache_for_call(call, self.model, result.cache)
             saver = self._saver(result, cache, prefill_rows=call.expand, prefill_only=call.save_after_prefill,
@@ -280,11 +281,12 @@ class HCache:
         # A recurrent-only cache has no length generate() can read: it is shown only the tokens after it.
         return generate_on(self.model, input_ids, n if self.support.new_tokens_only else 0, kw)
 
-    def _graph_prefill(self, call, result: RestoreResult) -> bool:
+    def _graph_prefill(self, call, result: RestoreResult | None = None) -> bool:
         """Whether generate()'s first forward may run from the captured prefill: a restored prefix under
-        the default cache (calls with masked prompt positions are never restored at all)."""
+        the default cache (calls with masked prompt positions are never restored at all). Without
+        `result`: whether it may, should the restore find a prefix."""
         return (self.prefill is not None and self.prefill.enabled and call.lazy and self._plain_continuation
-                and bool(result.tokens))
+                and (result is None or bool(result.tokens)))
 
     @torch.no_grad()
     def save(self, input_ids: torch.Tensor) -> int:
@@ -339,7 +341,10 @@ class HCache:
         """
         return self._restore(input_ids, lazy=lazy)
 
-    def _restore(self, input_ids: torch.Tensor, *, lazy: bool, prompt: list[int] | None = None) -> RestoreResult:
+    def _restore(self, input_ids: torch.Tensor, *, lazy: bool, prompt: list[int] | None = None,
+                 into_prefill: bool = False) -> RestoreResult:
+        """`into_prefill`: the captured prefill will run on the result, so the restore may write straight
+        into its static cache."""
         t0 = time.perf_counter()
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
@@ -381,7 +386,11 @@ class HCache:
             return self._done(RestoreResult(new_cache(self.model), 0, plan, L, sources, stored_chunks=m,
                                             seconds=time.perf_counter() - t0))
         on_done = self._observer(decision) if decision.estimate is not None else None  # a split NVMe restore
-        cache, valid, release = self.restorer.restore(ids, digests, plan, r, lazy=lazy, where=where, on_done=on_done)
+        into = self.prefill.destination(m * C, ids.shape[1] - m * C) if into_prefill and lazy else None
+        cache, valid, release = self.restorer.restore(ids, digests, plan, r, lazy=lazy, where=where, on_done=on_done,
+                                                      into=into)
+        if into is not None:
+            into.lend(cache)
         if valid < m:
             log.warning("restore: chunk %d of the prefix is missing or corrupt; recomputing from there", valid)
         if valid == 0:

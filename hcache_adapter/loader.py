@@ -245,8 +245,14 @@ class LayerLoader:
             if self._free_event[slot] is not None:
                 self.stream.wait_event(self._free_event[slot])
             where = self._where.pop(i, None) or self.store.locate(read.keys)
+            if _MEMORY.issuperset(where):  # the usual case: every chunk in a memory tier, one read of them all
+                found = _read(self.store, read.keys, data, non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(self.stream)
+                self._events[i] = ev
+                return LoadedLayer(data, _prefix_len(found))
             found = [False] * m
-            in_memory = [c for c in range(m) if where[c] in ("gpu", "dram")]
+            in_memory = [c for c in range(m) if where[c] in _MEMORY]
             if in_memory:
                 ok = _read(self.store, [read.keys[c] for c in in_memory], _rows(data, in_memory), non_blocking=True)
                 for c, f in zip(in_memory, ok):
@@ -275,6 +281,9 @@ class LayerLoader:
         ev = torch.cuda.Event()
         ev.record(self.stream)
         self._staging_event[slot] = ev
+
+
+_MEMORY = frozenset(("gpu", "dram"))
 
 
 class _SwitchInterval:

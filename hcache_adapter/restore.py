@@ -109,13 +109,16 @@ class Restorer:
         return max(2, min(L.num_layers, self.prefetch_bytes // max(slot, 1)))
 
     def restore(self, ids: torch.Tensor, digests: list[str], plan: str, recompute_layers: int, *,
-                lazy: bool, where=None, on_done: Callable[[], None] | None = None) -> tuple[Any, int, Callable[[], None]]:
+                lazy: bool, where=None, on_done: Callable[[], None] | None = None,
+                into: Callable[[int], tuple] | None = None) -> tuple[Any, int, Callable[[], None]]:
         """(cache, valid chunks, release) for the first len(digests) chunks of `ids` ([1, >= n] on the
         device); `release()` ends a lazy restore's readers once the caller is done with the cache.
-        `on_done()` is called once every layer's work is queued (lazy: when the model took the last)."""
+        `on_done()` is called once every layer's work is queued (lazy: when the model took the last).
+        `into(layer)`: (K, V) tensors [1, kv_heads, n, head_dim] a fully read plain layer is written into
+        (the captured prefill's static cache, so its forward need not copy the prefix in), or None."""
         exchange = self.exchange.begin(plan, digests, recompute_layers, where) if self.exchange else None
         source = PrefixSource(self, ids[:, : len(digests) * self.layout.chunk_tokens], digests, plan,
-                              recompute_layers, where, on_done, exchange, self.plain_layers)
+                              recompute_layers, where, on_done, exchange, self.plain_layers, into)
         source.start()
         L = self.layout.num_layers
         if lazy:
@@ -151,8 +154,10 @@ class PrefixSource:
     """Produces the layers of one restore (implements `LayerSource` for the lazy cache)."""
 
     def __init__(self, restorer: Restorer, ids: torch.Tensor, digests: list[str], plan: str, recompute_layers: int,
-                 where, on_done: Callable[[], None] | None = None, exchange=None, plain_layers=frozenset()):
+                 where, on_done: Callable[[], None] | None = None, exchange=None, plain_layers=frozenset(),
+                 into: Callable[[int], tuple] | None = None):
         self.r = restorer
+        self.into = into
         self.plain = plain_layers
         self.exchange = exchange  # tensor parallelism: this rank reads its share; the exchange gathers
         self.on_done = on_done
@@ -192,7 +197,9 @@ class PrefixSource:
         elif self.reads:
             self._open_loader()
         if self.loader is not None and self.loader.inline and all(read.layer in self.plain for read in self.reads):
-            # Nothing blocks (memory tiers, GPU): queue every layer's copy and compute now, on a side stream.
+            # Nothing blocks (memory tiers, GPU): queue every layer's copy and compute now, on a side stream,
+            # after what the caller's stream already queued (`into`'s memory may still be read there).
+            r.compute_stream.wait_stream(torch.cuda.current_stream(r.device))
             with torch.cuda.stream(r.compute_stream):
                 for read in self.reads:
                     k, v, valid = self._compute(read)
@@ -269,11 +276,12 @@ class PrefixSource:
             data, valid = self._loaded(read)
             if valid == 0:
                 return None, None, 0
+            out = self.into(read.layer) if self.into is not None and valid == self.m else None
             if read.kind == HIDDEN:
                 with self.r.recomputer.internal.running():  # the generic projector calls model layers
-                    k, v = self.r.projector.project_prefix(read.layer, *self._hidden(data, valid))
+                    k, v = self.r.projector.project_prefix(read.layer, *self._hidden(data, valid), out=out)
             else:
-                k, v = _kv_from_chunks(data, valid, self.r.layout.chunk_tokens)
+                k, v = _kv_from_chunks(data, valid, self.r.layout.chunk_tokens, out)
             return k, v, valid
         finally:
             self.loader.release(i)
@@ -321,12 +329,12 @@ class PrefixSource:
         self._close_loader()
 
 
-def _kv_from_chunks(data: torch.Tensor, valid: int, C: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[chunks, 2, kv_heads, C, head_dim] -> K, V [1, kv_heads, valid * C, head_dim], one copy each."""
+def _kv_from_chunks(data: torch.Tensor, valid: int, C: int, out: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[chunks, 2, kv_heads, C, head_dim] -> K, V [1, kv_heads, valid * C, head_dim], one copy each
+    (into `out` when given)."""
     kv = data[:valid]
     heads, hd = kv.shape[2], kv.shape[-1]
-    k = kv.new_empty(1, heads, valid * C, hd)
-    v = kv.new_empty(1, heads, valid * C, hd)
+    k, v = out if out is not None else (kv.new_empty(1, heads, valid * C, hd), kv.new_empty(1, heads, valid * C, hd))
     k.view(heads, valid, C, hd).copy_(kv[:, 0].transpose(0, 1))
     v.view(heads, valid, C, hd).copy_(kv[:, 1].transpose(0, 1))
     return k, v

@@ -128,13 +128,14 @@ class Projector(ABC):
         with torch.no_grad():
             return self._project(layer_idx, hidden, position_ids)
 
-    def project_prefix(self, layer_idx: int, hidden: Tensor, position_ids: Tensor) -> KV:
+    def project_prefix(self, layer_idx: int, hidden: Tensor, position_ids: Tensor, out: KV | None = None) -> KV:
         """`project` for a restored prefix: one sequence whose positions are ``arange(T)``.
 
         `position_ids` must be exactly that (the caller made it); families that
         can replay a captured graph for this common case do (see ``graphs.py``).
+        `out`: tensors to write K and V into (e.g. a static cache's rows), returned.
         """
-        return self.project(layer_idx, hidden, position_ids)
+        return copy_into(self.project(layer_idx, hidden, position_ids), out)
 
     def fill_prefix(self, cache: Any, layer_idx: int, hidden: Tensor, position_ids: Tensor) -> None:
         """Restore layer `layer_idx` of a transformers `cache` from its input hidden state (a prefix from 0).
@@ -288,3 +289,12 @@ class FusedKV:
 # How a module's forward computes its output, keyed by the forward function itself
 # (a subclass that overrides forward, e.g. a quantized Linear, is not in here).
 _GEMM_OF_FORWARD: dict[Callable[..., Any], str] = {nn.Linear.forward: "linear", Conv1D.forward: "conv1d"}
+
+
+def copy_into(kv: KV, out: KV | None) -> KV:
+    """`kv`, or `out` with `kv` copied in."""
+    if out is None:
+        return kv
+    out[0].copy_(kv[0])
+    out[1].copy_(kv[1])
+    return out

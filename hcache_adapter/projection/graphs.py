@@ -72,8 +72,9 @@ class PrefixGraphs:
         self.captures = 0
         self.replays = 0
 
-    def project(self, layer: int, hidden: Tensor) -> KV | None:
-        """K/V of `layer` for `hidden` ([1, n, D] on CUDA, positions 0..n-1); None: not graphed (yet)."""
+    def project(self, layer: int, hidden: Tensor, out: KV | None = None) -> KV | None:
+        """K/V of `layer` for `hidden` ([1, n, D] on CUDA, positions 0..n-1); None: not graphed (yet).
+        `out`: where to copy them (instead of fresh tensors)."""
         n = hidden.shape[1]
         key = (bucket_rows(n), hidden.shape[2], hidden.dtype, hidden.device)
         b = self._buckets.get(key)
@@ -91,6 +92,10 @@ class PrefixGraphs:
             g = self._capture(b, layer)
         g.replay()
         self.replays += 1
+        if out is not None:
+            out[0].copy_(b.k_out[:, :, :n])
+            out[1].copy_(b.v_out[:, :, :n])
+            return out
         return b.k_out[:, :, :n].clone(), b.v_out[:, :, :n].clone()
 
     def clear(self) -> None:

@@ -24,7 +24,7 @@ import logging
 import torch
 from torch import Tensor, nn
 
-from .base import KV, Projector, default_position_ids, modeling_function, rotate_key
+from .base import KV, Projector, copy_into, default_position_ids, modeling_function, rotate_key
 from .graphs import PrefixGraphs
 from .registry import register
 
@@ -177,20 +177,20 @@ class LlamaProjector(Projector):
             self._tensor_path = known
         return self._tensor_path
 
-    def project_prefix(self, layer_idx: int, hidden: Tensor, position_ids: Tensor) -> KV:
+    def project_prefix(self, layer_idx: int, hidden: Tensor, position_ids: Tensor, out: KV | None = None) -> KV:
         if self.graphs and hidden.is_cuda and hidden.shape[0] == 1 and self._use_tensor_path():
             if self._graphs is None:
                 self._graphs = PrefixGraphs(self._graph_kv, self.base_model.rotary_emb)
             try:
                 with torch.no_grad():
-                    kv = self._graphs.project(layer_idx, hidden)
+                    kv = self._graphs.project(layer_idx, hidden, out=out)
                 if kv is not None:
                     return kv
             except Exception as e:  # a capture problem must never break a restore
                 log.warning("CUDA graph projection failed (%s); not using graphs from now on", e)
                 self.graphs = False
                 self._graphs = None
-        return self.project(layer_idx, hidden, position_ids)
+        return copy_into(self.project(layer_idx, hidden, position_ids), out)
 
     def _tensor_kv(self, layer: int, hidden: Tensor, cos: Tensor, sin: Tensor) -> KV:
         args = self._args(layer, hidden, cos, sin)

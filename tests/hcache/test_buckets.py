@@ -8,7 +8,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hcache_adapter.prefill_graph import MIN_SUFFIX, suffix_bucket
+from hcache_adapter.prefill_graph import MIN_SUFFIX, segments, suffix_bucket
 from hcache_adapter.projection.graphs import MIN_STEP, bucket_rows
 
 
@@ -40,3 +40,11 @@ def test_suffix_bucket_is_the_next_power_of_two_of_at_least_the_minimum(s):
 def test_a_prefill_bucket_holds_prefix_and_padded_suffix(s, n):
     total = bucket_rows(n + suffix_bucket(s))
     assert total >= n + suffix_bucket(s)  # every padded row is written inside the static cache
+
+
+@given(st.integers(min_value=1, max_value=200), st.integers(min_value=1, max_value=64))
+def test_prefill_segments_cover_every_layer_once_in_order(layers, per):
+    parts = segments(layers, per)
+    assert [l for part in parts for l in part] == list(range(layers))
+    assert all(1 <= len(part) <= per for part in parts)
+    assert len(parts) == -(-layers // per)

@@ -217,6 +217,31 @@ def test_static_prefill_leaves_earlier_caches_intact(store):
     assert keep is None or all(torch.equal(k, l.keys) for k, l in zip(keep, cache1.layers))
 
 
+@pytest.mark.parametrize("method", ["hcache", "kv"])
+def test_restore_into_the_static_cache_gives_the_models_tokens(method, store):
+    """Once a bucket exists, a restore writes each layer's K/V straight into its static cache (nothing is
+    copied in before the forward); prompts of other lengths in the same bucket and a growing chat give
+    model.generate's tokens, and a cache from an earlier call keeps its own K/V."""
+    model = build("llama_mha")
+    hc = HCache(model, store, method=method, chunk_tokens=C, captured_prefill=True)
+    gen = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    ids = prompt(model, 37, seed=4)
+    for extra in (0, 0, 2, 5):  # the same prefix, suffixes of 5..10 tokens: one suffix bucket
+        req = torch.cat([ids, prompt(model, extra, seed=extra)], dim=1)
+        assert torch.equal(hc.generate(req, **gen), model.generate(req, **gen)), extra
+    assert hc.prefill.in_place > 0
+    held = hc.generate(ids, **gen, return_dict_in_generate=True)
+    other = prompt(model, 37, seed=5)
+    hc.generate(other, **gen)
+    hc.generate(other, **gen)  # restored into the bucket the held cache came from
+    ref = new_cache(model)
+    with torch.no_grad():
+        model(held.sequences[:, :-1], use_cache=True, **{cache_kwarg(model): ref})
+    for mine, theirs in zip(held.past_key_values.layers, ref.layers):
+        assert torch.allclose(mine.keys, theirs.keys, atol=1e-5)
+        assert torch.allclose(mine.values, theirs.values, atol=1e-5)
+
+
 def test_prompt_with_padding_is_neither_restored_nor_saved(store):
     """generate() masks pad tokens it finds in a prompt: such a prefix's state depends on the mask, so
     HCache leaves the call to the model."""

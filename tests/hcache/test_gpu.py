@@ -141,6 +141,46 @@ def test_gpu_generation_modes_restore_and_match(tmp_path, mode, method):
             assert hc.prefill is not None and hc.prefill.replays >= 1
 
 
+@pytest.mark.parametrize("per", [1, 3])
+def test_segmented_captured_prefill_gives_model_generate_tokens(tmp_path, per):
+    """The captured prefill split into graphs of `per` layers, each replayed once its layers are restored:
+    the same greedy tokens as model.generate, from the graph's second use on."""
+    model = _tiny_gpu_model()
+    with TieredStore(StoreConfig(root=tmp_path, dram_bytes=64 << 20, nvme_bytes=0)) as store:
+        hc = HCache(model, store, method="hcache")
+        hc.prefill.segment_layers = per
+        ids = torch.randint(10, 1000, (1, 300), device="cuda")
+        gen = dict(max_new_tokens=8, do_sample=False)
+        ref = model.generate(ids, **gen)
+        for rnd in range(4):
+            assert torch.equal(hc.generate(ids, **gen), ref), f"round {rnd}"
+        assert hc.prefill.replays >= 2 and hc.prefill.captures == 1
+
+
+@pytest.mark.parametrize("method", ["hcache", "kv"])
+def test_restore_into_the_captured_prefills_static_cache(tmp_path, method):
+    """On a GPU the restore's writes into the bucket are queued before the forward: a cache an earlier
+    call returned (graph memory of the same bucket) still reads its own K/V, and tokens match."""
+    model = _tiny_gpu_model()
+    with TieredStore(StoreConfig(root=tmp_path, dram_bytes=64 << 20, nvme_bytes=0)) as store:
+        hc = HCache(model, store, method=method)
+        gen = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        ids = torch.randint(10, 1000, (1, 300), device="cuda")
+        other = torch.randint(10, 1000, (1, 300), device="cuda")
+        for _ in range(3):
+            assert torch.equal(hc.generate(ids, **gen), model.generate(ids, **gen))
+        held = hc.generate(ids, **gen, return_dict_in_generate=True)
+        assert hc.prefill.in_place > 0
+        for _ in range(2):
+            assert torch.equal(hc.generate(other, **gen), model.generate(other, **gen))
+        ref = new_cache(model)
+        with torch.no_grad():
+            model(held.sequences[:, :-1], use_cache=True, **{cache_kwarg(model): ref})
+        for mine, theirs in zip(held.past_key_values.layers, ref.layers):
+            assert torch.allclose(mine.keys, theirs.keys, atol=1e-4)
+            assert torch.allclose(mine.values, theirs.values, atol=1e-4)
+
+
 def test_captured_prefill_float16_error_and_tokens_on_the_7b_layer_shape(tmp_path):
     """Two layers of the Llama-2-7B shape in float16: the captured prefill's logits against the eager
     prefill's over the same restored cache (reported), and greedy tokens against model.generate."""

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# GPU calls of the fourth session:  bash benchmarks/run_final_d.sh F|G   (carry .devdeps; logs under $OUT)
+#   F: the GPU tests (segmented captured prefill, restores into its static cache), then the TTFT timeline of
+#      one 7B/4K request per method (benchmarks/ttft_timeline.py).
+#   G: `hcache bench`, 7B and 8B at 1K/4K from DRAM (every method), then the 7B at 16K.
+set -uo pipefail
+OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
+source .devdeps/install.sh >/dev/null 2>&1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+python3 setup.py build_ext --inplace -q >/dev/null 2>&1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+case "${1:-F}" in
+  F)
+    echo "=== tests $(date +%T)"
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/hcache/test_gpu.py > $OUT/gpu_tests.log 2>&1
+    tail -1 $OUT/gpu_tests.log; grep -i "error\|failed" $OUT/gpu_tests.log | head -5
+    echo "=== timeline $(date +%T)"
+    timeout 200 python3 benchmarks/ttft_timeline.py --model llama2-7b --context 4096 --methods recompute,ideal,hcache,kv \
+      --repeat 7 > $OUT/ttft_timeline_7b_4k.md 2>&1; grep -v "Warn\|warn" $OUT/ttft_timeline_7b_4k.md | head -70
+    ;;
+  G)
+    echo "=== 1K/4K $(date +%T)"
+    mkdir -p $OUT/short $OUT/long
+    timeout 330 python3 -m hcache_adapter bench --no-progress --models llama2-7b,llama3-8b --contexts 1024,4096 \
+      --sources dram --methods recompute,ideal,hf_offloaded,kv,hcache,auto --repeat 7 --warmup 2 --out $OUT/short > $OUT/short/full.log 2>&1
+    grep "^|\|###" $OUT/short/full.log | cut -c1-120 | head -50; tail -2 $OUT/short/full.log
+    echo "=== 16K $(date +%T)"
+    timeout 200 python3 -m hcache_adapter bench --no-progress --models llama2-7b --contexts 16384 --sources dram \
+      --long-methods recompute,ideal,hcache,auto --long-repeat 3 --long-warmup 1 --out $OUT/long > $OUT/long/full.log 2>&1
+    grep "^|\|###" $OUT/long/full.log | cut -c1-120 | head -14; tail -2 $OUT/long/full.log
+    ;;
+esac

@@ -1,0 +1,246 @@
+"""Where one hc.generate() call spends its time to first token: a host timeline with GPU marks.
+
+For one model shape and context with the state in DRAM (store flushed), each method's
+`generate(..., max_new_tokens=1)` is run with light wrappers that stamp the host clock
+at its phases, and CUDA events that mark when the GPU got there:
+
+  lookup           digests, stored prefix, locate (host)
+  restore issue    Restorer.restore: store reads and projections queued (host), split
+                   into store reads (get_many_into) and projection calls
+  generate setup   from the restore's return to the model's first forward (transformers)
+  first forward    the model's forward of the new tokens (captured or eager)
+  after            sampling, stopping criteria, the return
+
+with, on the GPU: when the copy stream and the compute stream finished the restore and
+when the first forward's work finished. Medians over repetitions; methods interleaved.
+Run on the GPU machine:
+
+    python3 benchmarks/ttft_timeline.py --model llama2-7b --context 4096
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+
+from hcache_adapter import HCache
+from hcache_adapter import hcache as hcache_module
+from hcache_adapter.bench.models import build_model, shape_label
+from hcache_adapter.bench.ttft import prefix_kv, resident_cache, sync
+from hcache_adapter.compat import cache_kwarg
+from hstore import StoreConfig, TieredStore
+
+
+class Stamps:
+    """Host timestamps (ms since the call began) and GPU events, per phase, for one call."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.t0 = 0.0
+        self.host: dict[str, float] = {}
+        self.events: dict[str, torch.cuda.Event] = {}
+        self.sums: dict[str, float] = defaultdict(float)
+        self.start_event = None
+        self.in_prefill = False
+        self.prefill_graphs = []
+
+    def begin(self) -> None:
+        self.host.clear(), self.events.clear(), self.sums.clear()
+        self.t0 = time.perf_counter()
+        if self.cuda:
+            self.start_event = torch.cuda.Event(enable_timing=True)
+            self.start_event.record()
+
+    def mark(self, name: str, stream=None, last: bool = False) -> None:
+        """Stamp `name` the first time it is reached in this call (the last time with `last`)."""
+        if last:
+            self.host.pop(name, None)
+            self.events.pop(name, None)
+        self.host.setdefault(name, (time.perf_counter() - self.t0) * 1e3)
+        if self.cuda and name not in self.events:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record(stream) if stream is not None else ev.record()
+            self.events[name] = ev
+
+    def gpu(self) -> dict[str, float]:
+        return {k: self.start_event.elapsed_time(e) for k, e in self.events.items()} if self.cuda else {}
+
+
+def wrap(owner, name: str, before=None, after=None, total: tuple[Stamps, str] | None = None):
+    original = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        if before:
+            before()
+        t = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            if total is not None:
+                total[0].sums[total[1]] += (time.perf_counter() - t) * 1e3
+            if after:
+                after()
+
+    setattr(owner, name, wrapper)
+
+
+def instrument(hc: HCache, st: Stamps, wrap_store: bool) -> None:
+    """Stamp hc's phases (instance attributes and hcache's module functions; nothing else changes)."""
+    r = hc.restorer
+    wrap(hc, "generate", before=lambda: st.mark("entry"))
+    wrap(r, "restore", before=lambda: st.mark("lookup done"),
+         after=lambda: (st.mark("restore issued"), st.mark("restore compute done", r.compute_stream),
+                        st.mark("restore copies done", r.copy_stream)))
+    if wrap_store:  # once per store: the instances share it
+        wrap(hc.store, "get_many_into", total=(st, "store reads"))
+    if hc.projector is not None:
+        wrap(hc.projector, "project_prefix", total=(st, "projection calls"))
+    if hc.prefill is not None:
+        def enter():
+            st.mark("static copy start")
+            st.in_prefill = True
+            st.prefill_graphs = []
+
+        def leave():
+            st.mark("prefill returned")
+            st.in_prefill = False
+
+        wrap(hc.prefill, "_run", before=enter, after=leave)
+
+
+def instrument_graphs(st: Stamps) -> None:
+    """Mark the captured prefill's replay (not the projection's): its start is when the static copies are queued."""
+    original = torch.cuda.CUDAGraph.replay
+
+    def replay(graph):
+        if st.in_prefill:
+            st.mark("prefill replay start")
+            st.prefill_graphs.append(graph)
+        original(graph)
+        if st.in_prefill:
+            st.mark("prefill replay end", last=True)
+
+    torch.cuda.CUDAGraph.replay = replay
+
+
+def replay_alone(graphs, repeat: int = 5) -> float:
+    """GPU ms of one replay of `graphs` (in order) with nothing else running (median)."""
+    xs = []
+    for _ in range(repeat):
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for g in graphs:
+            g.replay()
+        b.record()
+        b.synchronize()
+        xs.append(a.elapsed_time(b))
+    return statistics.median(xs)
+
+
+def instrument_module(st: Stamps) -> None:
+    wrap(hcache_module, "stored_prefix", before=lambda: st.mark("digests done"), after=lambda: st.mark("prefix found"))
+    wrap(hcache_module, "locate_layers", after=lambda: st.mark("layers located"))
+
+
+def instrument_model(model, st: Stamps) -> None:
+    model.register_forward_pre_hook(lambda *a: st.mark("first forward start"))
+    model.register_forward_hook(lambda *a: st.mark("first forward end"))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="llama2-7b")
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--suffix", type=int, default=32)
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--methods", default="ideal,hcache,kv", help="comma-separated: ideal, hcache, kv, auto, recompute; mix/K: the first K layers saved as K/V; METHOD/N[/ATTN]: captured prefill in graphs of N layers, running attention ATTN (model: the model's own)")
+    p.add_argument("--repeat", type=int, default=7)
+    p.add_argument("--root", default="/tmp/hcache-timeline")
+    p.add_argument("--dtype", default="float16")
+    p.add_argument("--dram-gib", type=int, default=24)
+    p.add_argument("--nvme-gib", type=int, default=0, help="an NVMe tier too (its flusher then runs)")
+    p.add_argument("--no-flush", action="store_true", help="measure while the flusher may still be writing")
+    args = p.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = getattr(torch, args.dtype)
+    model = build_model(args.model, dtype=dtype, device=device, layers=args.layers, max_positions=args.context + 1024)
+    print(f"{args.model}: {shape_label(model)}; {args.context} tokens stored + {args.suffix} new; state in DRAM;"
+          f" {torch.cuda.get_device_name() if cuda else 'CPU'}")
+    n = args.context
+    request = torch.randint(10, model.config.vocab_size, (1, n + args.suffix), device=device)
+    gen = dict(max_new_tokens=1, min_new_tokens=1, do_sample=False)
+    kw = cache_kwarg(model)
+    st = Stamps(cuda)
+    instrument_model(model, st)
+    instrument_module(st)
+    if cuda:
+        instrument_graphs(st)
+    methods = args.methods.split(",")
+    with TieredStore(StoreConfig(root=args.root, dram_bytes=args.dram_gib << 30, nvme_bytes=args.nvme_gib << 30, pin_dram=cuda)) as store:
+        runs = {}
+        for m in methods:
+            if m in ("ideal", "recompute"):
+                continue
+            # "hcache/32": the captured prefill in graphs of 32 layers; "hcache/4/sdpa": and with that attention
+            method, *opts = m.split("/")
+            if method == "mix":  # "mix/8": auto with the first 8 layers saved as K/V, the rest as hidden states
+                L = model.config.num_hidden_layers
+                hc = HCache(model, store, method="auto", plan="K" * int(opts[0]) + "H" * (L - int(opts[0])),
+                            namespace=m.replace("/", "-"))
+                opts = []
+            else:
+                hc = HCache(model, store, method=method, namespace=m.replace("/", "-"))
+            if opts and hc.prefill is not None:
+                hc.prefill.segment_layers = int(opts[0])
+                if len(opts) > 1:
+                    hc.prefill.attention = None if opts[1] == "model" else opts[1]
+            hc.save(request[:, : n + 1])
+            instrument(hc, st, wrap_store=not runs)
+            runs[m] = lambda hc=hc: hc.generate(request, **gen)
+        if not args.no_flush:
+            store.flush()
+        ref = prefix_kv(model, request[:, :n])
+        state = {}
+        if "ideal" in methods:
+            runs["ideal"] = lambda: model.generate(request, **gen, **{kw: state.pop("ideal")})
+        if "recompute" in methods:
+            runs["recompute"] = lambda: model.generate(request, **gen)
+        order = [m for m in methods if m in runs]
+        rows: dict[str, list[tuple[dict, dict, dict, float]]] = {m: [] for m in order}
+        for rep in range(3 + args.repeat):
+            k = rep % len(order)
+            for m in order[k:] + order[:k]:
+                if m == "ideal":
+                    state["ideal"] = resident_cache(model, ref)
+                sync(device)
+                st.begin()
+                runs[m]()
+                st.mark("generate returned")
+                sync(device)
+                total = (time.perf_counter() - st.t0) * 1e3
+                if rep >= 3:
+                    rows[m].append((dict(st.host), st.gpu(), dict(st.sums), total))
+        if st.prefill_graphs:
+            st.in_prefill = False
+            graphs = st.prefill_graphs  # the last call's
+            print(f"captured prefill ({len(graphs)} graphs), replayed alone: {replay_alone(graphs):.2f} ms GPU")
+    for m in order:
+        print(f"\n### {m}: TTFT {statistics.median(r[3] for r in rows[m]):.1f} ms (median of {len(rows[m])})")
+        print("| phase | host ms | GPU ms |\n|---|---|---|")
+        names = sorted({k for r in rows[m] for k in r[0]}, key=lambda k: statistics.median(r[0].get(k, 0) for r in rows[m]))
+        for name in names:
+            h = statistics.median(r[0][name] for r in rows[m] if name in r[0])
+            gs = [r[1][name] for r in rows[m] if name in r[1]]
+            print(f"| {name} | {h:.2f} | {statistics.median(gs):.2f} |" if gs else f"| {name} | {h:.2f} | - |")
+        for name in sorted({k for r in rows[m] for k in r[2]}):
+            print(f"| (sum) {name} | {statistics.median(r[2].get(name, 0.0) for r in rows[m]):.2f} | - |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
