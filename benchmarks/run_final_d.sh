@@ -3,6 +3,8 @@
 #   F: the GPU tests (segmented captured prefill, restores into its static cache), then the TTFT timeline of
 #      one 7B/4K request per method (benchmarks/ttft_timeline.py).
 #   G: `hcache bench`, 7B and 8B at 1K/4K from DRAM (every method), then the 7B at 16K.
+#   H: `hcache bench` 7B/4K twice: as is, then with Python's cyclic garbage collector off for the whole process
+#      (run before the bench froze its heap after warm-up).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
 source .devdeps/install.sh >/dev/null 2>&1
@@ -28,5 +30,12 @@ case "${1:-F}" in
     timeout 200 python3 -m hcache_adapter bench --no-progress --models llama2-7b --contexts 16384 --sources dram \
       --long-methods recompute,ideal,hcache,auto --long-repeat 3 --long-warmup 1 --out $OUT/long > $OUT/long/full.log 2>&1
     grep "^|\|###" $OUT/long/full.log | cut -c1-120 | head -14; tail -2 $OUT/long/full.log
+    ;;
+  H)
+    A="bench --no-progress --models llama2-7b --contexts 4096 --sources dram --methods recompute,ideal,kv,hcache,auto --repeat 7 --warmup 2"
+    mkdir -p $OUT/a $OUT/b
+    timeout 140 python3 -m hcache_adapter $A --out $OUT/a > $OUT/a/log 2>&1; grep "^| [a-z]" $OUT/a/log | cut -c1-90
+    timeout 140 python3 -c "import gc,sys,runpy; gc.disable(); sys.argv=['hcache']+sys.argv[1:]; runpy.run_module('hcache_adapter', run_name='__main__')" \
+      $A --out $OUT/b > $OUT/b/log 2>&1; grep "^| [a-z]" $OUT/b/log | cut -c1-90
     ;;
 esac

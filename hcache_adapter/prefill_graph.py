@@ -307,9 +307,11 @@ class CapturedPrefill:
             for l in range(len(cache.layers)):
                 self._copy_in(b, cache, l, n)
             if not self.capture:
-                self._static_forward(b, forward)
+                with _attention(self.model, self.attention):
+                    self._static_forward(b, forward)
             else:
-                self._capture(b, forward, parts)
+                with _attention(self.model, self.attention):  # switched outside the capture, not in it
+                    self._capture(b, forward, parts)
                 for g in b.graphs:
                     g.replay()
         else:
@@ -333,7 +335,7 @@ class CapturedPrefill:
         hooks = [self.decoder_layers[l].register_forward_pre_hook(_copy_input(b.hidden[l]), with_kwargs=True)
                  for l in b.hidden]
         try:
-            with self.internal.running(), _attention(self.model.config, self.attention):
+            with self.internal.running():
                 out = forward(input_ids=b.ids, position_ids=b.pos, attention_mask=mask, use_cache=True,
                               logits_to_keep=b.idx, return_dict=True, **{self.cache_kwarg: b.cache})
         finally:
@@ -411,17 +413,17 @@ class CapturedPrefill:
 
 
 @contextmanager
-def _attention(config, name: str | None):
+def _attention(model: torch.nn.Module, name: str | None):
     """The model's attention implementation set to `name` for one forward (None: left as it is)."""
-    saved = getattr(config, "_attn_implementation", None)
-    if name is None or name == saved:
+    saved = getattr(model.config, "_attn_implementation", None)
+    if name is None or name == saved or saved is None:
         yield
         return
-    config._attn_implementation = name
+    model.set_attn_implementation(name)
     try:
         yield
     finally:
-        config._attn_implementation = saved
+        model.set_attn_implementation(saved)
 
 
 def _copy_input(buf: torch.Tensor):

@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     header = (f"Hardware: {hardware(device, args.root)}. dtype {args.dtype}; request = stored prefix + "
               f"{args.suffix_tokens} new tokens; median of {args.repeat} ({args.long_repeat} from NVMe and "
-              f">= 16K) after {args.warmup} warm-up rounds.")
+              f">= 16K) after {args.warmup} warm-up rounds, the heap then collected and frozen (gc.freeze, as a "
+              f"server does once started).")
     print(header, flush=True)
     rows, floors, extra = [], {}, []
     plans = [(n, s) for n in args.contexts for s in args.sources if s == "dram" or n in args.nvme_contexts]

@@ -223,6 +223,7 @@ def test_restore_into_the_static_cache_gives_the_models_tokens(method, store):
     copied in before the forward); prompts of other lengths in the same bucket and a growing chat give
     model.generate's tokens, and a cache from an earlier call keeps its own K/V."""
     model = build("llama_mha")
+    attention = getattr(model.config, "_attn_implementation")
     hc = HCache(model, store, method=method, chunk_tokens=C, captured_prefill=True)
     gen = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
     ids = prompt(model, 37, seed=4)
@@ -230,6 +231,7 @@ def test_restore_into_the_static_cache_gives_the_models_tokens(method, store):
         req = torch.cat([ids, prompt(model, extra, seed=extra)], dim=1)
         assert torch.equal(hc.generate(req, **gen), model.generate(req, **gen)), extra
     assert hc.prefill.in_place > 0
+    assert getattr(model.config, "_attn_implementation") == attention  # the static forward's eager attention is undone
     held = hc.generate(ids, **gen, return_dict_in_generate=True)
     other = prompt(model, 37, seed=5)
     hc.generate(other, **gen)
