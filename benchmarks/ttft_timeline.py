@@ -20,7 +20,9 @@ Run on the GPU machine:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
+import threading
 import time
 from collections import defaultdict
 
@@ -151,19 +153,84 @@ def instrument_model(model, st: Stamps) -> None:
     model.register_forward_hook(lambda *a: st.mark("first forward end"))
 
 
+def variant(model, store, spec: str) -> HCache:
+    """An HCache for a method spec: METHOD[/KEY=VALUE...] with keys seg (layers per captured-prefill graph),
+    attn (its attention; "model": the model's own), hold (0: do not hold the flusher back), kv (with
+    METHOD=mix: auto saving the first kv layers as K/V and the rest as hidden states)."""
+    method, *opts = spec.split("/")
+    opt = dict(o.split("=", 1) for o in opts)
+    kw = dict(namespace=spec.replace("/", "-").replace("=", ""), hold_flusher=opt.get("hold", "1") != "0")
+    if method == "mix":
+        L, k = model.config.num_hidden_layers, int(opt.get("kv", 0))
+        hc = HCache(model, store, method="auto", plan="K" * k + "H" * (L - k), **kw)
+    else:
+        hc = HCache(model, store, method=method, **kw)
+    if hc.prefill is not None:
+        hc.prefill.segment_layers = int(opt.get("seg", hc.prefill.segment_layers))
+        if "attn" in opt:
+            hc.prefill.attention = None if opt["attn"] == "model" else opt["attn"]
+    return hc
+
+
+class BusyWriter:
+    """Puts fresh values in a loop on a thread, so that the store's flusher always has work (other sessions
+    saving their state while this request is served)."""
+
+    def __init__(self, store, mib: int):
+        self.store, self.mib = store, mib
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        value = torch.ones(self.mib << 18)
+        i = 0
+        while not self.stop.is_set():
+            self.store.put(f"busy/{i % 64}", value)
+            i += 1
+            self.stop.wait(0.001)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def measure(runs, order, rows, st: Stamps, state, model, ref, device, repeat: int, warmup: int = 3) -> None:
+    """Every method once per round, rotated so that drift hits all alike; rounds after `warmup` are kept."""
+    for rep in range(warmup + repeat):
+        k = rep % len(order)
+        for m in order[k:] + order[:k]:
+            if m == "ideal":
+                state["ideal"] = resident_cache(model, ref)
+            sync(device)
+            st.begin()
+            runs[m]()
+            st.mark("generate returned")
+            sync(device)
+            total = (time.perf_counter() - st.t0) * 1e3
+            if rep >= warmup:
+                rows[m].append((dict(st.host), st.gpu(), dict(st.sums), total))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="llama2-7b")
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--suffix", type=int, default=32)
     p.add_argument("--layers", type=int, default=None)
-    p.add_argument("--methods", default="ideal,hcache,kv", help="comma-separated: ideal, hcache, kv, auto, recompute; mix/K: the first K layers saved as K/V; METHOD/N[/ATTN]: captured prefill in graphs of N layers, running attention ATTN (model: the model's own)")
+    p.add_argument("--methods", default="ideal,hcache,kv", help="comma-separated: ideal, recompute, or METHOD[/KEY=VALUE...] (see `variant`), e.g. hcache, "
+                        "hcache/seg=32/attn=model, hcache/hold=0, mix/kv=8")
     p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--root", default="/tmp/hcache-timeline")
     p.add_argument("--dtype", default="float16")
     p.add_argument("--dram-gib", type=int, default=24)
     p.add_argument("--nvme-gib", type=int, default=0, help="an NVMe tier too (its flusher then runs)")
     p.add_argument("--no-flush", action="store_true", help="measure while the flusher may still be writing")
+    p.add_argument("--busy-mib", type=int, default=0,
+                   help="keep the flusher busy: a thread puts values of this many MiB in a loop (needs --nvme-gib)")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -187,18 +254,7 @@ def main(argv=None) -> int:
             if m in ("ideal", "recompute"):
                 continue
             # "hcache/32": the captured prefill in graphs of 32 layers; "hcache/4/sdpa": and with that attention
-            method, *opts = m.split("/")
-            if method == "mix":  # "mix/8": auto with the first 8 layers saved as K/V, the rest as hidden states
-                L = model.config.num_hidden_layers
-                hc = HCache(model, store, method="auto", plan="K" * int(opts[0]) + "H" * (L - int(opts[0])),
-                            namespace=m.replace("/", "-"))
-                opts = []
-            else:
-                hc = HCache(model, store, method=method, namespace=m.replace("/", "-"))
-            if opts and hc.prefill is not None:
-                hc.prefill.segment_layers = int(opts[0])
-                if len(opts) > 1:
-                    hc.prefill.attention = None if opts[1] == "model" else opts[1]
+            hc = variant(model, store, m)
             hc.save(request[:, : n + 1])
             instrument(hc, st, wrap_store=not runs)
             runs[m] = lambda hc=hc: hc.generate(request, **gen)
@@ -212,19 +268,9 @@ def main(argv=None) -> int:
             runs["recompute"] = lambda: model.generate(request, **gen)
         order = [m for m in methods if m in runs]
         rows: dict[str, list[tuple[dict, dict, dict, float]]] = {m: [] for m in order}
-        for rep in range(3 + args.repeat):
-            k = rep % len(order)
-            for m in order[k:] + order[:k]:
-                if m == "ideal":
-                    state["ideal"] = resident_cache(model, ref)
-                sync(device)
-                st.begin()
-                runs[m]()
-                st.mark("generate returned")
-                sync(device)
-                total = (time.perf_counter() - st.t0) * 1e3
-                if rep >= 3:
-                    rows[m].append((dict(st.host), st.gpu(), dict(st.sums), total))
+        busy = BusyWriter(store, args.busy_mib) if args.busy_mib else contextlib.nullcontext()
+        with busy:
+            measure(runs, order, rows, st, state, model, ref, device, args.repeat)
         if st.prefill_graphs:
             st.in_prefill = False
             graphs = st.prefill_graphs  # the last call's

@@ -38,6 +38,24 @@ def first_forward(model: torch.nn.Module, handler: Handler):
             _put_back(model, had_own, own)
 
 
+@contextmanager
+def after_first_forward(model: torch.nn.Module, fn: Callable[[], None]):
+    """While active, `fn()` runs once, right after the model's next forward returns (or at exit if none ran)."""
+    done = [False]
+
+    def once() -> None:
+        if not done[0]:
+            done[0] = True
+            fn()
+
+    handle = model.register_forward_hook(lambda *args: once())
+    try:
+        yield
+    finally:
+        handle.remove()
+        once()
+
+
 def _put_back(model: torch.nn.Module, had_own: bool, own) -> None:
     if had_own:
         model.forward = own

@@ -31,7 +31,7 @@ import torch
 
 from hcache_adapter.capture import StateSaver
 from hcache_adapter.compat import cache_kwarg, generate_positions, new_cache
-from hcache_adapter.firstforward import first_forward, skip_cached_tokens
+from hcache_adapter.firstforward import after_first_forward, first_forward, skip_cached_tokens
 from hcache_adapter.generation import cache_for_call, inspect_call, with_cache
 from hcache_adapter.layout import StateLayout
 from hcache_adapter.manifest import HIDDEN, KV, RECOMPUTE
@@ -77,6 +77,9 @@ class HCache:
     (at most that many bytes, evicted by hstore's `gpu_context_policy`: "lru",
     "s3fifo" or "cost"); a request whose prefix is resident restores nothing.
     `stats` counts GPU hits, restores and computed tokens.
+
+    `hold_flusher` (default on) holds the store's flusher back from the start of a
+    generate()'s restore until its first forward returns (`TieredStore.hold_background`).
     """
 
     def __init__(
@@ -96,6 +99,7 @@ class HCache:
         captured_prefill: bool | None = None,
         gpu_context_bytes: int | None = None,
         gpu_context_policy: str = "lru",
+        hold_flusher: bool = True,
     ):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -105,6 +109,7 @@ class HCache:
             raise ValueError("an explicit plan goes with method='auto'")
         self.model = model
         self.store = store
+        self.hold_flusher = hold_flusher and hasattr(store, "hold_background")
         on_gpu = next(model.parameters()).device.type == "cuda"
         self.tp = tensor_parallel.detect(model)  # None: the model is on one device
         # Up front: how this model can be served, and why (under TP the Llama shard projector serves it).
@@ -244,14 +249,24 @@ class HCache:
             if not call.restorable:
                 log.debug("hc.generate: nothing restored or saved: %s", call.reason)
             return self.model.generate(input_ids, **kwargs)
-        with torch.no_grad():
-            result = self._restore(input_ids, lazy=call.lazy and self._plain_continuation, prompt=prompt,
-                                   into_prefill=not call.speculative and self._graph_prefill(call))
+        # The store's flusher waits while the restore and the first forward issue their work (bounded by
+        # the store's background_max_hold_s): its Python would otherwise share the interpreter with them.
+        hold = self.store.hold_background() if self.hold_flusher else None
+        try:
+            with torch.no_grad():
+                result = self._restore(input_ids, lazy=call.lazy and self._plain_continuation, prompt=prompt,
+                                       into_prefill=not call.speculative and self._graph_prefill(call))
+        except BaseException:
+            if hold is not None:
+                hold.release()
+            raise
         try:
             cache = cache_for_call(call, self.model, result.cache)
             saver = self._saver(result, cache, prefill_rows=call.expand, prefill_only=call.save_after_prefill,
                                 limit=input_ids.shape[1] if call.speculative else None, prompt=prompt)
             with saver, with_cache(self.model, kwargs, self._cache_kw, cache) as kw, ExitStack() as stack:
+                if hold is not None:
+                    stack.enter_context(after_first_forward(self.model, hold.release))
                 if call.speculative and result.tokens:  # its first forward feeds the whole prompt, cached or not
                     stack.enter_context(first_forward(self.model, skip_cached_tokens(self._cache_kw)))
                 elif self._graph_prefill(call, result):
@@ -264,6 +279,8 @@ class HCache:
             return out
         finally:
             result.close()
+            if hold is not None:
+                hold.release()
 
     @property
     def _plain_continuation(self) -> bool:

@@ -67,6 +67,9 @@ class StoreConfig:
     """Check the checksum of every chunk read from NVMe (a mismatch is a miss)."""
     put_timeout_s: float = 60.0
     """How long a put waits for the flusher to free DRAM before it raises."""
+    background_max_hold_s: float = 0.25
+    """How long the flusher may wait before each batch while a caller holds background work back
+    (`TieredStore.hold_background()`, e.g. around a restore); 0: holds have no effect."""
     index_map_bytes: int = 1 << 34
     """LMDB map size (virtual; the file grows only as used)."""
     recover_index: bool = False
@@ -124,6 +127,9 @@ class StoreConfig:
         t = self.put_timeout_s
         if not isinstance(t, (int, float)) or isinstance(t, bool) or not t > 0:  # NaN too
             raise StoreConfigError(f"put_timeout_s must be a positive number of seconds, got {t!r}")
+        h = self.background_max_hold_s
+        if not isinstance(h, (int, float)) or isinstance(h, bool) or not 0 <= h <= 60:  # NaN too
+            raise StoreConfigError(f"background_max_hold_s must be between 0 and 60 seconds, got {h!r}")
 
     @property
     def nvme_paths(self) -> list[Path]:

@@ -8,7 +8,8 @@ raised), and only then commits it (the index learns the durable records). On a d
 error the batch stays dirty and is retried with backoff, while `flush()` callers are told.
 
 It is built from its collaborators and never calls the store: the source of batches, the
-durable tier, the remote tier and a `make_room(bytes)` callback.
+durable tier, the remote tier, a `make_room(bytes)` callback and the gate through which
+latency-critical callers hold it back between batches (`foreground.py`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import threading
 from typing import Callable, Protocol, Sequence
 
 from hstore.errors import HStoreError, TierFullError
+from hstore.foreground import BackgroundGate
 from hstore.tiers.base import DurableTier, Location, RemoteTier
 
 log = logging.getLogger(__name__)
@@ -43,8 +45,10 @@ class FlushSource(Protocol):
 
 class Flusher:
     def __init__(self, source: FlushSource, *, durable: DurableTier | None, remote: RemoteTier | None,
-                 make_room: Callable[[int], int], batch_bytes: int):
+                 make_room: Callable[[int], int], batch_bytes: int, gate: BackgroundGate | None = None):
+        """`gate`: asked before each batch, so that callers can hold background work back (foreground.py)."""
         self.source = source
+        self.gate = gate
         self.durable = durable
         self.remote = remote
         self.make_room = make_room
@@ -75,6 +79,8 @@ class Flusher:
                 if self._stop.is_set():
                     return
                 continue
+            if self.gate is not None:
+                self.gate.wait_clear(self._stop)  # a caller's latency-critical work first (bounded)
             try:
                 self.flush_batch(batch)
             except (HStoreError, OSError) as e:

@@ -33,6 +33,7 @@ from hstore.entry import index_entry
 from hstore.config import StoreConfig
 from hstore.errors import HStoreError, InvalidItemError, StoreConfigError, StoreIOError
 from hstore.flusher import Flusher
+from hstore.foreground import BackgroundGate, Hold
 from hstore.index import Index, IndexEntry
 from hstore.io import IoEngine, make_engine
 from hstore.ladder import TierLadder, TierView
@@ -113,6 +114,7 @@ class TieredStore:
         self._remote: RemoteTier | None = None
         self._owns_remote = False
         self._flusher: Flusher | None = None
+        self._gate = BackgroundGate(config.background_max_hold_s)
         self._catalog: Catalog | None = None
         try:
             self._open()
@@ -160,10 +162,10 @@ class TieredStore:
             log.info("opened %s: %d items on NVMe", root, len(cat.indexed))
         if nvme is not None or self._remote is not None:
             self._flusher = Flusher(cat, durable=nvme, remote=self._remote, make_room=cat.evict_durable,
-                                    batch_bytes=cfg.flush_batch_bytes)
+                                    batch_bytes=cfg.flush_batch_bytes, gate=self._gate)
         admission = make_admission_policy(cfg.admission) if nvme is not None else None
         self._writer = Writer(cat, ladder, admission, put_timeout_s=cfg.put_timeout_s,
-                              flusher_alive=self._flusher_alive, remote=self._remote is not None)
+                              flusher_alive=self._flusher_alive, remote=self._remote is not None, gate=self._gate)
         self._reader = Reader(cat, ladder, promote_on_hit=cfg.promote_on_hit)
         if self._flusher is not None:
             self._flusher.start()
@@ -240,6 +242,22 @@ class TieredStore:
                 cat.drop_volatile_locked(e)
             return dropped
 
+    def hold_background(self) -> Hold:
+        """Hold the flusher back while latency-critical work runs (a restore, a first forward): it starts
+        no new batch until `release()` (or the end of a `with` block), waiting at most
+        `config.background_max_hold_s` before each batch. `flush()` and puts waiting for room override it."""
+        return self._gate.hold()
+
+    @property
+    def background_held(self) -> int:
+        """Holds on the flusher in force now."""
+        return self._gate.held
+
+    @property
+    def background_deferrals(self) -> int:
+        """Batches the flusher started late because of a hold, since the store opened."""
+        return self._gate.deferred
+
     def flush(self) -> FlushResult:
         """Return once everything put before this call is written: on NVMe (durable) and, while it
         is reachable, on the remote tier. Values that will never be durable are listed in the
@@ -252,7 +270,8 @@ class TieredStore:
             cat.check_open()
             target = cat.seq
         if self._flusher is not None:
-            cat.wait_written(target, self._flusher_alive)
+            with self._gate.urgent():  # durability asked for: holds on the flusher no longer apply
+                cat.wait_written(target, self._flusher_alive)
         if self._ladder.durable is None:
             return FlushResult((), durable=False)
         return FlushResult(cat.memory_only_keys(target))

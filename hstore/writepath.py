@@ -20,6 +20,7 @@ from hstore.buffers import as_bytes, copy_bytes
 from hstore.catalog import Catalog
 from hstore.entry import NEEDS_DURABLE, NEEDS_REMOTE
 from hstore.errors import CapacityError, InvalidItemError, StoreClosedError, StoreIOError, TierFullError
+from hstore.foreground import BackgroundGate
 from hstore.layout import cut_by_size
 from hstore.ladder import TierLadder
 from hstore.policy.base import AdmissionPolicy
@@ -73,7 +74,10 @@ class Writer:
     """Puts into the landing tier, with backpressure from the flusher when it is full of unwritten data."""
 
     def __init__(self, catalog: Catalog, ladder: TierLadder, admission: AdmissionPolicy | None, *,
-                 put_timeout_s: float, flusher_alive: Callable[[], bool], remote: bool):
+                 put_timeout_s: float, flusher_alive: Callable[[], bool], remote: bool,
+                 gate: BackgroundGate | None = None):
+        """`gate`: a put that waits for the flusher to free DRAM overrides callers' holds on it."""
+        self.gate = gate
         self.catalog = catalog
         self.ladder = ladder
         self.admission = admission
@@ -195,7 +199,11 @@ class Writer:
                         f"({len(cat.dirty)} items wait to be flushed)"
                     )
                 cat.cv.notify_all()
-                cat.cv.wait(0.05)
+                if self.gate is not None:
+                    with self.gate.urgent():  # waiting for the flusher: a hold must not keep it waiting too
+                        cat.cv.wait(0.05)
+                else:
+                    cat.cv.wait(0.05)
 
     def _copy_in(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], non_blocking: bool):
         """Copy sources into landing slots; returns a CUDA event when device copies are still in flight."""

@@ -258,3 +258,24 @@ def test_prompt_with_padding_is_neither_restored_nor_saved(store):
     mask = torch.ones_like(ids)
     mask[0, 3] = 0
     assert torch.equal(hc.generate(ids, attention_mask=mask, **gen), model.generate(ids, attention_mask=mask, **gen))
+
+
+@pytest.mark.parametrize("hold", [True, False])
+def test_the_flusher_is_held_back_until_the_first_forward_returns(hold, store):
+    """hc.generate holds the store's flusher from its restore until generate()'s first forward returns, and
+    always lets go (after the call, and when the call fails)."""
+    model = build("llama_mha")
+    hc = HCache(model, store, chunk_tokens=C, hold_flusher=hold)
+    ids = prompt(model, 30, seed=6)
+    hc.generate(ids, max_new_tokens=2, do_sample=False)
+    seen = []
+    handle = model.register_forward_pre_hook(lambda *a: seen.append(store.background_held))
+    try:
+        hc.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    finally:
+        handle.remove()
+    assert seen == ([1, 0, 0] if hold else [0, 0, 0])
+    assert store.background_held == 0
+    with pytest.raises(ValueError):
+        hc.generate(ids, max_new_tokens=2, do_sample=False, num_beams=2, num_return_sequences=3)
+    assert store.background_held == 0
