@@ -40,12 +40,14 @@ def first_forward(model: torch.nn.Module, handler: Handler):
 
 @contextmanager
 def after_first_forward(model: torch.nn.Module, fn: Callable[[], None]):
-    """While active, `fn()` runs once, right after the model's next forward returns (or at exit if none ran)."""
+    """While active, `fn()` runs once, right after the model's next forward returns (or at exit if none ran).
+    The hook removes itself at once: later forwards (a compiled decode step) see the model as it was."""
     done = [False]
 
     def once() -> None:
         if not done[0]:
             done[0] = True
+            handle.remove()
             fn()
 
     handle = model.register_forward_hook(lambda *args: once())
