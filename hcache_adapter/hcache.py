@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -244,29 +244,35 @@ class HCache:
         call = inspect_call(self.model, input_ids, kwargs, prompt)  # `prompt`: the host copy digests and saver share
         if call.restorable and (call.batched or (self.method == "recompute" and self.resident is not None
                                                  and not call.speculative)):
-            return self.batched.generate(input_ids, kwargs, call)  # a prefix per row (hcache_adapter.serving)
+            with self._flusher_held():
+                return self.batched.generate(input_ids, kwargs, call)  # a prefix per row (hcache_adapter.serving)
         if self.method == "recompute" or not call.restorable:
             if not call.restorable:
                 log.debug("hc.generate: nothing restored or saved: %s", call.reason)
             return self.model.generate(input_ids, **kwargs)
-        # The store's flusher waits while the restore and the first forward issue their work (bounded by
-        # the store's background_max_hold_s): its Python would otherwise share the interpreter with them.
-        hold = self.store.hold_background() if self.hold_flusher else None
-        try:
-            with torch.no_grad():
-                result = self._restore(input_ids, lazy=call.lazy and self._plain_continuation, prompt=prompt,
-                                       into_prefill=not call.speculative and self._graph_prefill(call))
-        except BaseException:
-            if hold is not None:
-                hold.release()
-            raise
+        with self._flusher_held():
+            return self._generate_one(input_ids, kwargs, call, prompt)
+
+    @contextmanager
+    def _flusher_held(self):
+        """The store's flusher waits while a call's restores and its first forward issue their work (bounded
+        by the store's background_max_hold_s): its Python would otherwise share the interpreter with them."""
+        if not self.hold_flusher:
+            yield
+            return
+        with self.store.hold_background() as hold, after_first_forward(self.model, hold.release):
+            yield
+
+    def _generate_one(self, input_ids: torch.Tensor, kwargs: dict, call, prompt: list[int] | None):
+        """One sequence: restore its prefix, run model.generate over it, save what is new."""
+        with torch.no_grad():
+            result = self._restore(input_ids, lazy=call.lazy and self._plain_continuation, prompt=prompt,
+                                   into_prefill=not call.speculative and self._graph_prefill(call))
         try:
             cache = cache_for_call(call, self.model, result.cache)
             saver = self._saver(result, cache, prefill_rows=call.expand, prefill_only=call.save_after_prefill,
                                 limit=input_ids.shape[1] if call.speculative else None, prompt=prompt)
             with saver, with_cache(self.model, kwargs, self._cache_kw, cache) as kw, ExitStack() as stack:
-                if hold is not None:
-                    stack.enter_context(after_first_forward(self.model, hold.release))
                 if call.speculative and result.tokens:  # its first forward feeds the whole prompt, cached or not
                     stack.enter_context(first_forward(self.model, skip_cached_tokens(self._cache_kw)))
                 elif self._graph_prefill(call, result):
@@ -279,8 +285,6 @@ class HCache:
             return out
         finally:
             result.close()
-            if hold is not None:
-                hold.release()
 
     @property
     def _plain_continuation(self) -> bool:

@@ -276,6 +276,15 @@ def test_the_flusher_is_held_back_until_the_first_forward_returns(hold, store):
         handle.remove()
     assert seen == ([1, 0, 0] if hold else [0, 0, 0])
     assert store.background_held == 0
+    seen.clear()
+    batch = torch.cat([ids, prompt(model, 30, seed=7)])  # a prefix per row (serving's batched generate)
+    handle = model.register_forward_pre_hook(lambda *a: seen.append(store.background_held))
+    try:
+        hc.generate(batch, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    finally:
+        handle.remove()
+    assert seen[0] == int(hold) and seen[1:] == [0] * (len(seen) - 1)
+    assert store.background_held == 0
     with pytest.raises(ValueError):
         hc.generate(ids, max_new_tokens=2, do_sample=False, num_beams=2, num_return_sequences=3)
     assert store.background_held == 0
