@@ -247,23 +247,26 @@ class LayerLoader:
             where = self._where.pop(i, None) or self.store.locate(read.keys)
             if _MEMORY.issuperset(where):  # the usual case: every chunk in a memory tier, one read of them all
                 found = _read(self.store, read.keys, data, non_blocking=True)
-                ev = torch.cuda.Event()
-                ev.record(self.stream)
-                self._events[i] = ev
-                return LoadedLayer(data, _prefix_len(found))
-            found = [False] * m
-            in_memory = [c for c in range(m) if where[c] in _MEMORY]
-            if in_memory:
-                ok = _read(self.store, [read.keys[c] for c in in_memory], _rows(data, in_memory), non_blocking=True)
-                for c, f in zip(in_memory, ok):
-                    found[c] = f
-            on_disk = [c for c in range(m) if where[c] == "nvme"]
-            if on_disk:
-                self._read_through_staging(slot, read, data, on_disk, found)
+            else:
+                found = self._read_mixed(slot, read, data, where)
             ev = torch.cuda.Event()
             ev.record(self.stream)
         self._events[i] = ev
         return LoadedLayer(data, _prefix_len(found))
+
+    def _read_mixed(self, slot: int, read: LayerRead, data: torch.Tensor, where: list) -> list[bool]:
+        """A layer whose chunks lie in several tiers: memory tiers copied directly, NVMe through staging."""
+        m = len(read.keys)
+        found = [False] * m
+        in_memory = [c for c in range(m) if where[c] in _MEMORY]
+        if in_memory:
+            ok = _read(self.store, [read.keys[c] for c in in_memory], _rows(data, in_memory), non_blocking=True)
+            for c, f in zip(in_memory, ok):
+                found[c] = f
+        on_disk = [c for c in range(m) if where[c] == "nvme"]
+        if on_disk:
+            self._read_through_staging(slot, read, data, on_disk, found)
+        return found
 
     def _read_through_staging(self, slot, read: LayerRead, data: torch.Tensor, chunks: list[int], found: list[bool]) -> None:
         """NVMe -> pinned staging (DMA, verified) -> one async copy per run of consecutive chunks."""

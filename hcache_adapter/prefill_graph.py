@@ -307,14 +307,13 @@ class CapturedPrefill:
         if not self.capture or b.graphs is None:  # eager (CPU), or capturing: everything copied in first
             for l in range(len(cache.layers)):
                 self._copy_in(b, cache, l, n)
-            if not self.capture:
-                with _attention(self.model, self.attention):
-                    self._static_forward(b, forward)
-            else:
-                with _attention(self.model, self.attention):  # switched outside the capture, not in it
+            with _attention(self.model, self.attention):  # switched outside a capture, not in it
+                if self.capture:
                     self._capture(b, forward, parts)
-                for g in b.graphs:
-                    g.replay()
+                else:
+                    self._static_forward(b, forward)
+            for g in b.graphs or ():
+                g.replay()
         else:
             for part, g in zip(parts, b.graphs):  # a segment runs once its own layers are copied in
                 for l in part:

@@ -11,6 +11,7 @@ is visible, so nothing can ever pair the old bytes with the new dtype and shape.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -199,10 +200,8 @@ class Writer:
                         f"({len(cat.dirty)} items wait to be flushed)"
                     )
                 cat.cv.notify_all()
-                if self.gate is not None:
-                    with self.gate.urgent():  # waiting for the flusher: a hold must not keep it waiting too
-                        cat.cv.wait(0.05)
-                else:
+                # waiting for the flusher: a caller's hold on it must not keep it waiting too
+                with self.gate.urgent() if self.gate is not None else nullcontext():
                     cat.cv.wait(0.05)
 
     def _copy_in(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], non_blocking: bool):

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .base import copy_into
+
 log = logging.getLogger(__name__)
 
 KV = tuple[Tensor, Tensor]
@@ -93,9 +95,7 @@ class PrefixGraphs:
         g.replay()
         self.replays += 1
         if out is not None:
-            out[0].copy_(b.k_out[:, :, :n])
-            out[1].copy_(b.v_out[:, :, :n])
-            return out
+            return copy_into((b.k_out[:, :, :n], b.v_out[:, :, :n]), out)
         return b.k_out[:, :, :n].clone(), b.v_out[:, :, :n].clone()
 
     def clear(self) -> None:
