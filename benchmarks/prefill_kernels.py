@@ -16,7 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from hcache_adapter import HCache
-from hcache_adapter.bench.models import build_model, shape_label
+from hcache_adapter.bench.models import add_request_arguments, build_model, shape_label
 from hcache_adapter.bench.ttft import prefix_kv, resident_cache, sync
 from hcache_adapter.compat import cache_kwarg
 from hcache_adapter.firstforward import first_forward
@@ -44,10 +44,7 @@ def top_kernels(fn, device, top: int, setup=lambda: None) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="llama2-7b")
-    p.add_argument("--context", type=int, default=4096)
-    p.add_argument("--suffix", type=int, default=32)
-    p.add_argument("--layers", type=int, default=None)
+    add_request_arguments(p)
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--root", default="/tmp/hcache-kernels")
     args = p.parse_args(argv)

@@ -6,12 +6,7 @@
 #   D: the merged code, 7B and 8B at 1K/4K from DRAM, and the 7B/4K breakdown (see the end).
 #   C: after the fixes B and A called for: fp16 errors of every family again (save() now passes generate()'s
 #      position ids), TBT with room for its compile warm-up, 32K with two HCache instances (hcache, auto).
-set -uo pipefail
-OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
-source .devdeps/install.sh >/dev/null 2>&1
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-python3 setup.py build_ext --inplace -q >/dev/null 2>&1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+source benchmarks/device_env.sh
 case "${1:-A}" in
   A)
     echo "=== tests $(date +%T)"

@@ -5,12 +5,7 @@
 #   G: `hcache bench`, 7B and 8B at 1K/4K from DRAM (every method), then the 7B at 16K.
 #   H: `hcache bench` 7B/4K twice: as is, then with Python's cyclic garbage collector off for the whole process
 #      (run before the bench froze its heap after warm-up).
-set -uo pipefail
-OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
-source .devdeps/install.sh >/dev/null 2>&1
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-python3 setup.py build_ext --inplace -q >/dev/null 2>&1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+source benchmarks/device_env.sh
 case "${1:-F}" in
   F)
     echo "=== tests $(date +%T)"

@@ -26,7 +26,7 @@ import time
 import torch
 
 from hcache_adapter import HCache
-from hcache_adapter.bench.models import build_model, shape_label
+from hcache_adapter.bench.models import add_request_arguments, build_model, shape_label
 from hcache_adapter.bench.ttft import copy_floor_ms, sync
 from hcache_adapter.compat import cache_kwarg
 from hstore import StoreConfig, TieredStore
@@ -64,10 +64,7 @@ def wall(fn, device, repeat=5):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="llama2-7b")
-    p.add_argument("--context", type=int, default=4096)
-    p.add_argument("--suffix", type=int, default=32)
-    p.add_argument("--layers", type=int, default=None)
+    add_request_arguments(p)
     p.add_argument("--methods", default="hcache,kv")
     p.add_argument("--root", default="/tmp/hcache-breakdown")
     p.add_argument("--profile-top", type=int, default=25)

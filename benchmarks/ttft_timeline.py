@@ -30,7 +30,7 @@ import torch
 
 from hcache_adapter import HCache
 from hcache_adapter import hcache as hcache_module
-from hcache_adapter.bench.models import build_model, shape_label
+from hcache_adapter.bench.models import add_request_arguments, build_model, shape_label
 from hcache_adapter.bench.ttft import prefix_kv, resident_cache, sync
 from hcache_adapter.compat import cache_kwarg
 from hstore import StoreConfig, TieredStore
@@ -217,10 +217,7 @@ def measure(runs, order, rows, st: Stamps, state, model, ref, device, repeat: in
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="llama2-7b")
-    p.add_argument("--context", type=int, default=4096)
-    p.add_argument("--suffix", type=int, default=32)
-    p.add_argument("--layers", type=int, default=None)
+    add_request_arguments(p)
     p.add_argument("--methods", default="ideal,hcache,kv", help="comma-separated: ideal, recompute, or METHOD[/KEY=VALUE...] (see `variant`), e.g. hcache, "
                         "hcache/seg=32/attn=model, hcache/hold=0, mix/kv=8")
     p.add_argument("--repeat", type=int, default=7)

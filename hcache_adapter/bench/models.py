@@ -54,3 +54,12 @@ def shape_label(model) -> str:
     cfg = model.config
     return (f"{cfg.num_hidden_layers} layers x {cfg.hidden_size}, {cfg.num_attention_heads} heads "
             f"({cfg.num_key_value_heads} K/V), {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params")
+
+
+def add_request_arguments(parser) -> None:
+    """The options of the one-request GPU benchmarks (benchmarks/*.py): model shape, stored context,
+    new tokens, and a layer-count override for quick runs."""
+    parser.add_argument("--model", default="llama2-7b", help=f"shape, from {sorted(SHAPES)}")
+    parser.add_argument("--context", type=int, default=4096, help="stored prefix tokens")
+    parser.add_argument("--suffix", type=int, default=32, help="new tokens in the request")
+    parser.add_argument("--layers", type=int, default=None, help="override the layer count")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.helpers.caches import assert_holds_models_state
 
 from hcache_adapter import HCache
 from hcache_adapter.compat import cache_kwarg, new_cache
@@ -173,12 +174,7 @@ def test_restore_into_the_captured_prefills_static_cache(tmp_path, method):
         assert hc.prefill.in_place > 0
         for _ in range(2):
             assert torch.equal(hc.generate(other, **gen), model.generate(other, **gen))
-        ref = new_cache(model)
-        with torch.no_grad():
-            model(held.sequences[:, :-1], use_cache=True, **{cache_kwarg(model): ref})
-        for mine, theirs in zip(held.past_key_values.layers, ref.layers):
-            assert torch.allclose(mine.keys, theirs.keys, atol=1e-4)
-            assert torch.allclose(mine.values, theirs.values, atol=1e-4)
+        assert_holds_models_state(model, held.past_key_values, held.sequences[:, :-1], atol=1e-4)
 
 
 def test_captured_prefill_float16_error_and_tokens_on_the_7b_layer_shape(tmp_path):
