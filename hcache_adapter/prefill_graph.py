@@ -149,13 +149,14 @@ class CapturedPrefill:
 
     def __init__(self, model: torch.nn.Module, decoder_layers: list[torch.nn.Module], cache_kwarg: str, internal, *,
                  capture: bool | None = None, max_buckets: int = 1, segment_layers: int = SEGMENT_LAYERS,
-                 attention: str | None = "eager"):
+                 attention: str | None = "eager", high_priority: bool = True):
         """`internal`: the flag that makes the state saver ignore the forwards run here to warm up and capture.
         `segment_layers`: decoder layers per captured graph (see the module doc). `attention`: the attention
         implementation the static forward runs (None: the model's own). "eager" by default: its batched
         matmuls spread a few dozen queries over the whole prefix, where a flash-style kernel runs one block
         per head and leaves most of the GPU idle (profiled: 3.8 ms of the 7B/4K forward's 10.8). Measured
-        end to end it gains less: TTFT 33.8 -> 33.2 ms on the H200 (`benchmarks/ttft_timeline.py`)."""
+        end to end it gains less: TTFT 33.8 -> 33.2 ms on the H200 (`benchmarks/ttft_timeline.py`).
+        `high_priority`: replay on a stream of the highest priority (see `_replay_stream`)."""
         self.model = model
         self.decoder_layers = decoder_layers
         self.cache_kwarg = cache_kwarg
@@ -165,6 +166,8 @@ class CapturedPrefill:
         self.max_buckets = max_buckets
         self.segment_layers = segment_layers
         self.attention = attention
+        self.high_priority = high_priority
+        self._stream: torch.cuda.Stream | None = None
         self.enabled = self.supported(model)
         self._buckets: OrderedDict[tuple[int, int], _Bucket] = OrderedDict()
         self.runs = 0  # first forwards served here (replayed, or run as the static forward on a CPU)
@@ -315,10 +318,19 @@ class CapturedPrefill:
             for g in b.graphs or ():
                 g.replay()
         else:
+            current = torch.cuda.current_stream(self.device)
+            stream = self._replay_stream()
             for part, g in zip(parts, b.graphs):  # a segment runs once its own layers are copied in
                 for l in part:
-                    self._copy_in(b, cache, l, n)
-                g.replay()
+                    self._copy_in(b, cache, l, n)  # the current stream waits for those layers' restore
+                if stream is None:
+                    g.replay()
+                    continue
+                stream.wait_stream(current)
+                with torch.cuda.stream(stream):
+                    g.replay()
+            if stream is not None:
+                current.wait_stream(stream)
         self.replays += bool(self.capture)
         self.runs += 1
         source = _GraphSlice(b, n + s)
@@ -326,6 +338,19 @@ class CapturedPrefill:
             layer.defer(source, n + s)
         b.borrowers.add(cache)
         return b.logits.clone()
+
+    def _replay_stream(self) -> "torch.cuda.Stream | None":
+        """The stream segments are replayed on: of the highest priority (None: the current stream).
+
+        While a restore is in flight its projections fill the SMs; a ready segment's kernels, queued at the
+        same priority, wait behind them, so the forward's chain of small kernels ran mostly after the
+        last projection. At a higher priority they take SMs as soon as a block frees one; the
+        projections, which wait on the copies anyway, fill the gaps."""
+        if not self.high_priority:
+            return None
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=self.device, priority=-100)  # clamped to the highest
+        return self._stream
 
     def _static_forward(self, b: _Bucket, forward) -> None:
         """One forward of the bucket's static inputs; under capture it is what the graph records."""

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# GPU calls of the fifth session:  bash benchmarks/run_final_e.sh I|J|K   (carry .devdeps; logs under $OUT)
+#   I: GPU tests of the captured prefill, then TTFT timelines (benchmarks/ttft_timeline.py) of one 7B request
+#      at 4K and at 16K: the segments replayed on a high-priority stream or not, shorter segments, and plans
+#      saving the first k layers as K/V ("mix/kv=k"); then the first forward's top kernels.
+source benchmarks/device_env.sh
+case "${1:-I}" in
+  I)
+    echo "=== tests $(date +%T)"
+    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/hcache/test_gpu.py -k "segmented or restore_into or captured_prefill" \
+      > $OUT/gpu_tests.log 2>&1; tail -1 $OUT/gpu_tests.log; grep -i "error\|failed" $OUT/gpu_tests.log | head -5
+    echo "=== timeline 4K $(date +%T)"
+    timeout 200 python3 benchmarks/ttft_timeline.py --model llama2-7b --context 4096 --repeat 7 \
+      --methods recompute,ideal,hcache,hcache/prio=0,hcache/seg=2,mix/kv=4,mix/kv=8 > $OUT/ttft_timeline_7b_4k.md 2>&1
+    grep -v "Warn\|warn" $OUT/ttft_timeline_7b_4k.md | head -12
+    echo "=== timeline 16K $(date +%T)"
+    timeout 190 python3 benchmarks/ttft_timeline.py --model llama2-7b --context 16384 --repeat 3 --dram-gib 40 \
+      --methods recompute,ideal,hcache,hcache/prio=0,mix/kv=4 > $OUT/ttft_timeline_7b_16k.md 2>&1
+    grep -v "Warn\|warn" $OUT/ttft_timeline_7b_16k.md | head -10
+    echo "=== kernels $(date +%T)"
+    timeout 80 python3 benchmarks/prefill_kernels.py --model llama2-7b --context 4096 --top 16 > $OUT/prefill_kernels_7b_4k.txt 2>&1
+    grep -v "Warn\|warn" $OUT/prefill_kernels_7b_4k.txt | head -40
+    ;;
+esac
