@@ -3,6 +3,9 @@
 #   I: GPU tests of the captured prefill, then TTFT timelines (benchmarks/ttft_timeline.py) of one 7B request
 #      at 4K and at 16K: the segments replayed on a high-priority stream or not, shorter segments, and plans
 #      saving the first k layers as K/V ("mix/kv=k"); then the first forward's top kernels.
+#   J: the same tests and the new ones (restores queued ahead of the layer the model takes, plans that start with
+#      K/V layers), then timelines at 4K and 16K: the whole restore queued before generate() ("ahead=all", as
+#      before) or `issue_ahead_bytes` of it (the default, and other budgets), and plans whose last k layers are K/V.
 source benchmarks/device_env.sh
 case "${1:-I}" in
   I)
@@ -20,5 +23,20 @@ case "${1:-I}" in
     echo "=== kernels $(date +%T)"
     timeout 80 python3 benchmarks/prefill_kernels.py --model llama2-7b --context 4096 --top 16 > $OUT/prefill_kernels_7b_4k.txt 2>&1
     grep -v "Warn\|warn" $OUT/prefill_kernels_7b_4k.txt | head -40
+    ;;
+  J)
+    echo "=== tests $(date +%T)"
+    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/hcache/test_gpu.py \
+      -k "segmented or restore_into or captured_prefill or issued_ahead or starting_with_kv or matches_prefill" \
+      > $OUT/gpu_tests.log 2>&1; tail -1 $OUT/gpu_tests.log; grep -i "error\|failed" $OUT/gpu_tests.log | head -5
+    echo "=== timeline 4K $(date +%T)"
+    timeout 220 python3 benchmarks/ttft_timeline.py --model llama2-7b --context 4096 --repeat 7 \
+      --methods recompute,ideal,hcache/ahead=all,hcache,hcache/ahead=192,hcache/ahead=1024,mix/kv=4/at=end,mix/kv=8/at=end,mix/kv=4 \
+      > $OUT/ttft_timeline_7b_4k.md 2>&1
+    grep -v "Warn\|warn" $OUT/ttft_timeline_7b_4k.md | head -14
+    echo "=== timeline 16K $(date +%T)"
+    timeout 200 python3 benchmarks/ttft_timeline.py --model llama2-7b --context 16384 --repeat 3 --dram-gib 40 \
+      --methods recompute,ideal,hcache/ahead=all,hcache,mix/kv=2/at=end,mix/kv=4/at=end > $OUT/ttft_timeline_7b_16k.md 2>&1
+    grep -v "Warn\|warn" $OUT/ttft_timeline_7b_16k.md | head -11
     ;;
 esac

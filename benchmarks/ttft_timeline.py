@@ -33,6 +33,7 @@ from hcache_adapter import hcache as hcache_module
 from hcache_adapter.bench.models import add_request_arguments, build_model, shape_label
 from hcache_adapter.bench.ttft import prefix_kv, resident_cache, settle_heap, sync
 from hcache_adapter.compat import cache_kwarg
+from hcache_adapter.loader import LayerLoader
 from hstore import StoreConfig, TieredStore
 
 
@@ -51,6 +52,7 @@ class Stamps:
 
     def begin(self) -> None:
         self.host.clear(), self.events.clear(), self.sums.clear()
+        self.restorer = None
         self.t0 = time.perf_counter()
         if self.cuda:
             self.start_event = torch.cuda.Event(enable_timing=True)
@@ -93,9 +95,8 @@ def instrument(hc: HCache, st: Stamps, wrap_store: bool) -> None:
     """Stamp hc's phases (instance attributes and hcache's module functions; nothing else changes)."""
     r = hc.restorer
     wrap(hc, "generate", before=lambda: st.mark("entry"))
-    wrap(r, "restore", before=lambda: st.mark("lookup done"),
-         after=lambda: (st.mark("restore issued"), st.mark("restore compute done", r.compute_stream),
-                        st.mark("restore copies done", r.copy_stream)))
+    wrap(r, "restore", before=lambda: (st.mark("lookup done"), setattr(st, "restorer", r)),
+         after=lambda: st.mark("restore returned"))
     if wrap_store:  # once per store: the instances share it
         wrap(hc.store, "get_many_into", total=(st, "store reads"))
     if hc.projector is not None:
@@ -143,7 +144,18 @@ def replay_alone(graphs, repeat: int = 5) -> float:
     return statistics.median(xs)
 
 
+def restore_queued(st: Stamps) -> None:
+    """The restore's last layer is queued when its loader closes (the first layers before restore() returns,
+    the rest as the model takes them): the host's time then, and the GPU's when that work is done."""
+    r = getattr(st, "restorer", None)
+    if r is not None:
+        st.mark("restore issued", last=True)
+        st.mark("restore compute done", r.compute_stream, last=True)
+        st.mark("restore copies done", r.copy_stream, last=True)
+
+
 def instrument_module(st: Stamps) -> None:
+    wrap(LayerLoader, "close", after=lambda: restore_queued(st))
     wrap(hcache_module, "stored_prefix", before=lambda: st.mark("digests done"), after=lambda: st.mark("prefix found"))
     wrap(hcache_module, "locate_layers", after=lambda: st.mark("layers located"))
 
@@ -156,14 +168,16 @@ def instrument_model(model, st: Stamps) -> None:
 def variant(model, store, spec: str) -> HCache:
     """An HCache for a method spec: METHOD[/KEY=VALUE...] with keys seg (layers per captured-prefill graph),
     attn (its attention; "model": the model's own), hold (0: do not hold the flusher back), prio (0: replay the
-    captured prefill on the current stream, not one of the highest priority), kv (with
-    METHOD=mix: auto saving the first kv layers as K/V and the rest as hidden states)."""
+    captured prefill on the current stream, not one of the highest priority), ahead (MiB of a restore queued
+    before the first forward, or "all"), kv (with METHOD=mix: auto saving the first kv layers as K/V and the
+    rest as hidden states; at=end: the last kv layers)."""
     method, *opts = spec.split("/")
     opt = dict(o.split("=", 1) for o in opts)
     kw = dict(namespace=spec.replace("/", "-").replace("=", ""), hold_flusher=opt.get("hold", "1") != "0")
     if method == "mix":
         L, k = model.config.num_hidden_layers, int(opt.get("kv", 0))
-        hc = HCache(model, store, method="auto", plan="K" * k + "H" * (L - k), **kw)
+        plan = "H" * (L - k) + "K" * k if opt.get("at") == "end" else "K" * k + "H" * (L - k)
+        hc = HCache(model, store, method="auto", plan=plan, **kw)
     else:
         hc = HCache(model, store, method=method, **kw)
     if hc.prefill is not None:
@@ -171,6 +185,8 @@ def variant(model, store, spec: str) -> HCache:
         hc.prefill.high_priority = opt.get("prio", "1") != "0"
         if "attn" in opt:
             hc.prefill.attention = None if opt["attn"] == "model" else opt["attn"]
+    if "ahead" in opt:  # MiB of the restore queued before the first forward ("all": everything)
+        hc.restorer.issue_ahead_bytes = 1 << 50 if opt["ahead"] == "all" else int(opt["ahead"]) << 20
     return hc
 
 

@@ -8,8 +8,9 @@ state, K K/V, R recomputed) and r leading layers recomputed runs:
   ahead) and then projected (H) or reshaped (K).
 
 With `lazy=True` the result is a `LazyCache`: on a GPU with every chunk in a
-memory tier, all of that work is queued at once on a side stream and the
-model's attention at layer i waits on layer i's event; otherwise (NVMe reads,
+memory tier, that work is queued on a side stream, the first few hundred MB
+of it at once and the rest a fixed distance ahead of the layer the model
+takes, and the model's attention at layer i waits on layer i's event; otherwise (NVMe reads,
 the CPU) layer i is produced when the model first needs it. A layer whose
 chunks turn out unreadable then is recomputed from tokens, so the cache never
 holds wrong state and its length never changes under the model. With
@@ -23,6 +24,7 @@ hidden-state layer's chunks and the exchange all-gathers the rest.
 from __future__ import annotations
 
 import logging
+import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -39,6 +41,12 @@ from hcache_adapter.manifest import HIDDEN, RECOMPUTE
 from hcache_adapter.recompute import Recomputer
 
 log = logging.getLogger(__name__)
+
+# Copies queued before generate() runs its first forward, and kept queued ahead of the layer it takes. They
+# must keep the copy engine busy while the host sets generate() up (~3 ms on the lent H200) and issues the
+# layers behind them; queuing more before the first forward delays the forward's own start (the host does
+# one thing at a time). ~8 ms of copies at 55 GB/s.
+ISSUE_AHEAD_BYTES = 448 << 20
 
 
 @dataclass
@@ -76,10 +84,15 @@ class Restorer:
     """Builds restored caches for one model; holds the streams and sizes shared by every restore."""
 
     def __init__(self, layout: StateLayout, store, projector, recomputer: Recomputer, device: torch.device, *,
-                 prefetch_bytes: int | None = None, exchange=None):
-        """`exchange`: a tensor-parallel `HiddenExchange` (None: one process reads everything)."""
+                 prefetch_bytes: int | None = None, exchange=None, issue_ahead_bytes: int = ISSUE_AHEAD_BYTES):
+        """`exchange`: a tensor-parallel `HiddenExchange` (None: one process reads everything).
+        `issue_ahead_bytes`: how much of a memory-tier restore is queued before the model takes its first
+        layer, and kept queued ahead of the layer it takes (see `ISSUE_AHEAD_BYTES`)."""
         self.layout = layout
         self.exchange = exchange
+        if issue_ahead_bytes < 1:
+            raise ValueError(f"issue_ahead_bytes must be positive, got {issue_ahead_bytes}")
+        self.issue_ahead_bytes = issue_ahead_bytes
         self.store = store
         self.projector = projector
         self.recomputer = recomputer
@@ -178,6 +191,8 @@ class PrefixSource:
         self._taken = 0
         self._warned = False
         self._recomputed = None  # the cache the leading layers were recomputed into
+        self._queued: int | None = None  # reads queued on the compute stream so far (None: not queued ahead)
+        self._ahead = 0  # reads kept queued ahead of the one the model takes
 
     def _keys(self, layer: int, kind: str, keys: list[str]) -> list[str]:
         return keys if self.exchange is None else self.exchange.keys(layer, kind, keys)
@@ -197,15 +212,30 @@ class PrefixSource:
         elif self.reads:
             self._open_loader()
         if self.loader is not None and self.loader.inline and all(read.layer in self.plain for read in self.reads):
-            # Nothing blocks (memory tiers, GPU): queue every layer's copy and compute now, on a side stream,
-            # after what the caller's stream already queued (`into`'s memory may still be read there).
+            # Nothing blocks (memory tiers, GPU): queue the layers' copies and compute on a side stream, after
+            # what the caller's stream already queued (`into`'s memory may still be read there). Only the
+            # first `issue_ahead_bytes` now; the rest as the model takes layers (`produce`), so that the
+            # host's issuing interleaves with generate()'s first forward instead of preceding it.
             r.compute_stream.wait_stream(torch.cuda.current_stream(r.device))
-            with torch.cuda.stream(r.compute_stream):
-                for read in self.reads:
-                    k, v, valid = self._compute(read)
-                    ev = torch.cuda.Event()
-                    ev.record(r.compute_stream)
-                    self._ready[read.layer] = (k, v, valid, ev)
+            self._queued = 0
+            self._ahead = _layers_ahead(self.reads, r.issue_ahead_bytes, r.layout.itemsize)
+            self._queue_until(self._ahead)
+
+    def _queue_until(self, end: int) -> None:
+        """Queue the copy and compute of `reads[:end]` on the compute stream (inline loaders only)."""
+        r = self.r
+        end = min(end, len(self.reads))
+        if self._queued >= end:
+            return
+        with torch.cuda.stream(r.compute_stream):
+            while self._queued < end:
+                read = self.reads[self._queued]
+                k, v, valid = self._compute(read)
+                ev = torch.cuda.Event()
+                ev.record(r.compute_stream)
+                self._ready[read.layer] = (k, v, valid, ev)
+                self._queued += 1
+        if self._queued == len(self.reads):
             self._close_loader()
 
     def _open_loader(self) -> None:
@@ -288,6 +318,8 @@ class PrefixSource:
 
     def produce(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(K, V, valid chunks) of `layer`, its work done or queued on the current stream."""
+        if self._queued is not None and layer in self._index:
+            self._queue_until(self._index[layer] + 1 + self._ahead)
         ready = self._ready.pop(layer, None)
         if ready is None:
             if self.loader is None:
@@ -327,6 +359,17 @@ class PrefixSource:
 
     def close(self) -> None:
         self._close_loader()
+
+
+def _layers_ahead(reads: list, budget: int, itemsize: int) -> int:
+    """How many of `reads` (from the first) fit in `budget` bytes of copies; at least one."""
+    total, n = 0, 0
+    for read in reads:
+        total += len(read.keys) * math.prod(read.chunk_shape) * itemsize
+        if n and total > budget:
+            break
+        n += 1
+    return max(1, n)
 
 
 def _kv_from_chunks(data: torch.Tensor, valid: int, C: int, out: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:

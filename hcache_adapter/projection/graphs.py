@@ -81,12 +81,14 @@ class PrefixGraphs:
         key = (bucket_rows(n), hidden.shape[2], hidden.dtype, hidden.device)
         b = self._buckets.get(key)
         if b is None:
-            if layer != 0:
-                return None
-            self._asked[key] = self._asked.get(key, 0) + 1  # once per restore: counted at its first layer
-            if self._asked[key] < 2:
+            # Counted per layer: a plan whose first layers are K/V (or recomputed) projects no layer 0.
+            self._asked[key, layer] = self._asked.get((key, layer), 0) + 1
+            if self._asked[key, layer] < 2:
+                if len(self._asked) > 4096:  # many lengths seen once each (growing chats): start counting afresh
+                    self._asked.clear()
                 return None
             b = self._new_bucket(key)
+            self._asked = {k: v for k, v in self._asked.items() if k[0] != key}
         self._buckets.move_to_end(key)
         b.hidden[:, :n].copy_(hidden)
         g = b.graphs.get(layer)

@@ -194,3 +194,35 @@ def test_captured_prefill_float16_error_and_tokens_on_the_7b_layer_shape(tmp_pat
         err = (outs[-1].scores[0] - ref.scores[0]).abs().max().item()
         print(f"captured prefill fp16 max abs logit error vs model.generate: {err:.3e}")
         assert err < 0.1
+
+
+@pytest.mark.parametrize("ahead", [1, 1 << 30])
+def test_restore_issued_ahead_of_the_layer_the_model_takes(tmp_path, ahead):
+    """A memory-tier restore queues only `issue_ahead_bytes` of its layers before generate() runs and the
+    rest as the model takes layers: with a budget of one byte (one layer ahead) or of everything, the
+    restored cache and generate()'s tokens are those of the model."""
+    model = _tiny_gpu_model()
+    with TieredStore(StoreConfig(root=tmp_path, dram_bytes=64 << 20, nvme_bytes=0)) as store:
+        hc = HCache(model, store, method="hcache")
+        hc.restorer.issue_ahead_bytes = ahead
+        ids = torch.randint(10, 1000, (1, 300), device="cuda")
+        hc.save(ids[:, :257])
+        result = hc.restore(ids, lazy=True)
+        assert_holds_models_state(model, result.cache.materialize(), ids[:, : result.tokens], atol=1e-2)
+        gen = dict(max_new_tokens=4, do_sample=False)
+        for _ in range(3):  # eager forward, then the captured one
+            assert torch.equal(hc.generate(ids, **gen), model.generate(ids, **gen))
+
+
+def test_plans_starting_with_kv_layers_project_from_graphs(tmp_path):
+    """A plan whose first layers are K/V projects no layer 0: the projection graphs are still captured
+    (counted per layer) and replayed, and tokens match model.generate."""
+    model = _tiny_gpu_model()
+    layers = model.config.num_hidden_layers
+    with TieredStore(StoreConfig(root=tmp_path, dram_bytes=64 << 20, nvme_bytes=0)) as store:
+        hc = HCache(model, store, method="auto", plan="K" + "H" * (layers - 1))
+        ids = torch.randint(10, 1000, (1, 300), device="cuda")
+        gen = dict(max_new_tokens=4, do_sample=False)
+        for _ in range(3):
+            assert torch.equal(hc.generate(ids, **gen), model.generate(ids, **gen))
+        assert hc.projector.graph_replays > 0
