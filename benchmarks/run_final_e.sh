@@ -6,6 +6,8 @@
 #   J: the same tests and the new ones (restores queued ahead of the layer the model takes, plans that start with
 #      K/V layers), then timelines at 4K and 16K: the whole restore queued before generate() ("ahead=all", as
 #      before) or `issue_ahead_bytes` of it (the default, and other budgets), and plans whose last k layers are K/V.
+#   K: the GPU tests, then timelines at 4K and 16K with the layers' norms, MLPs and rotary compiled into the
+#      captured prefill or not ("fuse=0"), the restore queued ahead or all at once, one tail-K/V plan.
 source benchmarks/device_env.sh
 case "${1:-I}" in
   I)
@@ -38,5 +40,19 @@ case "${1:-I}" in
     timeout 200 python3 benchmarks/ttft_timeline.py --model llama2-7b --context 16384 --repeat 3 --dram-gib 40 \
       --methods recompute,ideal,hcache/ahead=all,hcache,mix/kv=2/at=end,mix/kv=4/at=end > $OUT/ttft_timeline_7b_16k.md 2>&1
     grep -v "Warn\|warn" $OUT/ttft_timeline_7b_16k.md | head -11
+    ;;
+  K)
+    echo "=== tests $(date +%T)"
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/hcache/test_gpu.py \
+      -k "segmented or restore_into or captured_prefill or issued_ahead or starting_with_kv or generation_modes or modes" \
+      > $OUT/gpu_tests.log 2>&1; tail -1 $OUT/gpu_tests.log; grep -i "error\|failed\|max abs" $OUT/gpu_tests.log | head -5
+    echo "=== timeline 4K $(date +%T)"
+    timeout 200 python3 benchmarks/ttft_timeline.py --model llama2-7b --context 4096 --repeat 7 \
+      --methods recompute,ideal,hcache,hcache/fuse=0,hcache/ahead=all,mix/kv=6/at=end > $OUT/ttft_timeline_7b_4k.md 2>&1
+    grep -v "Warn\|warn" $OUT/ttft_timeline_7b_4k.md | head -11
+    echo "=== timeline 16K $(date +%T)"
+    timeout 170 python3 benchmarks/ttft_timeline.py --model llama2-7b --context 16384 --repeat 3 --dram-gib 24 \
+      --methods recompute,ideal,hcache,hcache/ahead=all > $OUT/ttft_timeline_7b_16k.md 2>&1
+    grep -v "Warn\|warn" $OUT/ttft_timeline_7b_16k.md | head -9
     ;;
 esac

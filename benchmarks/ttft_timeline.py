@@ -99,8 +99,9 @@ def instrument(hc: HCache, st: Stamps, wrap_store: bool) -> None:
          after=lambda: st.mark("restore returned"))
     if wrap_store:  # once per store: the instances share it
         wrap(hc.store, "get_many_into", total=(st, "store reads"))
-    if hc.projector is not None:
-        wrap(hc.projector, "project_prefix", total=(st, "projection calls"))
+    if hc.projector is not None:  # its graph replays (queued from inside the first forward too) are not the prefill's
+        wrap(hc.projector, "project_prefix", total=(st, "projection calls"),
+             before=lambda: setattr(st, "in_projection", True), after=lambda: setattr(st, "in_projection", False))
     if hc.prefill is not None:
         def enter():
             st.mark("static copy start")
@@ -119,11 +120,12 @@ def instrument_graphs(st: Stamps) -> None:
     original = torch.cuda.CUDAGraph.replay
 
     def replay(graph):
-        if st.in_prefill:
+        ours = st.in_prefill and not getattr(st, "in_projection", False)
+        if ours:
             st.mark("prefill replay start")
             st.prefill_graphs.append(graph)
         original(graph)
-        if st.in_prefill:
+        if ours:
             st.mark("prefill replay end", last=True)
 
     torch.cuda.CUDAGraph.replay = replay
@@ -168,7 +170,8 @@ def instrument_model(model, st: Stamps) -> None:
 def variant(model, store, spec: str) -> HCache:
     """An HCache for a method spec: METHOD[/KEY=VALUE...] with keys seg (layers per captured-prefill graph),
     attn (its attention; "model": the model's own), hold (0: do not hold the flusher back), prio (0: replay the
-    captured prefill on the current stream, not one of the highest priority), ahead (MiB of a restore queued
+    captured prefill on the current stream, not one of the highest priority), fuse (0: capture the layers'
+    norms, MLPs and rotary uncompiled), ahead (MiB of a restore queued
     before the first forward, or "all"), kv (with METHOD=mix: auto saving the first kv layers as K/V and the
     rest as hidden states; at=end: the last kv layers)."""
     method, *opts = spec.split("/")
@@ -183,6 +186,7 @@ def variant(model, store, spec: str) -> HCache:
     if hc.prefill is not None:
         hc.prefill.segment_layers = int(opt.get("seg", hc.prefill.segment_layers))
         hc.prefill.high_priority = opt.get("prio", "1") != "0"
+        hc.prefill.compile_blocks = opt.get("fuse", "1") != "0"
         if "attn" in opt:
             hc.prefill.attention = None if opt["attn"] == "model" else opt["attn"]
     if "ahead" in opt:  # MiB of the restore queued before the first forward ("all": everything)
