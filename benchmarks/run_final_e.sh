@@ -8,6 +8,7 @@
 #      before) or `issue_ahead_bytes` of it (the default, and other budgets), and plans whose last k layers are K/V.
 #   K: the GPU tests, then timelines at 4K and 16K with the layers' norms, MLPs and rotary compiled into the
 #      captured prefill or not ("fuse=0"), the restore queued ahead or all at once, one tail-K/V plan.
+#   L: timelines at 4K and 16K with the projection graphs' GEMMs leaving SMs free for the forward ("carve=N").
 source benchmarks/device_env.sh
 case "${1:-I}" in
   I)
@@ -53,6 +54,16 @@ case "${1:-I}" in
     echo "=== timeline 16K $(date +%T)"
     timeout 170 python3 benchmarks/ttft_timeline.py --model llama2-7b --context 16384 --repeat 3 --dram-gib 24 \
       --methods recompute,ideal,hcache,hcache/ahead=all > $OUT/ttft_timeline_7b_16k.md 2>&1
+    grep -v "Warn\|warn" $OUT/ttft_timeline_7b_16k.md | head -9
+    ;;
+  L)
+    echo "=== timeline 4K $(date +%T)"
+    timeout 170 python3 benchmarks/ttft_timeline.py --model llama2-7b --context 4096 --repeat 7 \
+      --methods recompute,ideal,hcache,hcache/carve=16,hcache/carve=40,mix/kv=6/at=end > $OUT/ttft_timeline_7b_4k.md 2>&1
+    grep -v "Warn\|warn" $OUT/ttft_timeline_7b_4k.md | head -11
+    echo "=== timeline 16K $(date +%T)"
+    timeout 150 python3 benchmarks/ttft_timeline.py --model llama2-7b --context 16384 --repeat 3 --dram-gib 24 \
+      --methods recompute,ideal,hcache,hcache/carve=16 > $OUT/ttft_timeline_7b_16k.md 2>&1
     grep -v "Warn\|warn" $OUT/ttft_timeline_7b_16k.md | head -9
     ;;
 esac

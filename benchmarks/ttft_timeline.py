@@ -171,7 +171,7 @@ def variant(model, store, spec: str) -> HCache:
     """An HCache for a method spec: METHOD[/KEY=VALUE...] with keys seg (layers per captured-prefill graph),
     attn (its attention; "model": the model's own), hold (0: do not hold the flusher back), prio (0: replay the
     captured prefill on the current stream, not one of the highest priority), fuse (0: capture the layers'
-    norms, MLPs and rotary uncompiled), ahead (MiB of a restore queued
+    norms, MLPs and rotary uncompiled), carve (SMs the projection graphs' GEMMs leave free), ahead (MiB of a restore queued
     before the first forward, or "all"), kv (with METHOD=mix: auto saving the first kv layers as K/V and the
     rest as hidden states; at=end: the last kv layers)."""
     method, *opts = spec.split("/")
@@ -189,6 +189,8 @@ def variant(model, store, spec: str) -> HCache:
         hc.prefill.compile_blocks = opt.get("fuse", "1") != "0"
         if "attn" in opt:
             hc.prefill.attention = None if opt["attn"] == "model" else opt["attn"]
+    if "carve" in opt:  # SMs the projection graphs' GEMMs leave free
+        hc.projector.sm_carveout = int(opt["carve"])
     if "ahead" in opt:  # MiB of the restore queued before the first forward ("all": everything)
         hc.restorer.issue_ahead_bytes = 1 << 50 if opt["ahead"] == "all" else int(opt["ahead"]) << 20
     return hc

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from contextlib import contextmanager
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -65,8 +66,11 @@ class _Bucket:
 class PrefixGraphs:
     """Per-layer projection replayed from CUDA graphs, bucketed by length (see the module doc)."""
 
-    def __init__(self, fn: ProjectFn, rotary: RotaryFn, *, max_buckets: int = 2):
+    def __init__(self, fn: ProjectFn, rotary: RotaryFn, *, max_buckets: int = 2, sm_carveout: int | None = None):
+        """`sm_carveout`: SMs the captured GEMMs leave free (cuBLAS's SM count target, where torch has it),
+        so that a forward running beside a restore finds SMs without waiting for a GEMM's wave to end."""
         self.fn = fn
+        self.sm_carveout = sm_carveout
         self.rotary = rotary
         self.max_buckets = max_buckets
         self._buckets: OrderedDict[tuple, _Bucket] = OrderedDict()
@@ -115,6 +119,10 @@ class PrefixGraphs:
         return b
 
     def _capture(self, b: _Bucket, layer: int) -> torch.cuda.CUDAGraph:
+        with _carveout(self.sm_carveout):
+            return self._capture_layer(b, layer)
+
+    def _capture_layer(self, b: _Bucket, layer: int) -> torch.cuda.CUDAGraph:
         if not b.graphs:  # first capture of the bucket: warm up (compilation, library handles) off the graph
             side = torch.cuda.Stream(device=b.hidden.device)
             side.wait_stream(torch.cuda.current_stream(b.hidden.device))
@@ -141,3 +149,18 @@ class PrefixGraphs:
         b.graphs[layer] = g
         self.captures += 1
         return g
+
+
+@contextmanager
+def _carveout(sms: int | None):
+    """cuBLAS leaves `sms` SMs free for the kernels launched meanwhile (None, or a torch without it: as is)."""
+    setter = getattr(torch._C, "_set_sm_carveout_experimental", None)
+    if not sms or setter is None:
+        yield
+        return
+    before = torch._C._get_sm_carveout_experimental()
+    setter(sms)
+    try:
+        yield
+    finally:
+        setter(before)

@@ -89,6 +89,7 @@ def _norm_spec(norm: nn.Module | None) -> tuple[str, float] | None:
 class LlamaProjector(Projector):
     compile = False  # set by the caller (HCache does on CUDA); eager everywhere else
     graphs = False  # replay CUDA graphs in project_prefix (HCache turns it on with CUDA)
+    sm_carveout: int | None = None  # SMs the graphs' GEMMs leave free for a forward beside them (PrefixGraphs)
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -180,7 +181,7 @@ class LlamaProjector(Projector):
     def project_prefix(self, layer_idx: int, hidden: Tensor, position_ids: Tensor, out: KV | None = None) -> KV:
         if self.graphs and hidden.is_cuda and hidden.shape[0] == 1 and self._use_tensor_path():
             if self._graphs is None:
-                self._graphs = PrefixGraphs(self._graph_kv, self.base_model.rotary_emb)
+                self._graphs = PrefixGraphs(self._graph_kv, self.base_model.rotary_emb, sm_carveout=self.sm_carveout)
             try:
                 with torch.no_grad():
                     kv = self._graphs.project(layer_idx, hidden, out=out)
