@@ -9,6 +9,7 @@
 #   K: the GPU tests, then timelines at 4K and 16K with the layers' norms, MLPs and rotary compiled into the
 #      captured prefill or not ("fuse=0"), the restore queued ahead or all at once, one tail-K/V plan.
 #   L: timelines at 4K and 16K with the projection graphs' GEMMs leaving SMs free for the forward ("carve=N").
+#   M: `hcache bench` with this session's defaults: 7B and 8B at 1K/4K from DRAM (every method), the 7B at 16K.
 source benchmarks/device_env.sh
 case "${1:-I}" in
   I)
@@ -65,5 +66,16 @@ case "${1:-I}" in
     timeout 150 python3 benchmarks/ttft_timeline.py --model llama2-7b --context 16384 --repeat 3 --dram-gib 24 \
       --methods recompute,ideal,hcache,hcache/carve=16 > $OUT/ttft_timeline_7b_16k.md 2>&1
     grep -v "Warn\|warn" $OUT/ttft_timeline_7b_16k.md | head -9
+    ;;
+  M)
+    echo "=== 1K/4K $(date +%T)"
+    mkdir -p $OUT/short $OUT/long
+    timeout 370 python3 -m hcache_adapter bench --no-progress --models llama2-7b,llama3-8b --contexts 1024,4096 \
+      --sources dram --methods recompute,ideal,hf_offloaded,kv,hcache,auto --repeat 7 --warmup 2 --out $OUT/short > $OUT/short/full.log 2>&1
+    grep "^|\|###" $OUT/short/full.log | cut -c1-120 | head -50; tail -2 $OUT/short/full.log
+    echo "=== 16K $(date +%T)"
+    timeout 170 python3 -m hcache_adapter bench --no-progress --models llama2-7b --contexts 16384 --sources dram \
+      --long-methods recompute,ideal,hcache,auto --long-repeat 3 --long-warmup 1 --out $OUT/long > $OUT/long/full.log 2>&1
+    grep "^|\|###" $OUT/long/full.log | cut -c1-120 | head -14; tail -2 $OUT/long/full.log; echo "=== end $(date +%T)"
     ;;
 esac
