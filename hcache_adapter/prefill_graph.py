@@ -34,7 +34,6 @@ failure) runs the model's own forward instead.
 from __future__ import annotations
 
 import logging
-import sys
 import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -45,6 +44,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from hcache_adapter.compat import causal_lm_output
+from hcache_adapter.fused_blocks import compiled_blocks
 from hcache_adapter.lazycache import LazyCache, LazyLayer
 from hcache_adapter.projection.graphs import bucket_rows
 
@@ -158,7 +158,7 @@ class CapturedPrefill:
         per head and leaves most of the GPU idle (profiled: 3.8 ms of the 7B/4K forward's 10.8). Measured
         end to end it gains less: TTFT 33.8 -> 33.2 ms on the H200 (`benchmarks/ttft_timeline.py`).
         `high_priority`: replay on a stream of the highest priority (see `_replay_stream`). `compile_blocks`:
-        capture the layers' norms, MLPs and rotary compiled (`_compiled_blocks`; only when capturing)."""
+        capture the layers' norms, MLPs and rotary compiled (`compiled_blocks`; only when capturing)."""
         self.model = model
         self.decoder_layers = decoder_layers
         self.cache_kwarg = cache_kwarg
@@ -388,7 +388,7 @@ class CapturedPrefill:
         """Capture the segments, with the layers' small blocks compiled (`compile_blocks`) if that works."""
         if self.compile_blocks:
             try:
-                with _compiled_blocks(self.decoder_layers):
+                with compiled_blocks(self.decoder_layers):
                     return self._capture_segments(b, forward, parts)
             except Exception as e:  # a compiler problem costs the fusion, not the captured prefill
                 log.warning("captured prefill: compiling the layers' blocks failed (%s); capturing them eagerly", e)
@@ -449,36 +449,6 @@ class CapturedPrefill:
                         if t is not None and t.untyped_storage().data_ptr() in static:
                             setattr(layer, name, t.clone())
             b.borrowers.discard(cache)
-
-
-# Child modules of a decoder layer compiled while a forward is captured, by class name: they hold no
-# per-layer state but their weights, so one compiled graph serves every layer.
-_COMPILED_CHILDREN = ("RMSNorm", "MLP")
-
-
-@contextmanager
-def _compiled_blocks(decoder_layers: list[torch.nn.Module]):
-    """The layers' norms and MLPs, and their modeling module's `apply_rotary_pos_emb`, compiled for as long as
-    the context lasts (the warm-up compiles them; the capture records their fused kernels).
-
-    Why: captured, the 7B shape's forward of 32 new tokens ran ~1,400 kernels in 10.3 ms of GPU time, the
-    weights' GEMMs ~4.5 ms of it; the rest is small kernels of a few microseconds each, most of them
-    elementwise steps of norms, rotary and the MLP's activation that a compiler fuses."""
-    children = [c for layer in decoder_layers for c in layer.children()
-                if type(c).__name__.endswith(_COMPILED_CHILDREN) and "forward" not in vars(c)]
-    modules = {sys.modules.get(type(layer).__module__) for layer in decoder_layers} - {None}
-    rotary = [(m, m.apply_rotary_pos_emb) for m in modules if callable(getattr(m, "apply_rotary_pos_emb", None))]
-    try:
-        for c in children:
-            c.forward = torch.compile(c.forward, dynamic=False)
-        for m, fn in rotary:
-            m.apply_rotary_pos_emb = torch.compile(fn, dynamic=False)
-        yield
-    finally:
-        for c in children:
-            vars(c).pop("forward", None)
-        for m, fn in rotary:
-            m.apply_rotary_pos_emb = fn
 
 
 @contextmanager

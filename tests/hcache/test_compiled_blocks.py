@@ -7,7 +7,7 @@ import sys
 import torch
 
 from hcache_adapter.bench.models import build_model
-from hcache_adapter.prefill_graph import _compiled_blocks
+from hcache_adapter.fused_blocks import compiled_blocks
 
 
 def test_compiled_blocks_keep_the_models_outputs_and_leave_no_trace():
@@ -19,7 +19,7 @@ def test_compiled_blocks_keep_the_models_outputs_and_leave_no_trace():
     ids = torch.randint(0, model.config.vocab_size, (1, 40))
     with torch.no_grad():
         ref = model(ids).logits
-        with _compiled_blocks(layers):
+        with compiled_blocks(layers):
             assert all("forward" in vars(layer.mlp) for layer in layers)
             assert modeling.apply_rotary_pos_emb is not rotary
             fused = model(ids).logits
