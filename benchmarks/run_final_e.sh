@@ -10,6 +10,7 @@
 #      captured prefill or not ("fuse=0"), the restore queued ahead or all at once, one tail-K/V plan.
 #   L: timelines at 4K and 16K with the projection graphs' GEMMs leaving SMs free for the forward ("carve=N").
 #   M: `hcache bench` with this session's defaults: 7B and 8B at 1K/4K from DRAM (every method), the 7B at 16K.
+#   N: the GPU tests (test_gpu.py and the projections on CUDA), then the timeline of 7B/4K with the final code.
 source benchmarks/device_env.sh
 case "${1:-I}" in
   I)
@@ -77,5 +78,14 @@ case "${1:-I}" in
     timeout 170 python3 -m hcache_adapter bench --no-progress --models llama2-7b --contexts 16384 --sources dram \
       --long-methods recompute,ideal,hcache,auto --long-repeat 3 --long-warmup 1 --out $OUT/long > $OUT/long/full.log 2>&1
     grep "^|\|###" $OUT/long/full.log | cut -c1-120 | head -14; tail -2 $OUT/long/full.log; echo "=== end $(date +%T)"
+    ;;
+  N)
+    echo "=== tests $(date +%T)"
+    timeout 175 python3 -m pytest -q -p no:cacheprovider tests/hcache/test_gpu.py tests/hcache/test_projection.py \
+      tests/hcache/test_projection_generic.py -k "cuda or gpu or float16" > $OUT/gpu_tests.log 2>&1; tail -1 $OUT/gpu_tests.log; grep -i "error\|failed" $OUT/gpu_tests.log | head -8
+    echo "=== timeline 4K $(date +%T)"
+    timeout 95 python3 benchmarks/ttft_timeline.py --model llama2-7b --context 4096 --repeat 7 \
+      --methods recompute,ideal,hcache,kv > $OUT/ttft_timeline_7b_4k.md 2>&1
+    grep -v "Warn\|warn" $OUT/ttft_timeline_7b_4k.md | head -10; echo "=== end $(date +%T)"
     ;;
 esac
