@@ -219,7 +219,10 @@ class PrefixSource:
             # host's issuing interleaves with generate()'s first forward instead of preceding it.
             r.compute_stream.wait_stream(torch.cuda.current_stream(r.device))
             self._queued = 0
-            self._ahead = _layers_ahead(self.reads, r.issue_ahead_bytes, r.layout.itemsize)
+            # Under tensor parallelism every layer's all-gather is issued now, as before: the ranks' collectives
+            # then never interleave with the model's own.
+            self._ahead = (len(self.reads) if self.exchange is not None
+                           else layers_ahead(self.reads, r.issue_ahead_bytes, r.layout.itemsize))
             self._queue_until(self._ahead)
 
     def _queue_until(self, end: int) -> None:
@@ -231,7 +234,11 @@ class PrefixSource:
         with torch.cuda.stream(r.compute_stream):
             while self._queued < end:
                 read = self.reads[self._queued]
-                k, v, valid = self._compute(read)
+                try:
+                    k, v, valid = self._compute(read)
+                except Exception as e:  # queued from inside the model's forward: the layer is recomputed instead
+                    log.warning("restore: layer %d could not be loaded (%s); recomputing it from tokens", read.layer, e)
+                    k, v, valid = None, None, 0
                 ev = torch.cuda.Event()
                 ev.record(r.compute_stream)
                 self._ready[read.layer] = (k, v, valid, ev)
@@ -362,7 +369,7 @@ class PrefixSource:
         self._close_loader()
 
 
-def _layers_ahead(reads: list, budget: int, itemsize: int) -> int:
+def layers_ahead(reads: list, budget: int, itemsize: int) -> int:
     """How many of `reads` (from the first) fit in `budget` bytes of copies; at least one."""
     total, n = 0, 0
     for read in reads:
