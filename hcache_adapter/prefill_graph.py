@@ -345,10 +345,11 @@ class CapturedPrefill:
     def _replay_stream(self) -> "torch.cuda.Stream | None":
         """The stream segments are replayed on: of the highest priority (None: the current stream).
 
-        While a restore is in flight its projections fill the SMs; a ready segment's kernels, queued at the
-        same priority, wait behind them, so the forward's chain of small kernels ran mostly after the
-        last projection. At a higher priority they take SMs as soon as a block frees one; the
-        projections, which wait on the copies anyway, fill the gaps."""
+        While a restore is in flight its projections fill the SMs, and the forward, on the critical path,
+        should get them first: at a higher priority its pending blocks are scheduled before the
+        projections' (the projections wait on the copies anyway). Measured neutral on the lent H200
+        (7B/4K: 33.3 ms, 32.7 on the current stream): a running GEMM's blocks are not preempted, so the
+        forward's short kernels still wait for them to retire."""
         if not self.high_priority:
             return None
         if self._stream is None:
