@@ -16,15 +16,7 @@ case "${1:-F}" in
       --repeat 7 > $OUT/ttft_timeline_7b_4k.md 2>&1; grep -v "Warn\|warn" $OUT/ttft_timeline_7b_4k.md | head -70
     ;;
   G)
-    echo "=== 1K/4K $(date +%T)"
-    mkdir -p $OUT/short $OUT/long
-    timeout 330 python3 -m hcache_adapter bench --no-progress --models llama2-7b,llama3-8b --contexts 1024,4096 \
-      --sources dram --methods recompute,ideal,hf_offloaded,kv,hcache,auto --repeat 7 --warmup 2 --out $OUT/short > $OUT/short/full.log 2>&1
-    grep "^|\|###" $OUT/short/full.log | cut -c1-120 | head -50; tail -2 $OUT/short/full.log
-    echo "=== 16K $(date +%T)"
-    timeout 200 python3 -m hcache_adapter bench --no-progress --models llama2-7b --contexts 16384 --sources dram \
-      --long-methods recompute,ideal,hcache,auto --long-repeat 3 --long-warmup 1 --out $OUT/long > $OUT/long/full.log 2>&1
-    grep "^|\|###" $OUT/long/full.log | cut -c1-120 | head -14; tail -2 $OUT/long/full.log
+    bench_dram 330 200
     ;;
   H)
     A="bench --no-progress --models llama2-7b --contexts 4096 --sources dram --methods recompute,ideal,kv,hcache,auto --repeat 7 --warmup 2"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU calls of the fifth session:  bash benchmarks/run_final_e.sh I|J|K   (carry .devdeps; logs under $OUT)
+# GPU calls of the fifth session:  bash benchmarks/run_final_e.sh I|J|K|L|M|N   (carry .devdeps; logs under $OUT)
 #   I: GPU tests of the captured prefill, then TTFT timelines (benchmarks/ttft_timeline.py) of one 7B request
 #      at 4K and at 16K: the segments replayed on a high-priority stream or not, shorter segments, and plans
 #      saving the first k layers as K/V ("mix/kv=k"); then the first forward's top kernels.
@@ -12,80 +12,58 @@
 #   M: `hcache bench` with this session's defaults: 7B and 8B at 1K/4K from DRAM (every method), the 7B at 16K.
 #   N: the GPU tests (test_gpu.py and the projections on CUDA), then the timeline of 7B/4K with the final code.
 source benchmarks/device_env.sh
+
+# gpu_tests SECONDS PYTEST_ARGS...: the named GPU tests, their summary line and any failures.
+gpu_tests() {
+  local t=$1; shift
+  echo "=== tests $(date +%T)"
+  timeout "$t" python3 -m pytest -q -p no:cacheprovider "$@" > $OUT/gpu_tests.log 2>&1
+  tail -1 $OUT/gpu_tests.log; grep -i "error\|failed" $OUT/gpu_tests.log | head -8
+}
+
+# timeline SECONDS CONTEXT REPEAT LINES METHODS [EXTRA...]: one 7B timeline into $OUT/ttft_timeline_7b_<K>k.md.
+timeline() {
+  local t=$1 n=$2 repeat=$3 lines=$4 methods=$5; shift 5
+  local out=$OUT/ttft_timeline_7b_$((n / 1024))k.md
+  echo "=== timeline $((n / 1024))K $(date +%T)"
+  timeout "$t" python3 benchmarks/ttft_timeline.py --model llama2-7b --context "$n" --repeat "$repeat" \
+    --methods "$methods" "$@" > "$out" 2>&1
+  grep -v "Warn\|warn" "$out" | head -"$lines"
+}
+
+PREFILL_TESTS="segmented or restore_into or captured_prefill"
 case "${1:-I}" in
   I)
-    echo "=== tests $(date +%T)"
-    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/hcache/test_gpu.py -k "segmented or restore_into or captured_prefill" \
-      > $OUT/gpu_tests.log 2>&1; tail -1 $OUT/gpu_tests.log; grep -i "error\|failed" $OUT/gpu_tests.log | head -5
-    echo "=== timeline 4K $(date +%T)"
-    timeout 200 python3 benchmarks/ttft_timeline.py --model llama2-7b --context 4096 --repeat 7 \
-      --methods recompute,ideal,hcache,hcache/prio=0,hcache/seg=2,mix/kv=4,mix/kv=8 > $OUT/ttft_timeline_7b_4k.md 2>&1
-    grep -v "Warn\|warn" $OUT/ttft_timeline_7b_4k.md | head -12
-    echo "=== timeline 16K $(date +%T)"
-    timeout 190 python3 benchmarks/ttft_timeline.py --model llama2-7b --context 16384 --repeat 3 --dram-gib 40 \
-      --methods recompute,ideal,hcache,hcache/prio=0,mix/kv=4 > $OUT/ttft_timeline_7b_16k.md 2>&1
-    grep -v "Warn\|warn" $OUT/ttft_timeline_7b_16k.md | head -10
+    gpu_tests 100 tests/hcache/test_gpu.py -k "$PREFILL_TESTS"
+    timeline 200 4096 7 12 recompute,ideal,hcache,hcache/prio=0,hcache/seg=2,mix/kv=4,mix/kv=8
+    timeline 190 16384 3 10 recompute,ideal,hcache,hcache/prio=0,mix/kv=4 --dram-gib 40
     echo "=== kernels $(date +%T)"
     timeout 80 python3 benchmarks/prefill_kernels.py --model llama2-7b --context 4096 --top 16 > $OUT/prefill_kernels_7b_4k.txt 2>&1
     grep -v "Warn\|warn" $OUT/prefill_kernels_7b_4k.txt | head -40
     ;;
   J)
-    echo "=== tests $(date +%T)"
-    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/hcache/test_gpu.py \
-      -k "segmented or restore_into or captured_prefill or issued_ahead or starting_with_kv or matches_prefill" \
-      > $OUT/gpu_tests.log 2>&1; tail -1 $OUT/gpu_tests.log; grep -i "error\|failed" $OUT/gpu_tests.log | head -5
-    echo "=== timeline 4K $(date +%T)"
-    timeout 220 python3 benchmarks/ttft_timeline.py --model llama2-7b --context 4096 --repeat 7 \
-      --methods recompute,ideal,hcache/ahead=all,hcache,hcache/ahead=192,hcache/ahead=1024,mix/kv=4/at=end,mix/kv=8/at=end,mix/kv=4 \
-      > $OUT/ttft_timeline_7b_4k.md 2>&1
-    grep -v "Warn\|warn" $OUT/ttft_timeline_7b_4k.md | head -14
-    echo "=== timeline 16K $(date +%T)"
-    timeout 200 python3 benchmarks/ttft_timeline.py --model llama2-7b --context 16384 --repeat 3 --dram-gib 40 \
-      --methods recompute,ideal,hcache/ahead=all,hcache,mix/kv=2/at=end,mix/kv=4/at=end > $OUT/ttft_timeline_7b_16k.md 2>&1
-    grep -v "Warn\|warn" $OUT/ttft_timeline_7b_16k.md | head -11
+    gpu_tests 100 tests/hcache/test_gpu.py -k "$PREFILL_TESTS or issued_ahead or starting_with_kv or matches_prefill"
+    timeline 220 4096 7 14 \
+      recompute,ideal,hcache/ahead=all,hcache,hcache/ahead=192,hcache/ahead=1024,mix/kv=4/at=end,mix/kv=8/at=end,mix/kv=4
+    timeline 200 16384 3 11 recompute,ideal,hcache/ahead=all,hcache,mix/kv=2/at=end,mix/kv=4/at=end --dram-gib 40
     ;;
   K)
-    echo "=== tests $(date +%T)"
-    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/hcache/test_gpu.py \
-      -k "segmented or restore_into or captured_prefill or issued_ahead or starting_with_kv or generation_modes or modes" \
-      > $OUT/gpu_tests.log 2>&1; tail -1 $OUT/gpu_tests.log; grep -i "error\|failed\|max abs" $OUT/gpu_tests.log | head -5
-    echo "=== timeline 4K $(date +%T)"
-    timeout 200 python3 benchmarks/ttft_timeline.py --model llama2-7b --context 4096 --repeat 7 \
-      --methods recompute,ideal,hcache,hcache/fuse=0,hcache/ahead=all,mix/kv=6/at=end > $OUT/ttft_timeline_7b_4k.md 2>&1
-    grep -v "Warn\|warn" $OUT/ttft_timeline_7b_4k.md | head -11
-    echo "=== timeline 16K $(date +%T)"
-    timeout 170 python3 benchmarks/ttft_timeline.py --model llama2-7b --context 16384 --repeat 3 --dram-gib 24 \
-      --methods recompute,ideal,hcache,hcache/ahead=all > $OUT/ttft_timeline_7b_16k.md 2>&1
-    grep -v "Warn\|warn" $OUT/ttft_timeline_7b_16k.md | head -9
+    gpu_tests 150 tests/hcache/test_gpu.py \
+      -k "$PREFILL_TESTS or issued_ahead or starting_with_kv or generation_modes or modes"
+    timeline 200 4096 7 11 recompute,ideal,hcache,hcache/fuse=0,hcache/ahead=all,mix/kv=6/at=end
+    timeline 170 16384 3 9 recompute,ideal,hcache,hcache/ahead=all --dram-gib 24
     ;;
   L)
-    echo "=== timeline 4K $(date +%T)"
-    timeout 170 python3 benchmarks/ttft_timeline.py --model llama2-7b --context 4096 --repeat 7 \
-      --methods recompute,ideal,hcache,hcache/carve=16,hcache/carve=40,mix/kv=6/at=end > $OUT/ttft_timeline_7b_4k.md 2>&1
-    grep -v "Warn\|warn" $OUT/ttft_timeline_7b_4k.md | head -11
-    echo "=== timeline 16K $(date +%T)"
-    timeout 150 python3 benchmarks/ttft_timeline.py --model llama2-7b --context 16384 --repeat 3 --dram-gib 24 \
-      --methods recompute,ideal,hcache,hcache/carve=16 > $OUT/ttft_timeline_7b_16k.md 2>&1
-    grep -v "Warn\|warn" $OUT/ttft_timeline_7b_16k.md | head -9
+    timeline 170 4096 7 11 recompute,ideal,hcache,hcache/carve=16,hcache/carve=40,mix/kv=6/at=end
+    timeline 150 16384 3 9 recompute,ideal,hcache,hcache/carve=16 --dram-gib 24
     ;;
   M)
-    echo "=== 1K/4K $(date +%T)"
-    mkdir -p $OUT/short $OUT/long
-    timeout 370 python3 -m hcache_adapter bench --no-progress --models llama2-7b,llama3-8b --contexts 1024,4096 \
-      --sources dram --methods recompute,ideal,hf_offloaded,kv,hcache,auto --repeat 7 --warmup 2 --out $OUT/short > $OUT/short/full.log 2>&1
-    grep "^|\|###" $OUT/short/full.log | cut -c1-120 | head -50; tail -2 $OUT/short/full.log
-    echo "=== 16K $(date +%T)"
-    timeout 170 python3 -m hcache_adapter bench --no-progress --models llama2-7b --contexts 16384 --sources dram \
-      --long-methods recompute,ideal,hcache,auto --long-repeat 3 --long-warmup 1 --out $OUT/long > $OUT/long/full.log 2>&1
-    grep "^|\|###" $OUT/long/full.log | cut -c1-120 | head -14; tail -2 $OUT/long/full.log; echo "=== end $(date +%T)"
+    bench_dram 370 170
     ;;
   N)
-    echo "=== tests $(date +%T)"
-    timeout 175 python3 -m pytest -q -p no:cacheprovider tests/hcache/test_gpu.py tests/hcache/test_projection.py \
-      tests/hcache/test_projection_generic.py -k "cuda or gpu or float16" > $OUT/gpu_tests.log 2>&1; tail -1 $OUT/gpu_tests.log; grep -i "error\|failed" $OUT/gpu_tests.log | head -8
-    echo "=== timeline 4K $(date +%T)"
-    timeout 95 python3 benchmarks/ttft_timeline.py --model llama2-7b --context 4096 --repeat 7 \
-      --methods recompute,ideal,hcache,kv > $OUT/ttft_timeline_7b_4k.md 2>&1
-    grep -v "Warn\|warn" $OUT/ttft_timeline_7b_4k.md | head -10; echo "=== end $(date +%T)"
+    gpu_tests 175 tests/hcache/test_gpu.py tests/hcache/test_projection.py tests/hcache/test_projection_generic.py \
+      -k "cuda or gpu or float16"
+    timeline 95 4096 7 10 recompute,ideal,hcache,kv
+    echo "=== end $(date +%T)"
     ;;
 esac

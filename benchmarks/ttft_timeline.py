@@ -48,7 +48,9 @@ class Stamps:
         self.sums: dict[str, float] = defaultdict(float)
         self.start_event = None
         self.in_prefill = False
+        self.in_projection = False  # inside project_prefix: its graph replays are not the prefill's
         self.prefill_graphs = []
+        self.restorer = None  # the Restorer of the call being timed (its streams time the restore's end)
 
     def begin(self) -> None:
         self.host.clear(), self.events.clear(), self.sums.clear()
@@ -120,7 +122,7 @@ def instrument_graphs(st: Stamps) -> None:
     original = torch.cuda.CUDAGraph.replay
 
     def replay(graph):
-        ours = st.in_prefill and not getattr(st, "in_projection", False)
+        ours = st.in_prefill and not st.in_projection
         if ours:
             st.mark("prefill replay start")
             st.prefill_graphs.append(graph)
@@ -149,7 +151,7 @@ def replay_alone(graphs, repeat: int = 5) -> float:
 def restore_queued(st: Stamps) -> None:
     """The restore's last layer is queued when its loader closes (the first layers before restore() returns,
     the rest as the model takes them): the host's time then, and the GPU's when that work is done."""
-    r = getattr(st, "restorer", None)
+    r = st.restorer
     if r is not None:
         st.mark("restore issued", last=True)
         st.mark("restore compute done", r.compute_stream, last=True)

@@ -9,8 +9,9 @@ state, K K/V, R recomputed) and r leading layers recomputed runs:
 
 With `lazy=True` the result is a `LazyCache`: on a GPU with every chunk in a
 memory tier, that work is queued on a side stream, the first 1.5 GiB of it
-at once and the rest a fixed distance ahead of the layer the model takes, and the model's attention at layer i waits on layer i's event; otherwise (NVMe reads,
-the CPU) layer i is produced when the model first needs it. A layer whose
+at once and the rest a fixed distance ahead of the layer the model takes, and
+the model's attention at layer i waits on layer i's event; otherwise (NVMe
+reads, the CPU) layer i is produced when the model first needs it. A layer whose
 chunks turn out unreadable then is recomputed from tokens, so the cache never
 holds wrong state and its length never changes under the model. With
 `lazy=False` every layer is produced before returning and the cache is cut to
