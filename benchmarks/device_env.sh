@@ -17,6 +17,6 @@ bench_dram() {
   grep "^|\|###" $OUT/short/full.log | cut -c1-120 | head -50; tail -2 $OUT/short/full.log
   echo "=== 16K $(date +%T)"
   timeout "$2" python3 -m hcache_adapter bench --no-progress --models llama2-7b --contexts 16384 --sources dram \
-    --long-methods recompute,ideal,hcache,auto --long-repeat 3 --long-warmup 1 --out $OUT/long > $OUT/long/full.log 2>&1
+    --long-methods recompute,ideal,hcache,auto --long-repeat "${BENCH_LONG_REPEAT:-3}" --long-warmup 1 --out $OUT/long > $OUT/long/full.log 2>&1
   grep "^|\|###" $OUT/long/full.log | cut -c1-120 | head -14; tail -2 $OUT/long/full.log; echo "=== end $(date +%T)"
 }

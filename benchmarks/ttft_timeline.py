@@ -35,6 +35,7 @@ from hcache_adapter.bench.ttft import prefix_kv, resident_cache, settle_heap, sy
 from hcache_adapter.compat import cache_kwarg
 from hcache_adapter.loader import LayerLoader
 from hstore import StoreConfig, TieredStore
+from hstore.lease import ReadLease
 
 
 class Stamps:
@@ -101,6 +102,8 @@ def instrument(hc: HCache, st: Stamps, wrap_store: bool) -> None:
          after=lambda: st.mark("restore returned"))
     if wrap_store:  # once per store: the instances share it
         wrap(hc.store, "get_many_into", total=(st, "store reads"))
+        wrap(hc.store, "lease", total=(st, "store lease"))
+        wrap(ReadLease, "read_into", total=(st, "store reads"))
     if hc.projector is not None:  # its graph replays (queued from inside the first forward too) are not the prefill's
         wrap(hc.projector, "project_prefix", total=(st, "projection calls"),
              before=lambda: setattr(st, "in_projection", True), after=lambda: setattr(st, "in_projection", False))
@@ -173,7 +176,8 @@ def variant(model, store, spec: str) -> HCache:
     """An HCache for a method spec: METHOD[/KEY=VALUE...] with keys seg (layers per captured-prefill graph),
     attn (its attention; "model": the model's own), hold (0: do not hold the flusher back), prio (0: replay the
     captured prefill on the current stream, not one of the highest priority), fuse (0: capture the layers'
-    norms, MLPs and rotary uncompiled), carve (SMs the projection graphs' GEMMs leave free), ahead (MiB of a restore queued
+    norms, MLPs and rotary uncompiled), carve (SMs the projection graphs' GEMMs leave free), look (layers of copies queued ahead of the compute;
+    the default: every free slot), lease (0: read each layer with get_many_into), ahead (MiB of a restore queued
     before the first forward, or "all"), kv (with METHOD=mix: auto saving the first kv layers as K/V and the
     rest as hidden states; at=end: the last kv layers)."""
     method, *opts = spec.split("/")
@@ -193,6 +197,10 @@ def variant(model, store, spec: str) -> HCache:
             hc.prefill.attention = None if opt["attn"] == "model" else opt["attn"]
     if "carve" in opt:  # SMs the projection graphs' GEMMs leave free
         hc.projector.sm_carveout = int(opt["carve"])
+    if "look" in opt:  # layers of copies the loader queues ahead of the compute (the default: every free slot)
+        hc.restorer.inline_lookahead = int(opt["look"])
+    if "lease" in opt:  # 0: each layer read with get_many_into (every key looked up and pinned per read)
+        hc.restorer.lease_reads = opt["lease"] != "0"
     if "ahead" in opt:  # MiB of the restore queued before the first forward ("all": everything)
         hc.restorer.issue_ahead_bytes = 1 << 50 if opt["ahead"] == "all" else int(opt["ahead"]) << 20
     return hc

@@ -105,6 +105,8 @@ class Restorer:
         self.compute_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
         self.copy_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
         self.ring = SlotRing(self.device)
+        self.inline_lookahead: int | None = None  # LayerLoader's `lookahead` (None: every free slot)
+        self.lease_reads = True  # LayerLoader's `lease`
         # Which layers are plain K/V, one cache layer per decoder layer (fetched lazily, cut back on misses);
         # the others are restored through the projector's fill_prefix into the model's own cache layers.
         template = new_cache(recomputer.model)
@@ -255,6 +257,7 @@ class PrefixSource:
             where = [w for l, kind in enumerate(self.plan) if l >= first for w in self.where.tiers.get(l, [])]
         self.loader = LayerLoader(r.store, self.reads, r.layout.dtype, r.device,
                                   depth=r.ring_depth(self.m, self.plan), stream=r.copy_stream, ring=r.ring,
+                                  lookahead=r.inline_lookahead, lease=r.lease_reads,
                                   where=where if where and len(where) == sum(len(x.keys) for x in self.reads) else None
                                   ).start()
 

@@ -263,8 +263,21 @@ def account(stats: StoreStats, ladder: TierLadder, plan: ReadPlan, n_keys: int) 
             served[p[2]] += 1
             served_bytes[p[2]] += p[1].nbytes
     remote_hits = len(plan.remote_found)
+    misses = n_keys - sum(served) - remote_hits - len(plan.replaced)
+    account_served(stats, ladder, served, served_bytes, misses=misses, remote_hits=remote_hits)
+    if ladder.remote is not None:
+        rs = stats.tier(ladder.remote.name)
+        rs.hits += remote_hits
+        rs.misses += len(plan.absent) - remote_hits
+        rs.bytes_read += plan.remote_bytes
+
+
+def account_served(stats: StoreStats, ladder: TierLadder, served: Sequence[int], served_bytes: Sequence[int], *,
+                   misses: int = 0, remote_hits: int = 0) -> None:
+    """Count gets by rung: `served[r]` keys (`served_bytes[r]` bytes) hit at rung r, so missed every rung above
+    it; `misses` missed every local rung and the remote; `remote_hits` were found only on the remote."""
+    rungs = ladder.rungs
     hits = sum(served) + remote_hits
-    misses = n_keys - hits - len(plan.replaced)
     below = misses + remote_hits  # keys that missed every local rung so far
     for r in range(len(rungs) - 1, -1, -1):  # a key served at rung r missed every rung above it
         ts = rungs[r].stats
@@ -272,12 +285,7 @@ def account(stats: StoreStats, ladder: TierLadder, plan: ReadPlan, n_keys: int) 
         ts.bytes_read += served_bytes[r]
         ts.misses += below
         below += served[r]
-    if ladder.remote is not None:
-        rs = stats.tier(ladder.remote.name)
-        rs.hits += remote_hits
-        rs.misses += len(plan.absent) - remote_hits
-        rs.bytes_read += plan.remote_bytes
-    stats.gets += n_keys - len(plan.replaced)
+    stats.gets += hits + misses
     stats.hits += hits
     stats.misses += misses
 

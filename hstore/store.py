@@ -37,6 +37,7 @@ from hstore.foreground import BackgroundGate, Hold
 from hstore.index import Index, IndexEntry
 from hstore.io import IoEngine, make_engine
 from hstore.ladder import TierLadder, TierView
+from hstore.lease import ReadLease
 from hstore.opening import RootLock, check_layout, durable_entries, open_index, record_layout
 from hstore.policy import EvictionPolicy, make_admission_policy, make_eviction_policy, make_placement_policy
 from hstore.readpath import Reader, output_device
@@ -307,6 +308,15 @@ class TieredStore:
         ks = normalize_keys(keys)
         with self._catalog.operation():
             return self._reader.read_into(ks, outs, non_blocking=non_blocking, promote=promote)
+
+    def lease(self, keys: Sequence[str | bytes]) -> ReadLease:
+        """Pin the memory-tier copies of `keys` for many cheap `read_into(start, stop, out)` calls.
+
+        The per-key work of a read (lookup, pin, policy, counters) is done once here instead
+        of on every call: what lets a restore copy a layer's chunks with no per-chunk host
+        time. Keys not held in a memory tier have `found[i]` False. See `hstore.lease`.
+        """
+        return ReadLease(self._catalog, self._ladder, normalize_keys(keys))
 
     def locate(self, keys: Iterable[str | bytes]) -> list[str | None]:
         """The tier a read of each key would be served from ("gpu", "dram", "nvme", "remote") or None."""

@@ -76,3 +76,35 @@ def test_thread_mode_lowers_the_switch_interval_only_while_it_runs(filled):
     loaders[1].close()
     loaders[1].close()  # closing twice changes nothing
     assert sys.getswitchinterval() == before
+
+
+def test_layer_keys_are_each_chunk_key():
+    from hcache_adapter.layout import StateLayout
+
+    from hcache_adapter.parallel.shards import Shard
+
+    layout = StateLayout("fp", "ns", 64, torch.float16, 32, (4,) * 8, (8,) * 8, shard=Shard(2, 1))
+    digests = ["ab12", "cd34", "ef56"]
+    for kind, layer in (("H", 0), ("K", 7)):
+        assert layout.layer_keys(digests, kind, layer) == [layout.chunk_key(d, kind, layer) for d in digests]
+    assert layout.layer_keys([], "H", 0) == []
+
+
+@pytest.mark.parametrize("lookahead", [None, 1, 2])
+@pytest.mark.parametrize("lease", [0, 1, CHUNKS, 2 * CHUNKS + 1, 100])  # keys per lease (0: get_many_into per layer)
+def test_inline_reads_with_and_without_leases_and_any_lookahead(filled, lookahead, lease, monkeypatch):
+    if lease:
+        monkeypatch.setattr(LayerLoader, "LEASE_KEYS", lease)
+    filled.delete("4/2")  # layer 4 is read the general way and ends at chunk 2
+    loader = LayerLoader(filled, reads(), torch.float32, torch.device("cpu"), depth=3, inline=True,
+                         lookahead=lookahead, lease=bool(lease)).start()
+    try:
+        for l in range(LAYERS):
+            got = loader.get(l)
+            assert got.valid_chunks == (2 if l == 4 else CHUNKS)
+            for c in range(got.valid_chunks):
+                assert torch.equal(got.data[c], value(l, c)), (l, c)
+            loader.release(l)
+    finally:
+        loader.close()
+
