@@ -62,7 +62,8 @@ class _AllDone:
 
 
 class ReadLease:
-    """Pinned memory-tier copies of `keys`, read by row ranges. Made by `TieredStore.lease`."""
+    """Pinned memory-tier copies of `keys`, read by row ranges. Made by `TieredStore.lease`; used by one
+    thread at a time (the store around it is thread-safe)."""
 
     def __init__(self, catalog: Catalog, ladder: TierLadder, keys: Sequence[bytes]):
         self._catalog = catalog
