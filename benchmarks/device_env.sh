@@ -1,5 +1,6 @@
 # Sourced by the run_final_*.sh stages on the GPU machine: installs the carried .devdeps, puts this checkout
-# first on PYTHONPATH, builds the io_uring binding, and prints the GPU; defines `bench_dram`. Logs go under $OUT.
+# first on PYTHONPATH, builds the io_uring binding, and prints the GPU; defines `bench_dram`, `gpu_tests` and
+# `timeline`. Logs go under $OUT.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
 source .devdeps/install.sh >/dev/null 2>&1
@@ -19,4 +20,22 @@ bench_dram() {
   timeout "$2" python3 -m hcache_adapter bench --no-progress --models llama2-7b --contexts 16384 --sources dram \
     --long-methods recompute,ideal,hcache,auto --long-repeat "${BENCH_LONG_REPEAT:-3}" --long-warmup 1 --out $OUT/long > $OUT/long/full.log 2>&1
   grep "^|\|###" $OUT/long/full.log | cut -c1-120 | head -14; tail -2 $OUT/long/full.log; echo "=== end $(date +%T)"
+}
+
+# gpu_tests SECONDS PYTEST_ARGS...: the named GPU tests, their summary line and any failures.
+gpu_tests() {
+  local t=$1; shift
+  echo "=== tests $(date +%T)"
+  timeout "$t" python3 -m pytest -q -p no:cacheprovider "$@" > $OUT/gpu_tests.log 2>&1
+  tail -1 $OUT/gpu_tests.log; grep -i "error\|failed" $OUT/gpu_tests.log | head -8
+}
+
+# timeline SECONDS CONTEXT REPEAT LINES METHODS [EXTRA...]: one 7B timeline into $OUT/ttft_timeline_7b_<K>k.md.
+timeline() {
+  local t=$1 n=$2 repeat=$3 lines=$4 methods=$5; shift 5
+  local out=$OUT/ttft_timeline_7b_$((n / 1024))k.md
+  echo "=== timeline $((n / 1024))K $(date +%T)"
+  timeout "$t" python3 benchmarks/ttft_timeline.py --model llama2-7b --context "$n" --repeat "$repeat" \
+    --methods "$methods" "$@" > "$out" 2>&1
+  grep -v "Warn\|warn" "$out" | head -"$lines"
 }

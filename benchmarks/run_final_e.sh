@@ -13,24 +13,6 @@
 #   N: the GPU tests (test_gpu.py and the projections on CUDA), then the timeline of 7B/4K with the final code.
 source benchmarks/device_env.sh
 
-# gpu_tests SECONDS PYTEST_ARGS...: the named GPU tests, their summary line and any failures.
-gpu_tests() {
-  local t=$1; shift
-  echo "=== tests $(date +%T)"
-  timeout "$t" python3 -m pytest -q -p no:cacheprovider "$@" > $OUT/gpu_tests.log 2>&1
-  tail -1 $OUT/gpu_tests.log; grep -i "error\|failed" $OUT/gpu_tests.log | head -8
-}
-
-# timeline SECONDS CONTEXT REPEAT LINES METHODS [EXTRA...]: one 7B timeline into $OUT/ttft_timeline_7b_<K>k.md.
-timeline() {
-  local t=$1 n=$2 repeat=$3 lines=$4 methods=$5; shift 5
-  local out=$OUT/ttft_timeline_7b_$((n / 1024))k.md
-  echo "=== timeline $((n / 1024))K $(date +%T)"
-  timeout "$t" python3 benchmarks/ttft_timeline.py --model llama2-7b --context "$n" --repeat "$repeat" \
-    --methods "$methods" "$@" > "$out" 2>&1
-  grep -v "Warn\|warn" "$out" | head -"$lines"
-}
-
 PREFILL_TESTS="segmented or restore_into or captured_prefill"
 case "${1:-I}" in
   I)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU calls of the sixth session:  bash benchmarks/run_final_f.sh O|P   (carry .devdeps; logs under $OUT)
+# GPU calls of the sixth session, in the order run:  bash benchmarks/run_final_f.sh O|Q|R|S|P|P2
+#   (carry .devdeps; logs under $OUT). Each stage ran the code as it was then; the variants are ttft_timeline.py's.
 #   O: GPU tests of the read lease and the restores, then TTFT timelines of one 7B request at 4K and 16K: the
 #      restore's chunks leased once and every free slot's copies queued first (the default) against reading each
 #      layer with get_many_into three layers ahead (lease=0/look=3, the fifth session's code), each change alone,
@@ -12,22 +13,6 @@
 #   P: `hcache bench` with this session's defaults (as run_final_e.sh M), then the GPU tests of the final code.
 #   P2: the same bench again on the same lease (the first run's 16K had a round of ~0.8 s), 16K median of 5.
 source benchmarks/device_env.sh
-
-gpu_tests() {
-  local t=$1; shift
-  echo "=== tests $(date +%T)"
-  timeout "$t" python3 -m pytest -q -p no:cacheprovider "$@" > $OUT/gpu_tests.log 2>&1
-  tail -1 $OUT/gpu_tests.log; grep -i "error\|failed" $OUT/gpu_tests.log | head -8
-}
-
-timeline() {
-  local t=$1 n=$2 repeat=$3 lines=$4 methods=$5; shift 5
-  local out=$OUT/ttft_timeline_7b_$((n / 1024))k.md
-  echo "=== timeline $((n / 1024))K $(date +%T)"
-  timeout "$t" python3 benchmarks/ttft_timeline.py --model llama2-7b --context "$n" --repeat "$repeat" \
-    --methods "$methods" "$@" > "$out" 2>&1
-  grep -v "Warn\|warn" "$out" | head -"$lines"
-}
 
 case "${1:-O}" in
   O)
