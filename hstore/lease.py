@@ -177,10 +177,12 @@ class ReadLease:
         runs, starts = self._runs, self._starts
         lo = max(0, bisect.bisect_right(starts, start) - 1)
         hi = bisect.bisect_left(starts, stop, lo)  # runs[lo:hi] are those that may overlap [start, stop)
-        for run in (runs[lo:hi] if self._uniform is None else runs[lo:lo + 1] if lo < hi else ()):
-            if run.stop > start and (run.dtype is not out.dtype or run.row_bytes != row):
+        kinds = ({self._uniform} if self._uniform is not None and lo < hi else
+                 {(run.dtype, run.row_bytes) for run in runs[lo:hi] if run.stop > start})
+        for dtype, row_bytes in kinds:  # before anything is copied
+            if dtype is not out.dtype or row_bytes != row:
                 raise InvalidItemError(f"output rows {out.dtype}{tuple(out.shape[1:])} do not match the leased "
-                                       f"items ({run.dtype}, {run.row_bytes} bytes)")
+                                       f"items ({dtype}, {row_bytes} bytes)")
         device_copy = False
         with self._catalog.operation():  # the store's close waits for these copies to be issued
             base = out.data_ptr()

@@ -112,6 +112,17 @@ def test_bad_outputs_and_closed_leases_raise(open_store):
         lease.read_into(0, 3, torch.empty(3, ROW))
 
 
+def test_a_range_after_a_gap_of_unleased_keys_is_checked_against_out(open_store):
+    store = open_store(nvme_bytes=0)
+    _put(store, ["a", "b"])
+    with store.lease(["a", "absent", "b"]) as lease:
+        with pytest.raises(InvalidItemError):
+            lease.read_into(1, 3, torch.empty(2, ROW // 2))  # run "a" ends before row 1; run "b" must be checked
+        out = torch.full((2, ROW), -1.0)
+        assert lease.read_into(1, 3, out) == [False, True]
+        assert_same(out[1], _value(1))
+
+
 def test_store_closed_under_a_lease(open_store):
     store = open_store(nvme_bytes=0)
     _put(store, ["a"])
