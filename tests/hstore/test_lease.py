@@ -156,37 +156,44 @@ def test_leases_count_as_hits(open_store):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, 3), st.sampled_from([torch.float32, torch.float16]), st.booleans()),
-                min_size=1, max_size=8),
+@given(st.lists(st.tuples(st.integers(1, 3), st.sampled_from([torch.float32, torch.float16]), st.booleans(),
+                          st.integers(0, 2)), min_size=1, max_size=8),
        st.data())
 def test_property_any_range_of_a_lease_reads_what_get_returns(tmp_path_factory, groups, data):
-    """Random batches (sizes, dtypes, some keys overwritten): runs never cross a size, dtype or slot gap."""
+    """Random batches (sizes, dtypes, some keys overwritten, absent keys between them): runs never cross a
+    size, dtype or slot gap, and rows of keys not leased are left as they were."""
     from hstore import StoreConfig, TieredStore
 
     root = tmp_path_factory.mktemp("lease")
     with TieredStore(StoreConfig(root=root, dram_bytes=1 << 20, nvme_bytes=0, gpu_bytes=0)) as store:
         keys, n = [], 0
-        for size, dtype, overwrite in groups:
+        for size, dtype, overwrite, absent in groups:
             batch = [f"g/{n + j}" for j in range(size)]
             store.put_many([(k, torch.full((ROW * size,), float(n + j)).to(dtype)) for j, k in enumerate(batch)])
             if overwrite:
                 store.put(batch[0], torch.full((ROW * size,), -float(n)).to(dtype))  # moves it to another slot
-            keys += batch
+            keys += batch + [f"absent/{n}/{j}" for j in range(absent)]
             n += size
         want = store.get_many(keys)
         start = data.draw(st.integers(0, len(keys) - 1))
         stop = data.draw(st.integers(start + 1, len(keys)))
         with store.lease(keys) as lease:
-            assert lease.found == [True] * len(keys)
+            assert lease.found == [w is not None for w in want]
             j = start
-            while j < stop:  # read maximal ranges of one dtype and size
+            while j < stop:  # read maximal ranges whose present keys share one dtype and size
+                kind = next(((w.dtype, w.numel()) for w in want[j:stop] if w is not None), None)
+                if kind is None:
+                    break
                 k = j
-                while k < stop and want[k].dtype == want[j].dtype and want[k].numel() == want[j].numel():
+                while k < stop and (want[k] is None or (want[k].dtype, want[k].numel()) == kind):
                     k += 1
-                out = torch.empty(k - j, want[j].numel(), dtype=want[j].dtype)
-                assert lease.read_into(j, k, out) == [True] * (k - j)
+                out = torch.full((k - j, kind[1]), 7.0).to(kind[0])
+                assert lease.read_into(j, k, out) == [want[i] is not None for i in range(j, k)]
                 for i in range(j, k):
-                    assert_same(out[i - j], want[i])
+                    if want[i] is None:
+                        assert bool((out[i - j] == 7).all())
+                    else:
+                        assert_same(out[i - j], want[i])
                 j = k
 
 
