@@ -15,7 +15,9 @@ thread. On a GPU with every chunk in a memory tier nothing blocks: a copy is
 only queued on the copy stream, so the caller's own thread queues them a few
 layers ahead of its compute (`inline` mode). That keeps the GIL with one
 thread: two threads that both launch GPU work would take turns and leave the
-GPU idle between layers.
+GPU idle between layers. Inline reads go through store leases (`hstore.lease`)
+of a few layers at a time: the keys are looked up and pinned once per window,
+and a layer is then one copy per run with no per-chunk host work.
 """
 from __future__ import annotations
 
