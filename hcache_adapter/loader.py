@@ -151,6 +151,8 @@ class LayerLoader:
         self._where: dict[int, list] = {}  # inline mode: each read's tiers, as located by start()
         self.inline = False
         self._issued = 0  # inline mode: layers whose reads are queued
+        if lookahead is not None and (not isinstance(lookahead, int) or lookahead < 1):
+            raise ValueError(f"lookahead must be a positive int or None, got {lookahead!r}")
         self.lookahead = lookahead
         self._use_lease = lease
         self._lease = None  # inline mode: the lease of the reads from _lease_first on (_lease_rows: their first keys)

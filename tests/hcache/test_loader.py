@@ -108,3 +108,9 @@ def test_inline_reads_with_and_without_leases_and_any_lookahead(filled, lookahea
     finally:
         loader.close()
 
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "3"])
+def test_a_bad_lookahead_is_refused(filled, bad):
+    with pytest.raises(ValueError, match="lookahead"):
+        LayerLoader(filled, reads(), torch.float32, torch.device("cpu"), lookahead=bad)
