@@ -83,7 +83,8 @@ def locate_layers(store, layout: StateLayout, plan: str, digests: list[str]) -> 
     sources: dict[str, int] = {}
     for l in layers:
         per_chunk = layout.bytes_per_token(l, plan[l]) * layout.chunk_tokens
-        for tier in where[l]:
+        tiers = where[l]
+        for tier in set(tiers):  # a few tiers, thousands of chunks: counted in C
             name = tier or "missing"
-            sources[name] = sources.get(name, 0) + per_chunk
+            sources[name] = sources.get(name, 0) + tiers.count(tier) * per_chunk
     return LayerLocations(per_layer, where), sources
