@@ -5,10 +5,12 @@
 #      restore's chunks leased once and every free slot's copies queued first (the default) against reading each
 #      layer with get_many_into three layers ahead (lease=0/look=3, the fifth session's code), each change alone,
 #      and a plan whose last 3 layers are K/V.
-#   Q: (per-layer leases, 3 layers ahead: the defaults after O) timelines at 4K and 16K against get_many_into reads
-#      (lease=0) and every free slot's copies first (look=32), then a cProfile of hc.generate at 4K.
-#   R: (leases of 8 layers) timelines at 4K and 16K: against get_many_into reads (lease=0), and the projection's
-#      input copied by a kernel (copyin=sm, a variant since removed: it was neutral, 33.4 vs 33.6 ms and 97.6 vs 96.0).
+#   Q: (per-layer leases; restores still queued every free slot's copies first, as Restorer.inline_lookahead
+#      overrode the loader's own default) timelines at 4K and 16K against get_many_into reads (lease=0, also every
+#      free slot) and look=32 (the same as the default), then a cProfile of hc.generate at 4K.
+#   R: (leases of 8 layers, every free slot first) timelines at 4K and 16K: against get_many_into reads (lease=0,
+#      every free slot first), and the projection's input copied by a kernel (copyin=sm, a variant since removed:
+#      it was neutral, 33.4 vs 33.6 ms and 97.6 vs 96.0).
 #   S: timelines at 4K and 16K with less of the restore queued before generate() (ahead=MiB).
 #   P: `hcache bench` with this session's defaults (as run_final_e.sh M), then the GPU tests of the final code.
 #   P2: the same bench again on the same lease (the first run's 16K had a round of ~0.8 s), 16K median of 5.

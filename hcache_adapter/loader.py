@@ -97,10 +97,11 @@ class LoadedLayer:
 class LayerLoader:
     """Background reader that stays at most `depth` layers ahead of the consumer."""
 
-    # Inline mode: layers of copies queued ahead of the layer being computed. Measured on the lent H200 (7B, 4K,
-    # TTFT timeline): 3 ahead 33.4 ms, every free slot first 35.4 ms; with every layer's copies queued first the
-    # projections fall behind the copies (2.5 ms after the last, instead of 0.6) and the first forward with them.
-    LOOKAHEAD = 3
+    # Inline mode: layers of copies queued ahead of the layer being computed; None: every layer with a free slot,
+    # what restores run with (Restorer.inline_lookahead). On the lent H200 (7B, 4K, TTFT timeline, one lease for
+    # the whole restore) 3 ahead gave 33.4 ms against 35.4 for every free slot, whose projections trailed the
+    # copies by 2.5 ms instead of 0.6; with the 512-key lease windows below only every free slot was measured.
+    LOOKAHEAD: int | None = None
     # Inline mode: keys per lease (whole reads, at least one). On the lent H200 one lease of a whole 4K restore
     # (2,048 keys) took 1.9 ms before the first copy could start; one per layer (64 keys), 4.0 ms in all (a lease's
     # fixed cost, ~60 us, 32 times). 512 keys: 8 layers of a 4K restore, 2 of a 16K one.
