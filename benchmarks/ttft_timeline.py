@@ -31,7 +31,7 @@ import torch
 from hcache_adapter import HCache
 from hcache_adapter import hcache as hcache_module
 from hcache_adapter.bench.models import add_request_arguments, build_model, shape_label
-from hcache_adapter.bench.ttft import prefix_kv, resident_cache, settle_heap, sync
+from hcache_adapter.bench.ttft import alloc_retries, prefix_kv, resident_cache, settle_heap, sync
 from hcache_adapter.compat import cache_kwarg
 from hcache_adapter.loader import LayerLoader
 from hstore import StoreConfig, TieredStore
@@ -177,7 +177,7 @@ def variant(model, store, spec: str) -> HCache:
     attn (its attention; "model": the model's own), hold (0: do not hold the flusher back), prio (0: replay the
     captured prefill on the current stream, not one of the highest priority), fuse (0: capture the layers'
     norms, MLPs and rotary uncompiled), carve (SMs the projection graphs' GEMMs leave free), look (layers of copies queued ahead of the compute;
-    the default: every free slot), lease (0: read each layer with get_many_into), ahead (MiB of a restore queued
+    "all": every free slot), lease (0: read each layer with get_many_into), ahead (MiB of a restore queued
     before the first forward, or "all"), kv (with METHOD=mix: auto saving the first kv layers as K/V and the
     rest as hidden states; at=end: the last kv layers)."""
     method, *opts = spec.split("/")
@@ -197,8 +197,8 @@ def variant(model, store, spec: str) -> HCache:
             hc.prefill.attention = None if opt["attn"] == "model" else opt["attn"]
     if "carve" in opt:  # SMs the projection graphs' GEMMs leave free
         hc.projector.sm_carveout = int(opt["carve"])
-    if "look" in opt:  # layers of copies the loader queues ahead of the compute (the default: every free slot)
-        hc.restorer.inline_lookahead = int(opt["look"])
+    if "look" in opt:  # layers of copies the loader queues ahead of the compute ("all": every free slot)
+        hc.restorer.inline_lookahead = None if opt["look"] == "all" else int(opt["look"])
     if "lease" in opt:  # 0: each layer read with get_many_into (every key looked up and pinned per read)
         hc.restorer.lease_reads = opt["lease"] != "0"
     if "ahead" in opt:  # MiB of the restore queued before the first forward ("all": everything)
@@ -242,11 +242,13 @@ def measure(runs, order, rows, st: Stamps, state, model, ref, device, repeat: in
             if m == "ideal":
                 state["ideal"] = resident_cache(model, ref)
             sync(device)
+            before = alloc_retries(device)
             st.begin()
             runs[m]()
             st.mark("generate returned")
             sync(device)
             total = (time.perf_counter() - st.t0) * 1e3
+            st.sums["CUDA alloc retries"] += alloc_retries(device) - before
             if rep >= warmup:
                 rows[m].append((dict(st.host), st.gpu(), dict(st.sums), total))
 

@@ -69,11 +69,14 @@ def chunk_digests(
         ids = token_ids.detach().reshape(-1).to("cpu", torch.int64).numpy()
     else:
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-    ids = ids.astype("<i8", copy=False)
+    raw = memoryview(ids.astype("<i8", copy=False).tobytes())  # one conversion, then slices of it (no copies)
+    step = chunk_tokens * 8
     prev = bytes.fromhex(after) if after else hashlib.blake2b(seed.encode(), digest_size=16).digest()
     out = []
     for c in range(len(ids) // chunk_tokens):
-        prev = hashlib.blake2b(prev + ids[c * chunk_tokens : (c + 1) * chunk_tokens].tobytes(), digest_size=16).digest()
+        h = hashlib.blake2b(prev, digest_size=16)
+        h.update(raw[c * step : (c + 1) * step])  # H(prev || tokens): the same bytes as one call on their concatenation
+        prev = h.digest()
         out.append(prev.hex())
     return out
 

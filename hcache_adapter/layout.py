@@ -123,9 +123,13 @@ class StateLayout:
     def manifest_key(self, digest: str) -> str:
         return manifest_key(self.namespace, digest)
 
-    def layer_keys(self, digests: Sequence[str], kind: str, layer: int) -> list[str]:
-        """`chunk_key` of every digest, built by concatenation (a 4K restore names 2,048 keys)."""
+    def layer_keys(self, digests: Sequence[str] | Sequence[bytes], kind: str, layer: int) -> list[str] | list[bytes]:
+        """`chunk_key` of every digest, built by concatenation (a 16K restore names 8,192 keys). Digests given
+        as bytes (`str.encode`d once per restore, not once per layer) give the keys as bytes, what the store
+        holds: it then neither encodes them nor, on a second lookup of the same key objects, hashes them again."""
         head, tail = self.chunk_key("\0", kind, layer).split("\0")
+        if digests and isinstance(digests[0], bytes):
+            head, tail = head.encode(), tail.encode()
         return [head + d + tail for d in digests]
 
     def manifest(self, plan: str) -> Manifest:

@@ -40,7 +40,7 @@ class LayerRead:
 
     layer: int
     kind: str  # "H" or "K"
-    keys: list[str]
+    keys: list[bytes] | list[str]  # bytes from a restore (locate_layers), what the store holds
     chunk_shape: tuple[int, ...]
 
 
@@ -97,11 +97,13 @@ class LoadedLayer:
 class LayerLoader:
     """Background reader that stays at most `depth` layers ahead of the consumer."""
 
-    # Inline mode: layers of copies queued ahead of the layer being computed; None: every layer with a free slot,
-    # what restores run with (Restorer.inline_lookahead). On the lent H200 (7B, 4K, TTFT timeline, one lease for
-    # the whole restore) 3 ahead gave 33.4 ms against 35.4 for every free slot, whose projections trailed the
-    # copies by 2.5 ms instead of 0.6; with the 512-key lease windows below only every free slot was measured.
-    LOOKAHEAD: int | None = None
+    # Inline mode: layers of copies queued ahead of the layer being computed (None: every layer with a free slot).
+    # On the lent H200 (7B, TTFT timelines through hc.generate, methods interleaved on one lease, 512-key lease
+    # windows) 3 ahead gave 30.8 ms at 4K against 33.1 for every free slot, and 97.2 against 103.1 at 16K: with
+    # every free slot first the restore call queues ~1.5 GiB of copies before generate() starts its forward (30.5
+    # ms of host time at 16K instead of 17.2) and the projections trail the copies (4K: done 3.4 ms after the
+    # last copy instead of 0.7). Run O of the sixth session, one lease per restore, agreed (33.4 against 35.4).
+    LOOKAHEAD: int | None = 3
     # Inline mode: keys per lease (whole reads, at least one). On the lent H200 one lease of a whole 4K restore
     # (2,048 keys) took 1.9 ms before the first copy could start; one per layer (64 keys), 4.0 ms in all (a lease's
     # fixed cost, ~60 us, 32 times). 512 keys: 8 layers of a 4K restore, 2 of a 16K one.

@@ -58,10 +58,9 @@ def complete_chunks(locations: "LayerLocations") -> int:
     """Leading chunks every stored layer has (a chunk missing in any layer ends the prefix)."""
     m = min((len(t) for t in locations.tiers.values()), default=0)
     for tiers in locations.tiers.values():
-        for c, where in enumerate(tiers[:m]):
-            if where is None:
-                m = c
-                break
+        head = tiers[:m]
+        if None in head:  # searched in C: a 16K restore has 8,192 chunk entries
+            m = head.index(None)
     return m
 
 
@@ -69,14 +68,15 @@ def complete_chunks(locations: "LayerLocations") -> int:
 class LayerLocations:
     """Per stored layer: its chunk keys, and the tier that would serve each (None: absent)."""
 
-    keys: dict[int, list[str]]
+    keys: dict[int, list[bytes]]
     tiers: dict[int, list]
 
 
 def locate_layers(store, layout: StateLayout, plan: str, digests: list[str]) -> tuple[LayerLocations, dict[str, int]]:
     """(keys and tier of every chunk per stored layer, bytes each tier would deliver; "missing" for absent)."""
     layers = [l for l, kind in enumerate(plan) if kind != RECOMPUTE]
-    per_layer = {l: layout.layer_keys(digests, plan[l], l) for l in layers}
+    encoded = [d.encode() for d in digests]  # once, not once per layer: the keys are built as bytes
+    per_layer = {l: layout.layer_keys(encoded, plan[l], l) for l in layers}
     found = store.locate([k for l in layers for k in per_layer[l]])
     m = len(digests)
     where = {l: found[i * m:(i + 1) * m] for i, l in enumerate(layers)}

@@ -105,7 +105,7 @@ class Restorer:
         self.compute_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
         self.copy_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
         self.ring = SlotRing(self.device)
-        self.inline_lookahead: int | None = LayerLoader.LOOKAHEAD  # LayerLoader's `lookahead` (None: every free slot)
+        self.inline_lookahead: int | None = LayerLoader.LOOKAHEAD  # LayerLoader's `lookahead` (layers queued ahead)
         self.lease_reads = True  # LayerLoader's `lease`
         # Which layers are plain K/V, one cache layer per decoder layer (fetched lazily, cut back on misses);
         # the others are restored through the projector's fill_prefix into the model's own cache layers.

@@ -36,8 +36,8 @@ def request_tables(rows: list[Row], floors: dict[tuple, float]) -> list[str]:
         ideal = next((r for r in rows if (r.model, r.context, r.method) == (model, n, "ideal")), None)
         lines += [f"\n### {model}, {n} tokens stored, state in {source}\n",
                   "| method | TTFT ms | ± | vs recompute | vs ideal | restore issue ms | restored | "
-                  "recomputed layers | bytes/token | max abs err |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "recomputed layers | bytes/token | max abs err | alloc retries |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for m in ALL_METHODS:
             r = group.get(m)
             if r is None:
@@ -47,12 +47,12 @@ def request_tables(rows: list[Row], floors: dict[tuple, float]) -> list[str]:
             err = "-" if r.max_abs_err != r.max_abs_err else f"{r.max_abs_err:.1e}"
             lines.append(f"| {m} | {r.ttft_ms:.1f} | {_fmt(r.spread_ms)} | {speed} | {vs_ideal} | "
                          f"{_fmt(r.restore_issue_ms)} | {r.restored_tokens} | {r.recompute_layers} | "
-                         f"{r.bytes_per_token:,} | {err} |")
+                         f"{r.bytes_per_token:,} | {err} | {r.alloc_retries} |")
         for what in ("H", "K"):
             ms = floors.get((model, n, what))
             if ms is not None and ms == ms:
                 label = "hidden states" if what == "H" else "K/V"
-                lines.append(f"| copy floor ({label}) | {ms:.1f} | | | | | | | | |")
+                lines.append(f"| copy floor ({label}) | {ms:.1f} | | | | | | | | | |")
     return lines
 
 
@@ -60,7 +60,9 @@ def markdown(rows: list[Row], floors: dict, header: str, extra: list[str] = ()) 
     lines = [f"# hcache bench\n\n{header}\n",
              "TTFT: wall clock of a synchronised `generate(..., max_new_tokens=1)`, median over repetitions "
              "(± half the p10-p90 range), methods interleaved in rounds. `restore issue`: host time of the "
-             "restore call inside `hc.generate` (the GPU work it queues runs under generate's prefill)."]
+             "restore call inside `hc.generate` (the GPU work it queues runs under generate's prefill). `alloc retries`: "
+             "CUDA allocations in the timed runs that had to free the allocator's cache and synchronise (short of "
+             "GPU memory)."]
     lines += request_tables(rows, floors)
     lines += list(extra)
     return "\n".join(lines) + "\n"

@@ -46,6 +46,7 @@ class Row:
     recompute_layers: int = 0
     max_abs_err: float = float("nan")
     repeats: int = 0
+    alloc_retries: int = 0  # CUDA caching-allocator retries in the timed runs: each freed the cache and synchronised
     samples: list[float] = field(default_factory=list, repr=False)
 
 
@@ -61,6 +62,15 @@ def settle_heap() -> None:
     bench with the collector off): ideal 47.8 -> 30.1 ms, hcache 41.7 -> 35.4 ms."""
     gc.collect()
     gc.freeze()
+
+
+def alloc_retries(device: torch.device) -> int:
+    """The caching allocator's count of allocations that failed, freed every cached block and tried again. Each
+    retry synchronises the device and calls cudaFree, so a run that has one stalls for milliseconds; a count
+    above 0 in a row means the process is short of GPU memory, not that the method is slow."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.memory_stats(device).get("num_alloc_retries", 0)
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:
@@ -165,6 +175,7 @@ def measure_rows(model_name: str, model, hcs: dict[str, HCache], request: torch.
     order = list(run)
     samples: dict[str, list[float]] = {m: [] for m in order}
     issue: dict[str, list[float]] = {m: [] for m in order}
+    retries = dict.fromkeys(order, 0)
     for r in range(warmup + repeat):
         if r == warmup:
             settle_heap()
@@ -172,16 +183,19 @@ def measure_rows(model_name: str, model, hcs: dict[str, HCache], request: torch.
         for m in order[k:] + order[:k]:
             runner = run[m]
             runner.setup()
+            before = alloc_retries(device)
             t = timed(runner.run, device)
             if r >= warmup:
                 samples[m].append(t * 1e3)
+                retries[m] += alloc_retries(device) - before
                 if runner.hc is not None:
                     issue[m].append(runner.hc.last_restore.seconds * 1e3)
             progress()
     rows = []
     for m in order:
         xs = sorted(samples[m])
-        row = Row(model_name, n, source, m, statistics.median(xs), _spread(xs), repeats=len(xs), samples=xs)
+        row = Row(model_name, n, source, m, statistics.median(xs), _spread(xs), repeats=len(xs), samples=xs,
+                  alloc_retries=retries[m])
         hc = run[m].hc
         if hc is not None:
             info = hc.last_restore

@@ -78,7 +78,7 @@ class RestoreExchange:
         self.x = exchange
         self.assignments = assignments
 
-    def keys(self, layer: int, kind: str, keys: list[str]) -> list[str]:
+    def keys(self, layer: int, kind: str, keys: list[bytes]) -> list[bytes]:
         """The keys this rank reads of `layer` (its share of a hidden-state layer; all of a K/V layer)."""
         a = self.assignments.get(layer)
         if kind != HIDDEN or a is None:

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import subprocess
 import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tests.helpers.models import CASES, build as _build
 
 from hcache_adapter import HCache, Profile
@@ -309,6 +312,27 @@ def test_prefix_keys_are_the_same_in_every_process():
     assert chunk_digests("fp", ids[:16], C) == here[:2]  # a prefix's digests are a prefix
     assert chunk_digests("other", ids, C)[0] != here[0]
     assert chunk_digests("fp", ids[16:], C, after=here[1]) == here[2:]
+
+
+def test_prefix_keys_are_the_same_in_every_version():
+    """Digests name stored state: a store written by an earlier version must still be found. These values are
+    the first release's (d[c] = blake2b-128(d[c-1] || int64 little-endian tokens of chunk c))."""
+    digests = chunk_digests("fp", list(range(100, 140)), 8)
+    assert digests[:2] == ["6d5417c4efd3b3109fc100f0849d139c", "ed22ec191ac9eba277036ed6f78225b0"]
+    assert digests[-1] == "dde77108f587a7dee2524367eb9be3fa"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 2**40), max_size=300), st.integers(1, 70), st.booleans())
+def test_prefix_keys_are_the_chained_hash_of_each_chunk(ids, chunk, as_tensor):
+    import hashlib
+
+    prev, expect = hashlib.blake2b(b"seed", digest_size=16).digest(), []
+    for c in range(len(ids) // chunk):
+        prev = hashlib.blake2b(prev + struct.pack(f"<{chunk}q", *ids[c * chunk:(c + 1) * chunk]), digest_size=16).digest()
+        expect.append(prev.hex())
+    given_ids = torch.tensor(ids, dtype=torch.int64) if as_tensor else ids
+    assert chunk_digests("seed", given_ids, chunk) == expect
 
 
 def test_bad_arguments_are_clear_errors(store):

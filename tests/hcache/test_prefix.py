@@ -13,13 +13,15 @@ def test_locate_layers_counts_bytes_per_tier_and_marks_missing_chunks(tmp_path):
     layout = StateLayout("fp", "ns", 64, torch.float16, 32, (4, 4, 4), (8, 8, 8))
     plan, digests = "HKR", [f"d{i}" for i in range(5)]
     h_keys, k_keys = layout.layer_keys(digests, "H", 0), layout.layer_keys(digests, "K", 1)
+    assert layout.layer_keys([d.encode() for d in digests], "K", 1) == [k.encode() for k in k_keys]
     with TieredStore(StoreConfig(root=tmp_path / "s", dram_bytes=1 << 20, nvme_bytes=8 << 20)) as store:
         store.put_many([(k, torch.zeros(16)) for k in h_keys[:2] + k_keys[:4]])
         store.flush()
         store.drop_cached(h_keys[:2])  # layer 0's first two chunks: on NVMe only
         store.put_many([(k, torch.zeros(16)) for k in h_keys[2:4]])  # in DRAM; chunk 4 of both layers missing
         where, sources = locate_layers(store, layout, plan, digests)
-    assert where.keys == {0: h_keys, 1: k_keys}  # the recomputed layer has no keys
+    assert where.keys == {0: [k.encode() for k in h_keys], 1: [k.encode() for k in k_keys]}  # as bytes; layer 2 is
+    # recomputed: no keys
     assert where.tiers == {0: ["nvme", "nvme", "dram", "dram", None], 1: ["dram"] * 4 + [None]}
     h_chunk, kv_chunk = 64 * 32 * 2, 64 * 2 * 4 * 8 * 2  # bytes per chunk of a hidden-state and a K/V layer
     assert sources == {"nvme": 2 * h_chunk, "dram": 2 * h_chunk + 4 * kv_chunk, "missing": h_chunk + kv_chunk}

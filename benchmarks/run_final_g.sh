@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# GPU calls of the seventh session, in the order run:  bash benchmarks/run_final_g.sh A|B|...
+#   (carry .devdeps; logs under $OUT). Each stage ran the code as it was then; the variants are ttft_timeline.py's.
+#   A: the CUDA lease tests; `hcache bench` at 7B/16K as the sixth session ran it (every stored method's instance
+#      made, an NVMe tier), now counting CUDA allocator retries per row; then timelines at 16K and 4K of the default
+#      (every free slot's copies first) against 3 layers ahead (look=3) with the lease windows.
+#   B: (3 layers ahead the default; chunk keys built as bytes; digests from one conversion of the tokens) GPU tests of
+#      the restores, leases and captured prefill; a 7B/4K timeline of the forward's segment size (seg=1/2, default 4)
+#      and of plans whose last 2 or 4 layers are saved as K/V (fewer projections, more bytes copied).
+source benchmarks/device_env.sh
+
+case "${1:-A}" in
+  A)
+    gpu_tests 90 tests/hstore/test_lease.py -k "cuda or lease"
+    echo "=== bench 16K $(date +%T)"
+    mkdir -p $OUT/long
+    timeout 230 python3 -m hcache_adapter bench --no-progress --models llama2-7b --contexts 16384 --sources dram \
+      --long-methods recompute,ideal,hcache,auto --long-repeat 5 --long-warmup 2 --out $OUT/long > $OUT/long/full.log 2>&1
+    grep "^|\|###" $OUT/long/full.log | cut -c1-160 | head -14; tail -2 $OUT/long/full.log
+    timeline 130 16384 3 12 ideal,hcache,hcache/look=3 --dram-gib 40
+    grep "alloc\|restore call\|lookup" $OUT/ttft_timeline_7b_16k.md | head -12
+    timeline 110 4096 7 12 ideal,hcache,hcache/look=3
+    echo "=== end $(date +%T)"
+    ;;
+  B)
+    gpu_tests 150 tests/hstore/test_lease.py tests/hcache/test_gpu.py \
+      -k "lease or matches_prefill or modes or captured or restore_into or issued_ahead or starting_with_kv"
+    timeline 230 4096 7 12 ideal,hcache,hcache/seg=1,hcache/seg=2,mix/kv=2/at=end,mix/kv=4/at=end
+    echo "=== end $(date +%T)"
+    ;;
+esac
