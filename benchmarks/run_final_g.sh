@@ -7,6 +7,9 @@
 #   B: (3 layers ahead the default; chunk keys built as bytes; digests from one conversion of the tokens) GPU tests of
 #      the restores, leases and captured prefill; a 7B/4K timeline of the forward's segment size (seg=1/2, default 4)
 #      and of plans whose last 2 or 4 layers are saved as K/V (fewer projections, more bytes copied).
+#   C: a 7B/4K timeline of the projection GEMMs leaving SMs free for the forward beside them (carve=24/48), the
+#      forward replayed on the current stream (prio=0), and carve=24 with a K/V tail of 4 layers.
+#   D: `hcache bench` of the final code: both shapes at 1K/4K (every method, median of 7), then 7B/16K (median of 5).
 source benchmarks/device_env.sh
 
 case "${1:-A}" in
@@ -27,5 +30,12 @@ case "${1:-A}" in
       -k "lease or matches_prefill or modes or captured or restore_into or issued_ahead or starting_with_kv"
     timeline 230 4096 7 12 ideal,hcache,hcache/seg=1,hcache/seg=2,mix/kv=2/at=end,mix/kv=4/at=end
     echo "=== end $(date +%T)"
+    ;;
+  C)
+    timeline 200 4096 7 12 ideal,hcache,hcache/carve=24,hcache/carve=48,hcache/prio=0,mix/kv=4/at=end/carve=24
+    echo "=== end $(date +%T)"
+    ;;
+  D)
+    BENCH_LONG_REPEAT=5 bench_dram 320 240
     ;;
 esac
