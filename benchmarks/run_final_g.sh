@@ -10,6 +10,8 @@
 #   C: a 7B/4K timeline of the projection GEMMs leaving SMs free for the forward beside them (carve=24/48), the
 #      forward replayed on the current stream (prio=0), and carve=24 with a K/V tail of 4 layers.
 #   D: `hcache bench` of the final code: both shapes at 1K/4K (every method, median of 7), then 7B/16K (median of 5).
+#      Its 16K call had one warm-up round (device_env.sh then), so the prefill's capture landed in a timed round.
+#   E: 7B/16K again with 2 warm-up rounds (median of 5), then a 16K timeline of the final code.
 source benchmarks/device_env.sh
 
 case "${1:-A}" in
@@ -37,5 +39,14 @@ case "${1:-A}" in
     ;;
   D)
     BENCH_LONG_REPEAT=5 bench_dram 320 240
+    ;;
+  E)
+    echo "=== 16K $(date +%T)"
+    mkdir -p $OUT/long
+    timeout 230 python3 -m hcache_adapter bench --no-progress --models llama2-7b --contexts 16384 --sources dram \
+      --long-methods recompute,ideal,hcache,auto --long-repeat 5 --long-warmup 2 --out $OUT/long > $OUT/long/full.log 2>&1
+    grep "^|\|###" $OUT/long/full.log | cut -c1-160 | head -14; tail -2 $OUT/long/full.log
+    timeline 110 16384 3 12 ideal,hcache --dram-gib 40
+    echo "=== end $(date +%T)"
     ;;
 esac

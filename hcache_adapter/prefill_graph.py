@@ -51,6 +51,7 @@ from hcache_adapter.projection.graphs import bucket_rows
 log = logging.getLogger(__name__)
 
 MIN_SUFFIX = 16
+CAPTURE_ON_USE = 2  # a length bucket is captured on this use (the first runs eagerly: a length seen once is not worth it)
 SEGMENT_LAYERS = 4  # decoder layers per captured graph: the forward's tail after the restore is one segment
 _EXPECTED_KWARGS = {"input_ids", "attention_mask", "position_ids", "use_cache", "logits_to_keep", "return_dict",
                     "output_attentions", "output_hidden_states", "cache_position"}
@@ -265,7 +266,7 @@ class CapturedPrefill:
             b = self._buckets[key] = self._new_bucket(*key, cache, hidden_layers)
         self._buckets.move_to_end(key)
         b.asked += 1
-        if self.capture and b.asked < 2:
+        if self.capture and b.asked < CAPTURE_ON_USE:
             return None  # a length seen once (a growing chat) is not worth a capture
         return b
 

@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     from hcache_adapter.bench.models import build_model, shape_label
     from hcache_adapter.bench.ttft import STORED, copy_floor_ms, measure_rows
     from hcache_adapter.hcache import HCache
+    from hcache_adapter.prefill_graph import CAPTURE_ON_USE
     from hstore import StoreConfig, TieredStore
 
     device = torch.device(args.device)
@@ -83,9 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(args.root, ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)
     header = (f"Hardware: {hardware(device, args.root)}. dtype {args.dtype}; request = stored prefix + "
-              f"{args.suffix_tokens} new tokens; median of {args.repeat} ({args.long_repeat} from NVMe and "
-              f">= 16K) after {args.warmup} warm-up rounds, the heap then collected and frozen (gc.freeze, as a "
-              f"server does once started).")
+              f"{args.suffix_tokens} new tokens; median of {args.repeat} after {args.warmup} warm-up rounds "
+              f"({args.long_repeat} after {args.long_warmup} from NVMe and at >= 16K), the heap then collected and "
+              f"frozen (gc.freeze, as a server does once started).")
+    if device.type == "cuda" and min(args.warmup, args.long_warmup) < CAPTURE_ON_USE:
+        header += (f" Warning: fewer than {CAPTURE_ON_USE} warm-up rounds; the captured first forward is captured "
+                   "(and its blocks compiled) on its second use, so that capture lands in a timed round.")
+        log.warning("fewer than %d warm-up rounds: a CUDA graph capture will land in a timed round", CAPTURE_ON_USE)
     print(header, flush=True)
     rows, floors, extra = [], {}, []
     plans = [(n, s) for n in args.contexts for s in args.sources if s == "dram" or n in args.nvme_contexts]
