@@ -12,6 +12,7 @@
 #   D: `hcache bench` of the final code: both shapes at 1K/4K (every method, median of 7), then 7B/16K (median of 5).
 #      Its 16K call had one warm-up round (device_env.sh then), so the prefill's capture landed in a timed round.
 #   E: 7B/16K again with 2 warm-up rounds (median of 5), then a 16K timeline of the final code.
+#   F: the 16K timeline in the bench's conditions: an NVMe tier (24 GiB) and a second method's state saved (kv).
 source benchmarks/device_env.sh
 
 case "${1:-A}" in
@@ -47,6 +48,11 @@ case "${1:-A}" in
       --long-methods recompute,ideal,hcache,auto --long-repeat 5 --long-warmup 2 --out $OUT/long > $OUT/long/full.log 2>&1
     grep "^|\|###" $OUT/long/full.log | cut -c1-160 | head -14; tail -2 $OUT/long/full.log
     timeline 110 16384 3 12 ideal,hcache --dram-gib 40
+    echo "=== end $(date +%T)"
+    ;;
+  F)
+    timeline 150 16384 3 12 ideal,hcache,kv --dram-gib 40 --nvme-gib 24
+    grep -A8 "### hcache" $OUT/ttft_timeline_7b_16k.md
     echo "=== end $(date +%T)"
     ;;
 esac
