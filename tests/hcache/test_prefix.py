@@ -3,9 +3,11 @@ deliver (what the planner weighs), with chunks in DRAM, on NVMe only, and missin
 from __future__ import annotations
 
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hcache_adapter.layout import StateLayout
-from hcache_adapter.prefix import complete_chunks, locate_layers
+from hcache_adapter.prefix import LayerLocations, complete_chunks, locate_layers
 from hstore import StoreConfig, TieredStore
 
 
@@ -26,3 +28,14 @@ def test_locate_layers_counts_bytes_per_tier_and_marks_missing_chunks(tmp_path):
     h_chunk, kv_chunk = 64 * 32 * 2, 64 * 2 * 4 * 8 * 2  # bytes per chunk of a hidden-state and a K/V layer
     assert sources == {"nvme": 2 * h_chunk, "dram": 2 * h_chunk + 4 * kv_chunk, "missing": h_chunk + kv_chunk}
     assert complete_chunks(where) == 4
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(["dram", "nvme", "gpu", None]), max_size=12), min_size=1, max_size=5))
+def test_complete_chunks_is_the_first_chunk_some_layer_lacks(per_layer):
+    """The leading chunks every layer has: the shortest layer's length, cut at the first absent chunk of any."""
+    where = LayerLocations({l: [] for l in range(len(per_layer))}, dict(enumerate(per_layer)))
+    m = 0
+    while all(m < len(t) and t[m] is not None for t in per_layer):
+        m += 1
+    assert complete_chunks(where) == m
