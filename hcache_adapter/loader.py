@@ -216,7 +216,7 @@ class LayerLoader:
         """Layer `i` of `reads` (blocks until read); on a GPU the current stream waits for its copy."""
         if self.inline:
             ahead = self.depth if self.lookahead is None else min(self.lookahead, self.depth)
-            self._issue_until(max(i + 1, i + ahead))
+            self._issue_until(i + ahead)  # ahead >= 1: layer i itself is always queued
         with self._cv:
             while i not in self._results:
                 self._cv.wait()

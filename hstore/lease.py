@@ -172,8 +172,7 @@ class ReadLease:
             raise ValueError(f"out has {out.shape[0]} rows for {stop - start} keys")
         if start == stop:
             return []
-        rows = out.shape[0]
-        row = out.numel() // rows * out.element_size() if rows else 0
+        row = out.numel() // out.shape[0] * out.element_size()  # out has >= 1 row here
         runs, starts = self._runs, self._starts
         lo = max(0, bisect.bisect_right(starts, start) - 1)
         hi = bisect.bisect_left(starts, stop, lo)  # runs[lo:hi] are those that may overlap [start, stop)
