@@ -34,6 +34,7 @@ from hcache_adapter.bench.models import add_request_arguments, build_model, shap
 from hcache_adapter.bench.ttft import alloc_retries, prefix_kv, resident_cache, settle_heap, sync
 from hcache_adapter.compat import cache_kwarg
 from hcache_adapter.loader import LayerLoader
+from hcache_adapter.restore import Restorer
 from hstore import StoreConfig, TieredStore
 from hstore.lease import ReadLease
 
@@ -164,6 +165,7 @@ def restore_queued(st: Stamps) -> None:
 def instrument_module(st: Stamps) -> None:
     wrap(LayerLoader, "close", after=lambda: restore_queued(st))
     wrap(hcache_module, "stored_prefix", before=lambda: st.mark("digests done"), after=lambda: st.mark("prefix found"))
+    wrap(Restorer, "begin", after=lambda: st.mark("early start done"))
     wrap(hcache_module, "locate_layers", after=lambda: st.mark("layers located"))
 
 
@@ -178,7 +180,7 @@ def variant(model, store, spec: str) -> HCache:
     captured prefill on the current stream, not one of the highest priority), fuse (0: capture the layers'
     norms, MLPs and rotary uncompiled), carve (SMs the projection graphs' GEMMs leave free), look (layers of copies queued ahead of the compute;
     "all": every free slot), lease (0: read each layer with get_many_into), ahead (MiB of a restore queued
-    before the first forward, or "all"), kv (with METHOD=mix: auto saving the first kv layers as K/V and the
+    before the first forward, or "all"), early (0: no reads started before the lookup finished), kv (with METHOD=mix: auto saving the first kv layers as K/V and the
     rest as hidden states; at=end: the last kv layers)."""
     method, *opts = spec.split("/")
     opt = dict(o.split("=", 1) for o in opts)
@@ -201,6 +203,8 @@ def variant(model, store, spec: str) -> HCache:
         hc.restorer.inline_lookahead = None if opt["look"] == "all" else int(opt["look"])
     if "lease" in opt:  # 0: each layer read with get_many_into (every key looked up and pinned per read)
         hc.restorer.lease_reads = opt["lease"] != "0"
+    if opt.get("early") == "0":  # the lookup locates every layer before the first read starts
+        hc.restorer.early_min_keys = 1 << 62
     if "ahead" in opt:  # MiB of the restore queued before the first forward ("all": everything)
         hc.restorer.issue_ahead_bytes = 1 << 50 if opt["ahead"] == "all" else int(opt["ahead"]) << 20
     return hc

@@ -389,6 +389,18 @@ class HCache:
         if m == 0:
             return self._done(RestoreResult(new_cache(self.model), seconds=time.perf_counter() - t0))
         digests = digests[:m]
+        # the first layers' reads start now, while the rest is located; restorer.restore takes them over
+        early = None if self.tp else self.restorer.begin(digests, plan, min_recompute(plan))
+        try:
+            return self._restore_prefix(ids, digests, plan, lazy=lazy, into_prefill=into_prefill, early=early, t0=t0)
+        finally:
+            if early is not None:
+                early.cancel()  # unless the restore took it over
+
+    def _restore_prefix(self, ids: torch.Tensor, digests: list[str], plan: str, *, lazy: bool, into_prefill: bool,
+                        early, t0: float) -> RestoreResult:
+        """The restore of the stored chunks `digests` (saved with `plan`): locate, split, restore."""
+        C, L, m = self.chunk_tokens, self.num_layers, len(digests)
         where, sources = locate_layers(self.store, self.layout, plan, digests)
         # a chunk without every layer ends the prefix (under TP each rank holds only its share: the
         # exchange finds what the group lacks, and all ranks cut at the same chunk)
@@ -409,7 +421,7 @@ class HCache:
         on_done = self._observer(decision) if decision.estimate is not None else None  # a split NVMe restore
         into = self.prefill.destination(m * C, ids.shape[1] - m * C) if into_prefill and lazy else None
         cache, valid, release = self.restorer.restore(ids, digests, plan, r, lazy=lazy, where=where, on_done=on_done,
-                                                      into=into)
+                                                      into=into, early=early)
         if into is not None:
             into.lend(cache)
         if valid < m:

@@ -189,10 +189,11 @@ class LayerLoader:
             starts.append(starts[-1] + len(r.keys))
         return starts
 
-    def prefetch(self) -> None:
-        """Queue reads for every free buffer now (before the caller recomputes leading layers)."""
+    def prefetch(self, layers: int | None = None) -> None:
+        """Queue the reads of the first `layers` layers now (None: every free buffer), so that they run while
+        the caller recomputes leading layers or finishes its lookup. Thread mode reads ahead by itself."""
         if self.inline:
-            self._issue_until(self.depth)
+            self._issue_until(self.depth if layers is None else min(layers, self.depth))
 
     def close(self) -> None:
         with self._cv:
@@ -282,7 +283,7 @@ class LayerLoader:
             found = self._read_leased(i, read, data) if self.inline and self._use_lease else None
             if found is None:
                 where = where or self.store.locate(read.keys)
-                if _MEMORY.issuperset(where):  # every chunk in a memory tier, one read of them all
+                if MEMORY_TIERS.issuperset(where):  # every chunk in a memory tier, one read of them all
                     found = _read(self.store, read.keys, data, non_blocking=True)
                 else:
                     found = self._read_mixed(slot, read, data, where)
@@ -329,7 +330,7 @@ class LayerLoader:
         """A layer whose chunks lie in several tiers: memory tiers copied directly, NVMe through staging."""
         m = len(read.keys)
         found = [False] * m
-        in_memory = [c for c in range(m) if where[c] in _MEMORY]
+        in_memory = [c for c in range(m) if where[c] in MEMORY_TIERS]
         if in_memory:
             ok = _read(self.store, [read.keys[c] for c in in_memory], _rows(data, in_memory), non_blocking=True)
             for c, f in zip(in_memory, ok):
@@ -357,7 +358,7 @@ class LayerLoader:
         self._staging_event[slot] = ev
 
 
-_MEMORY = frozenset(("gpu", "dram"))
+MEMORY_TIERS = frozenset(("gpu", "dram"))  # tiers a read of which is a copy (no I/O wait)
 
 
 class _SwitchInterval:

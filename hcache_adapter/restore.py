@@ -17,6 +17,12 @@ holds wrong state and its length never changes under the model. With
 `lazy=False` every layer is produced before returning and the cache is cut to
 the chunks every layer could read (`restore()`'s contract).
 
+A long restore's first reads can start before its lookup has located every
+layer (`Restorer.begin`, an `EarlyLoad`): `restore` takes them over when the
+lookup then agrees (the same chunks, plan and recomputed layers, and the same way
+of reading), and cancels them otherwise, so they change when the copies start,
+never what is restored.
+
 Under tensor parallelism an `exchange` (hcache_adapter.parallel.gather) sits
 between a layer's read and its projection: each rank reads its share of a
 hidden-state layer's chunks and the exchange all-gathers the rest.
@@ -36,7 +42,7 @@ from transformers.cache_utils import DynamicLayer
 from hcache_adapter.compat import fill_layer, layer_kv, new_cache
 from hcache_adapter.lazycache import LazyCache
 from hcache_adapter.layout import StateLayout
-from hcache_adapter.loader import LayerLoader, LayerRead, SlotRing
+from hcache_adapter.loader import MEMORY_TIERS, LayerLoader, LayerRead, SlotRing
 from hcache_adapter.manifest import HIDDEN, RECOMPUTE
 from hcache_adapter.recompute import Recomputer
 
@@ -49,6 +55,28 @@ log = logging.getLogger(__name__)
 # where the host issues a layer almost as fast as it is copied. This budget queues a 4K restore of the 7B
 # shape's hidden states (1.07 GB) at once and ~11 layers of a 16K one.
 ISSUE_AHEAD_BYTES = 3 << 29  # 1.5 GiB
+
+# Restores of fewer keys are not started early: locating them all costs less (~0.3 ms) than the copies a
+# lookup that then disagrees (auto recomputing a short prefix) would have queued for nothing.
+EARLY_MIN_KEYS = 1024
+
+
+@dataclass
+class EarlyLoad:
+    """The first reads of a restore, started before its lookup finished (`Restorer.begin`)."""
+
+    loader: LayerLoader
+    reads: list[LayerRead]
+    chunks: int
+    plan: str
+    recompute_layers: int
+    taken: bool = False  # a restore took the loader over: it is that restore's to close
+
+    def cancel(self) -> None:
+        """Stop it unless a restore took it over (idempotent); copies already queued land in ring slots
+        that the next loader overwrites."""
+        if not self.taken:
+            self.loader.close()
 
 
 @dataclass
@@ -107,6 +135,7 @@ class Restorer:
         self.ring = SlotRing(self.device)
         self.inline_lookahead: int | None = LayerLoader.LOOKAHEAD  # LayerLoader's `lookahead` (layers queued ahead)
         self.lease_reads = True  # LayerLoader's `lease`
+        self.early_min_keys = EARLY_MIN_KEYS  # `begin` starts restores of at least this many keys early
         # Which layers are plain K/V, one cache layer per decoder layer (fetched lazily, cut back on misses);
         # the others are restored through the projector's fill_prefix into the model's own cache layers.
         template = new_cache(recomputer.model)
@@ -125,17 +154,81 @@ class Restorer:
                    default=L.itemsize) * L.chunk_tokens * max(n_chunks, 1)
         return max(2, min(L.num_layers, self.prefetch_bytes // max(slot, 1)))
 
+    def layer_reads(self, digests: list[str], plan: str, recompute_layers: int, known=None,
+                    exchange=None) -> list[LayerRead]:
+        """What to read per loaded layer: the chunk keys (`known`: keys per layer already built) and shape."""
+        L = self.layout
+        known = known or {}
+        encoded = None
+        reads = []
+        for l, kind in enumerate(plan):
+            if l < recompute_layers:
+                continue
+            keys = known.get(l)
+            if keys is None:
+                encoded = encoded or [d.encode() for d in digests]  # bytes keys, as the lookup builds them
+                keys = L.layer_keys(encoded, kind, l)
+            if exchange is not None:
+                keys = exchange.keys(l, kind, keys)
+            reads.append(LayerRead(l, kind, keys, L.chunk_shape(l, kind)))
+        return reads
+
+    def open_loader(self, reads: list[LayerRead], n_chunks: int, plan: str, *, where: list | None = None,
+                    inline: bool | None = None) -> LayerLoader:
+        """A started loader of `reads` over this restorer's ring and copy stream."""
+        return LayerLoader(self.store, reads, self.layout.dtype, self.device, depth=self.ring_depth(n_chunks, plan),
+                           stream=self.copy_stream, ring=self.ring, lookahead=self.inline_lookahead,
+                           lease=self.lease_reads, inline=inline, where=where).start()
+
+    def begin(self, digests: list[str], plan: str, recompute_layers: int) -> EarlyLoad | None:
+        """Start reading a restore's first layers while the caller still locates the rest.
+
+        On the lent H200 locating the 8,192 chunk keys of a 16K restore took ~2.5 ms of host time
+        before the first copy, with the copy engine idle. Only when the first loaded layer lies wholly in
+        memory tiers (its reads are then copies, queued on a GPU), the restore names at least
+        `early_min_keys` keys, and there is no tensor-parallel exchange (it starts with the restore);
+        otherwise None. Pass the result to `restore`, which takes it over or cancels it.
+        """
+        if self.exchange is not None or not digests:
+            return None
+        loaded = sum(1 for l, kind in enumerate(plan) if l >= recompute_layers and kind != RECOMPUTE)
+        if loaded * len(digests) < self.early_min_keys:
+            return None
+        reads = self.layer_reads(digests, plan, recompute_layers)
+        if not reads or not MEMORY_TIERS.issuperset(self.store.locate(reads[0].keys)):
+            return None
+        loader = self.open_loader(reads, len(digests), plan, inline=True if self.cuda else None)
+        loader.prefetch(self.inline_lookahead)  # inline: the first layers' copies now; threads read by themselves
+        return EarlyLoad(loader, reads, len(digests), plan, recompute_layers)
+
+    def _agrees(self, early: EarlyLoad, digests: list[str], plan: str, recompute_layers: int, where) -> bool:
+        """Whether `early` reads what this restore would, the way a loader opened now would read it."""
+        if (early.chunks, early.plan, early.recompute_layers) != (len(digests), plan, recompute_layers):
+            return False
+        if self.exchange is not None or where is None or not early.loader.inline:
+            return self.exchange is None
+        # an inline loader copies from memory tiers; a fresh one would read with threads if any chunk is on NVMe
+        return not any("nvme" in where.tiers.get(read.layer, ()) for read in early.reads)
+
     def restore(self, ids: torch.Tensor, digests: list[str], plan: str, recompute_layers: int, *,
                 lazy: bool, where=None, on_done: Callable[[], None] | None = None,
-                into: Callable[[int], tuple] | None = None) -> tuple[Any, int, Callable[[], None]]:
+                into: Callable[[int], tuple] | None = None,
+                early: EarlyLoad | None = None) -> tuple[Any, int, Callable[[], None]]:
         """(cache, valid chunks, release) for the first len(digests) chunks of `ids` ([1, >= n] on the
         device); `release()` ends a lazy restore's readers once the caller is done with the cache.
         `on_done()` is called once every layer's work is queued (lazy: when the model took the last).
         `into(layer)`: (K, V) tensors [1, kv_heads, n, head_dim] a fully read plain layer is written into
-        (the captured prefill's static cache, so its forward need not copy the prefix in), or None."""
+        (the captured prefill's static cache, so its forward need not copy the prefix in), or None.
+        `early`: reads `begin` started; taken over when they are this restore's, else cancelled."""
+        if early is not None:
+            if self._agrees(early, digests, plan, recompute_layers, where):
+                early.taken = True
+            else:
+                early.cancel()
+                early = None
         exchange = self.exchange.begin(plan, digests, recompute_layers, where) if self.exchange else None
         source = PrefixSource(self, ids[:, : len(digests) * self.layout.chunk_tokens], digests, plan,
-                              recompute_layers, where, on_done, exchange, self.plain_layers, into)
+                              recompute_layers, where, on_done, exchange, self.plain_layers, into, early)
         source.start()
         L = self.layout.num_layers
         if lazy:
@@ -172,8 +265,9 @@ class PrefixSource:
 
     def __init__(self, restorer: Restorer, ids: torch.Tensor, digests: list[str], plan: str, recompute_layers: int,
                  where, on_done: Callable[[], None] | None = None, exchange=None, plain_layers=frozenset(),
-                 into: Callable[[int], tuple] | None = None):
+                 into: Callable[[int], tuple] | None = None, early: EarlyLoad | None = None):
         self.r = restorer
+        self.early = early
         self.into = into
         self.plain = plain_layers
         self.exchange = exchange  # tensor parallelism: this rank reads its share; the exchange gathers
@@ -183,10 +277,8 @@ class PrefixSource:
         self.n_tokens = self.m * restorer.layout.chunk_tokens
         self.plan = plan
         self.recompute_layers = recompute_layers
-        L = restorer.layout
-        known = where.keys if where is not None else {}
-        self.reads = [LayerRead(l, kind, self._keys(l, kind, known.get(l) or L.layer_keys(digests, kind, l)),
-                                L.chunk_shape(l, kind)) for l, kind in enumerate(plan) if l >= recompute_layers]
+        self.reads = early.reads if early is not None else restorer.layer_reads(
+            digests, plan, recompute_layers, where.keys if where is not None else None, exchange)
         self._index = {read.layer: i for i, read in enumerate(self.reads)}
         self.where = where  # prefix.LayerLocations from the planner: keys and tiers per layer
         self.loader: LayerLoader | None = None
@@ -197,9 +289,6 @@ class PrefixSource:
         self._recomputed = None  # the cache the leading layers were recomputed into
         self._queued: int | None = None  # reads queued on the compute stream so far (None: not queued ahead)
         self._ahead = 0  # reads kept queued ahead of the one the model takes
-
-    def _keys(self, layer: int, kind: str, keys: list[str]) -> list[str]:
-        return keys if self.exchange is None else self.exchange.keys(layer, kind, keys)
 
     # -- producing ----------------------------------------------------------------
     def start(self) -> None:
@@ -250,16 +339,16 @@ class PrefixSource:
             self._close_loader()
 
     def _open_loader(self) -> None:
-        r = self.r
+        if self.early is not None:  # started before the lookup finished (`Restorer.begin`)
+            self.loader, self.early = self.early.loader, None
+            return
         where = None
         if self.where is not None:
             first = self.recompute_layers
             where = [w for l, kind in enumerate(self.plan) if l >= first for w in self.where.tiers.get(l, [])]
-        self.loader = LayerLoader(r.store, self.reads, r.layout.dtype, r.device,
-                                  depth=r.ring_depth(self.m, self.plan), stream=r.copy_stream, ring=r.ring,
-                                  lookahead=r.inline_lookahead, lease=r.lease_reads,
-                                  where=where if where and len(where) == sum(len(x.keys) for x in self.reads) else None
-                                  ).start()
+        self.loader = self.r.open_loader(
+            self.reads, self.m, self.plan,
+            where=where if where and len(where) == sum(len(x.keys) for x in self.reads) else None)
 
     def _close_loader(self) -> None:
         if self.loader is not None:

@@ -226,3 +226,35 @@ def test_plans_starting_with_kv_layers_project_from_graphs(tmp_path):
         for _ in range(3):
             assert torch.equal(hc.generate(ids, **gen), model.generate(ids, **gen))
         assert hc.projector.graph_replays > 0
+
+
+@pytest.mark.parametrize("method", ["hcache", "kv"])
+def test_reads_started_before_the_lookup_finished(tmp_path, method):
+    """`Restorer.begin` queues the first layers' copies (inline, on the copy stream) before the lookup has
+    located the rest: a lazy restore that agrees takes them over, one that cuts the prefix cancels them,
+    and generate()'s tokens are the model's either way (eager forward, then the captured one)."""
+    from hcache_adapter.keys import layer_key
+    from hcache_adapter.scheduler.planner import min_recompute
+
+    model = _tiny_gpu_model()
+    with TieredStore(StoreConfig(root=tmp_path, dram_bytes=64 << 20, nvme_bytes=0)) as store:
+        hc = HCache(model, store, method=method)
+        hc.restorer.early_min_keys = 1
+        ids = torch.randint(10, 1000, (1, 300), device="cuda")
+        hc.save(ids[:, :257])
+        digests, plan = hc.digests(ids[0, :256]), hc.save_plan()
+        early = hc.restorer.begin(digests, plan, min_recompute(plan))
+        assert early is not None and early.loader.inline
+        cache, valid, release = hc.restorer.restore(ids, digests, plan, min_recompute(plan), lazy=True, early=early)
+        assert early.taken and valid == len(digests)
+        assert_holds_models_state(model, cache.materialize(), ids[:, :256], atol=1e-2)
+        release()
+        gen = dict(max_new_tokens=4, do_sample=False)
+        for _ in range(3):
+            assert torch.equal(hc.generate(ids, **gen), model.generate(ids, **gen))
+            assert hc.last_restore.tokens == 256
+        kind = "h" if method == "hcache" else "kv"
+        store.delete(layer_key(hc.namespace, digests[2], kind, model.config.num_hidden_layers - 1))
+        for restored in (2 * 64, 256):  # the prefix cut at the missing chunk, which that call saved again
+            assert torch.equal(hc.generate(ids, **gen), model.generate(ids, **gen))
+            assert hc.last_restore.tokens == restored
