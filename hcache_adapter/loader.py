@@ -111,7 +111,8 @@ class LayerLoader:
 
     def __init__(self, store, reads: list[LayerRead], dtype: torch.dtype, device: torch.device, *, depth: int = 3,
                  inline: bool | None = None, stream=None, where: list | None = None, ring: SlotRing | None = None,
-                 lookahead: int | None = LOOKAHEAD, lease: bool = True):
+                 lookahead: int | None = LOOKAHEAD, lease: bool = True, slot_bytes: int = 0,
+                 expect_reads: int | None = None):
         """`inline`: None chooses (GPU and nothing on NVMe: inline); True/False force it (tests).
         `lookahead`: inline mode, layers of copies queued ahead of the layer being computed (None: every
         layer with a free slot; see `LOOKAHEAD`). `lease`: inline mode, read a layer through a
@@ -119,17 +120,19 @@ class LayerLoader:
         `get_many_into`.
         `stream`: the copy stream to use on a GPU (a new one when None). `where`: the tier of every
         key of `reads` in order, as `store.locate` gave it just before (saves locating again).
-        `ring`: buffers shared with earlier restores (fresh ones when None or already lent)."""
+        `ring`: buffers shared with earlier restores (fresh ones when None or already lent).
+        `slot_bytes`, `expect_reads`: an inline loader that `extend` will give more reads: the bytes its largest
+        layer needs, and how many reads it will have (so that the ring is sized for them)."""
         self.store = store
         self.reads = reads
         self.dtype = dtype
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-        self.depth = max(1, min(depth, len(reads))) if reads else 1
+        self.depth = max(1, min(depth, max(len(reads), expect_reads or 0))) if reads else 1
         n_chunks = max((len(r.keys) for r in reads), default=0)
         itemsize = torch.empty(0, dtype=dtype).element_size()
         chunk_bytes = max((_numel(r.chunk_shape) * itemsize for r in reads), default=0)
-        self._slot_bytes = align_up(max(n_chunks * chunk_bytes, 1), ALIGN)
+        self._slot_bytes = align_up(max(n_chunks * chunk_bytes, slot_bytes, 1), ALIGN)
         self._ring = ring if ring is not None and ring.lend(self.depth, self._slot_bytes) else None
         if self._ring is not None:
             self._slots = self._ring.buffers
@@ -194,6 +197,17 @@ class LayerLoader:
         the caller recomputes leading layers or finishes its lookup. Thread mode reads ahead by itself."""
         if self.inline:
             self._issue_until(self.depth if layers is None else min(layers, self.depth))
+
+    def extend(self, reads: list[LayerRead]) -> None:
+        """Append `reads` to an inline loader before its consumer asks for them: the rest of a restore whose
+        first layers were queued before its lookup had built every layer's keys."""
+        if not self.inline:
+            raise RuntimeError("only an inline loader can be extended (reader threads may have finished)")
+        itemsize = _itemsize(self.dtype)
+        for r in reads:
+            if len(r.keys) * _numel(r.chunk_shape) * itemsize > self._slot_bytes:
+                raise ValueError(f"layer {r.layer} does not fit this loader's slots ({self._slot_bytes} bytes)")
+        self.reads = self.reads + list(reads)
 
     def close(self) -> None:
         with self._cv:

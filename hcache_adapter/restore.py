@@ -143,27 +143,32 @@ class Restorer:
         self.plain_layers = frozenset(l for l in range(layout.num_layers)
                                       if one_to_one and type(template.layers[l]) is DynamicLayer)
 
+    def slot_bytes(self, n_chunks: int, plan: str) -> int:
+        """Bytes of the largest loaded layer of a restore of `n_chunks` chunks with `plan`."""
+        L = self.layout
+        return max((L.bytes_per_token(l, k) for l, k in enumerate(plan) if k != RECOMPUTE),
+                   default=L.itemsize) * L.chunk_tokens * max(n_chunks, 1)
+
     def ring_depth(self, n_chunks: int, plan: str) -> int:
         """Layers the loader may hold at once: as many as fit the prefetch budget (at least 2).
 
         While leading layers are recomputed the loader hides I/O only for as many
         layers as it has buffers, so a deep ring is what lets the two overlap.
         """
-        L = self.layout
-        slot = max((L.bytes_per_token(l, k) for l, k in enumerate(plan) if k != RECOMPUTE),
-                   default=L.itemsize) * L.chunk_tokens * max(n_chunks, 1)
-        return max(2, min(L.num_layers, self.prefetch_bytes // max(slot, 1)))
+        slot = self.slot_bytes(n_chunks, plan)
+        return max(2, min(self.layout.num_layers, self.prefetch_bytes // max(slot, 1)))
 
     def layer_reads(self, digests: list[str], plan: str, recompute_layers: int, known=None,
-                    exchange=None) -> list[LayerRead]:
-        """What to read per loaded layer: the chunk keys (`known`: keys per layer already built) and shape."""
+                    exchange=None, *, skip: int = 0, count: int | None = None) -> list[LayerRead]:
+        """What to read per loaded layer (layers recompute_layers.. in order): the chunk keys (`known`: keys
+        per layer already built) and one chunk's shape; `skip`, `count`: only `count` layers after `skip`."""
         L = self.layout
         known = known or {}
         encoded = None
         reads = []
-        for l, kind in enumerate(plan):
-            if l < recompute_layers:
-                continue
+        stop = len(plan) if count is None else min(len(plan), recompute_layers + skip + count)
+        for l in range(recompute_layers + skip, stop):
+            kind = plan[l]
             keys = known.get(l)
             if keys is None:
                 encoded = encoded or [d.encode() for d in digests]  # bytes keys, as the lookup builds them
@@ -174,41 +179,59 @@ class Restorer:
         return reads
 
     def open_loader(self, reads: list[LayerRead], n_chunks: int, plan: str, *, where: list | None = None,
-                    inline: bool | None = None) -> LayerLoader:
-        """A started loader of `reads` over this restorer's ring and copy stream."""
+                    inline: bool | None = None, expect_reads: int | None = None) -> LayerLoader:
+        """A started loader of `reads` over this restorer's ring and copy stream (`expect_reads`: an inline
+        loader that will be extended to that many reads)."""
         return LayerLoader(self.store, reads, self.layout.dtype, self.device, depth=self.ring_depth(n_chunks, plan),
                            stream=self.copy_stream, ring=self.ring, lookahead=self.inline_lookahead,
-                           lease=self.lease_reads, inline=inline, where=where).start()
+                           lease=self.lease_reads, inline=inline, where=where,
+                           slot_bytes=self.slot_bytes(n_chunks, plan), expect_reads=expect_reads).start()
 
     def begin(self, digests: list[str], plan: str, recompute_layers: int) -> EarlyLoad | None:
         """Start reading a restore's first layers while the caller still locates the rest.
 
-        On the lent H200 locating the 8,192 chunk keys of a 16K restore took ~2.5 ms of host time
-        before the first copy, with the copy engine idle. Only when the first loaded layer lies wholly in
-        memory tiers (its reads are then copies, queued on a GPU), the restore names at least
-        `early_min_keys` keys, and there is no tensor-parallel exchange (it starts with the restore);
-        otherwise None. Pass the result to `restore`, which takes it over or cancels it.
+        On the lent H200 the lookup of a 16K restore (building and locating its 8,192 chunk keys) took
+        ~3 ms of host time before the first copy, with the copy engine idle. This builds the keys of the
+        layers it queues only (the loader's lookahead), reads them inline (copies queued on a GPU), and
+        `restore` extends the loader with the rest. Only when the first loaded layer lies wholly in memory
+        tiers, the restore names at least `early_min_keys` keys, and there is no tensor-parallel exchange
+        (it starts with the restore); otherwise None. Pass the result to `restore`, which takes it over or
+        cancels it.
         """
         if self.exchange is not None or not digests:
             return None
-        loaded = sum(1 for l, kind in enumerate(plan) if l >= recompute_layers and kind != RECOMPUTE)
-        if loaded * len(digests) < self.early_min_keys:
+        loaded = len(plan) - recompute_layers
+        if loaded < 1 or loaded * len(digests) < self.early_min_keys:
             return None
-        reads = self.layer_reads(digests, plan, recompute_layers)
-        if not reads or not MEMORY_TIERS.issuperset(self.store.locate(reads[0].keys)):
+        depth = min(self.ring_depth(len(digests), plan), loaded)
+        ahead = depth if self.inline_lookahead is None else min(self.inline_lookahead, depth)
+        reads = self.layer_reads(digests, plan, recompute_layers, count=ahead)
+        if not MEMORY_TIERS.issuperset(self.store.locate(reads[0].keys)):
             return None
-        loader = self.open_loader(reads, len(digests), plan, inline=True if self.cuda else None)
-        loader.prefetch(self.inline_lookahead)  # inline: the first layers' copies now; threads read by themselves
+        loader = self.open_loader(reads, len(digests), plan, inline=True, expect_reads=loaded)
+        loader.prefetch(ahead)
         return EarlyLoad(loader, reads, len(digests), plan, recompute_layers)
 
-    def _agrees(self, early: EarlyLoad, digests: list[str], plan: str, recompute_layers: int, where) -> bool:
-        """Whether `early` reads what this restore would, the way a loader opened now would read it."""
+    def _take_over(self, early: EarlyLoad, digests: list[str], plan: str, recompute_layers: int, where) -> bool:
+        """Whether `early` reads what this restore would, the way a loader opened now would read it (an inline
+        loader copies from memory tiers; a fresh one would read with threads if any chunk is on NVMe, or on a
+        CPU); if so, its loader gets the rest of the restore's reads."""
         if (early.chunks, early.plan, early.recompute_layers) != (len(digests), plan, recompute_layers):
             return False
-        if self.exchange is not None or where is None or not early.loader.inline:
-            return self.exchange is None
-        # an inline loader copies from memory tiers; a fresh one would read with threads if any chunk is on NVMe
-        return not any("nvme" in where.tiers.get(read.layer, ()) for read in early.reads)
+        if self.exchange is not None:
+            return False
+        rest = self.layer_reads(digests, plan, recompute_layers, where.keys if where is not None else None,
+                                skip=len(early.reads))
+        if where is not None:
+            tiers = [t for l in range(recompute_layers, len(plan)) for t in where.tiers.get(l, ())]
+        else:
+            tiers = self.store.locate([k for read in rest for k in read.keys])
+        if "nvme" in tiers:
+            return False
+        early.loader.extend(rest)
+        early.reads = early.reads + rest
+        early.taken = True
+        return True
 
     def restore(self, ids: torch.Tensor, digests: list[str], plan: str, recompute_layers: int, *,
                 lazy: bool, where=None, on_done: Callable[[], None] | None = None,
@@ -220,12 +243,9 @@ class Restorer:
         `into(layer)`: (K, V) tensors [1, kv_heads, n, head_dim] a fully read plain layer is written into
         (the captured prefill's static cache, so its forward need not copy the prefix in), or None.
         `early`: reads `begin` started; taken over when they are this restore's, else cancelled."""
-        if early is not None:
-            if self._agrees(early, digests, plan, recompute_layers, where):
-                early.taken = True
-            else:
-                early.cancel()
-                early = None
+        if early is not None and not self._take_over(early, digests, plan, recompute_layers, where):
+            early.cancel()
+            early = None
         exchange = self.exchange.begin(plan, digests, recompute_layers, where) if self.exchange else None
         source = PrefixSource(self, ids[:, : len(digests) * self.layout.chunk_tokens], digests, plan,
                               recompute_layers, where, on_done, exchange, self.plain_layers, into, early)
@@ -304,7 +324,8 @@ class PrefixSource:
                     self._ready[l] = (k, v, self.m, None)
         elif self.reads:
             self._open_loader()
-        if self.loader is not None and self.loader.inline and all(read.layer in self.plain for read in self.reads):
+        if (r.cuda and self.loader is not None and self.loader.inline
+                and all(read.layer in self.plain for read in self.reads)):
             # Nothing blocks (memory tiers, GPU): queue the layers' copies and compute on a side stream, after
             # what the caller's stream already queued (`into`'s memory may still be read there). Only the
             # first `issue_ahead_bytes` now; the rest as the model takes layers (`produce`), so that the

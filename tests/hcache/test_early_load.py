@@ -113,3 +113,18 @@ def test_generate_with_early_reads_gives_the_models_tokens(store, name):
     cache, n = hc.restore(ids)
     assert n == 7 * C
     assert_cache_exact(model, cache, ids, n)
+
+
+def test_a_later_layer_on_nvme_cancels_them_for_the_threaded_reader(store):
+    from hcache_adapter.prefix import locate_layers
+
+    model, hc, ids = _saved(store)
+    store.flush()
+    early, digests, plan = _begin(hc, ids, 7)
+    assert early is not None
+    store.drop_cached([layer_key("hc", digests[5], "h", len(plan) - 1)])
+    where, _ = locate_layers(store, hc.layout, plan, digests)
+    cache, valid, release = hc.restorer.restore(ids, digests, plan, 0, lazy=False, where=where, early=early)
+    release()
+    assert not early.taken and valid == 7
+    assert_cache_exact(model, cache, ids, 7 * C)

@@ -114,3 +114,39 @@ def test_inline_reads_with_and_without_leases_and_any_lookahead(filled, lookahea
 def test_a_bad_lookahead_is_refused(filled, bad):
     with pytest.raises(ValueError, match="lookahead"):
         LayerLoader(filled, reads(), torch.float32, torch.device("cpu"), lookahead=bad)
+
+
+@pytest.mark.parametrize("first", [1, 2, LAYERS])
+@pytest.mark.parametrize("depth", [2, LAYERS])
+def test_an_inline_loader_extended_with_the_rest_delivers_every_layer(filled, first, depth):
+    """A restore's first layers queued before its lookup built the other layers' keys (Restorer.begin)."""
+    all_reads = reads()
+    loader = LayerLoader(filled, all_reads[:first], torch.float32, torch.device("cpu"), depth=depth, inline=True,
+                         expect_reads=LAYERS).start()
+    try:
+        assert loader.depth == min(depth, LAYERS)
+        loader.prefetch(first)
+        loader.extend(all_reads[first:])
+        for l in range(LAYERS):
+            got = loader.get(l)
+            assert got.valid_chunks == CHUNKS
+            assert all(torch.equal(got.data[c], value(l, c)) for c in range(CHUNKS)), l
+            loader.release(l)
+    finally:
+        loader.close()
+
+
+def test_only_an_inline_loader_with_room_can_be_extended(filled):
+    threaded = LayerLoader(filled, reads()[:2], torch.float32, torch.device("cpu"), inline=False).start()
+    try:
+        with pytest.raises(RuntimeError, match="inline"):
+            threaded.extend(reads()[2:])
+    finally:
+        threaded.close()
+    inline = LayerLoader(filled, reads()[:2], torch.float32, torch.device("cpu"), inline=True).start()
+    try:
+        bigger = [LayerRead(2, "H", [f"2/{c}" for c in range(CHUNKS)], (16, 16))]
+        with pytest.raises(ValueError, match="does not fit"):
+            inline.extend(bigger)
+    finally:
+        inline.close()
