@@ -83,19 +83,22 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     shutil.rmtree(args.root, ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)
+    plans = [(n, s) for n in args.contexts for s in args.sources if s == "dram" or n in args.nvme_contexts]
+
+    def is_long(n, s):
+        return s == "nvme" or n >= 16384
+
     header = (f"Hardware: {hardware(device, args.root)}. dtype {args.dtype}; request = stored prefix + "
               f"{args.suffix_tokens} new tokens; median of {args.repeat} after {args.warmup} warm-up rounds "
               f"({args.long_repeat} after {args.long_warmup} from NVMe and at >= 16K), the heap then collected and "
               f"frozen (gc.freeze, as a server does once started).")
-    if device.type == "cuda" and min(args.warmup, args.long_warmup) < CAPTURE_ON_USE:
+    warmups = {args.long_warmup if is_long(n, s) else args.warmup for n, s in plans}  # of the rows this run has
+    if device.type == "cuda" and min(warmups, default=CAPTURE_ON_USE) < CAPTURE_ON_USE:
         header += (f" Warning: fewer than {CAPTURE_ON_USE} warm-up rounds; the captured first forward is captured "
                    "(and its blocks compiled) on its second use, so that capture lands in a timed round.")
         log.warning("fewer than %d warm-up rounds: a CUDA graph capture will land in a timed round", CAPTURE_ON_USE)
     print(header, flush=True)
     rows, floors, extra = [], {}, []
-    plans = [(n, s) for n in args.contexts for s in args.sources if s == "dram" or n in args.nvme_contexts]
-    def is_long(n, s):
-        return s == "nvme" or n >= 16384
 
     def methods_for(n, s):
         return [m for m in args.methods if (n < 16384 or m in args.long_methods)
