@@ -204,7 +204,7 @@ def variant(model, store, spec: str) -> HCache:
     if "lease" in opt:  # 0: each layer read with get_many_into (every key looked up and pinned per read)
         hc.restorer.lease_reads = opt["lease"] != "0"
     if opt.get("early") == "0":  # the lookup locates every layer before the first read starts
-        hc.restorer.early_min_keys = 1 << 62
+        hc.restorer.early_min_keys = None
     if "ahead" in opt:  # MiB of the restore queued before the first forward ("all": everything)
         hc.restorer.issue_ahead_bytes = 1 << 50 if opt["ahead"] == "all" else int(opt["ahead"]) << 20
     return hc

@@ -19,9 +19,9 @@ the chunks every layer could read (`restore()`'s contract).
 
 A long restore's first reads can start before its lookup has located every
 layer (`Restorer.begin`, an `EarlyLoad`): `restore` takes them over when the
-lookup then agrees (the same chunks, plan and recomputed layers, and the same way
-of reading), and cancels them otherwise, so they change when the copies start,
-never what is restored.
+lookup then agrees (the same chunks, plan and recomputed layers, nothing on
+NVMe), and cancels them otherwise, so they change when the copies start, never
+what is restored. On a GPU only: there a read is a queued copy.
 
 Under tensor parallelism an `exchange` (hcache_adapter.parallel.gather) sits
 between a layer's read and its projection: each rank reads its share of a
@@ -135,7 +135,9 @@ class Restorer:
         self.ring = SlotRing(self.device)
         self.inline_lookahead: int | None = LayerLoader.LOOKAHEAD  # LayerLoader's `lookahead` (layers queued ahead)
         self.lease_reads = True  # LayerLoader's `lease`
-        self.early_min_keys = EARLY_MIN_KEYS  # `begin` starts restores of at least this many keys early
+        # `begin` starts restores of at least this many keys early; None: never, the default on a CPU, where a
+        # read is a synchronous copy that gains nothing from starting early and reader threads read ahead instead
+        self.early_min_keys: int | None = EARLY_MIN_KEYS if self.cuda else None
         # Which layers are plain K/V, one cache layer per decoder layer (fetched lazily, cut back on misses);
         # the others are restored through the projector's fill_prefix into the model's own cache layers.
         template = new_cache(recomputer.model)
@@ -194,11 +196,11 @@ class Restorer:
         ~3 ms of host time before the first copy, with the copy engine idle. This builds the keys of the
         layers it queues only (the loader's lookahead), reads them inline (copies queued on a GPU), and
         `restore` extends the loader with the rest. Only when the first loaded layer lies wholly in memory
-        tiers, the restore names at least `early_min_keys` keys, and there is no tensor-parallel exchange
+        tiers, the restore names at least `early_min_keys` keys (None: never), and there is no tensor-parallel exchange
         (it starts with the restore); otherwise None. Pass the result to `restore`, which takes it over or
         cancels it.
         """
-        if self.exchange is not None or not digests:
+        if self.exchange is not None or not digests or self.early_min_keys is None:
             return None
         loaded = len(plan) - recompute_layers
         if loaded < 1 or loaded * len(digests) < self.early_min_keys:
@@ -213,9 +215,9 @@ class Restorer:
         return EarlyLoad(loader, reads, len(digests), plan, recompute_layers)
 
     def _take_over(self, early: EarlyLoad, digests: list[str], plan: str, recompute_layers: int, where) -> bool:
-        """Whether `early` reads what this restore would, the way a loader opened now would read it (an inline
-        loader copies from memory tiers; a fresh one would read with threads if any chunk is on NVMe, or on a
-        CPU); if so, its loader gets the rest of the restore's reads."""
+        """Whether `early` reads what this restore would: the same chunks, plan and recomputed layers, and no
+        chunk on NVMe (its inline loader would block on the disk, where reader threads overlap it); if so, its
+        loader gets the rest of the restore's reads."""
         if (early.chunks, early.plan, early.recompute_layers) != (len(digests), plan, recompute_layers):
             return False
         if self.exchange is not None:

@@ -1,8 +1,9 @@
 """Reads started before the lookup finished (`Restorer.begin`): taken over when the lookup agrees,
 cancelled when it does not, and in neither case a change to what is restored.
 
-Tiny random models in float32 on the CPU, real stores; `early_min_keys` is lowered so that
-their short prefixes start early (the default starts only restores of >= 1,024 keys).
+Tiny random models in float32 on the CPU, real stores. `early_min_keys` is set to 1 so that their
+short prefixes start early: by default a GPU starts only restores of >= 1,024 keys early, and a CPU none
+(its reads are synchronous copies; reader threads read ahead instead).
 """
 from __future__ import annotations
 
@@ -78,6 +79,7 @@ def test_nothing_starts_early_below_the_key_threshold_or_off_the_memory_tiers(st
     model, hc, ids = _saved(store)
     digests = hc.digests(ids[0, : 7 * C])
     plan = hc.save_plan()
+    assert HCache(model, store, chunk_tokens=C).restorer.early_min_keys is None  # the CPU's default: never
     hc.restorer.early_min_keys = 7 * len(plan) + 1
     assert hc.restorer.begin(digests, plan, 0) is None
     hc.restorer.early_min_keys = 7 * len(plan)
