@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from hcache_adapter.loader import LayerRead
-from hcache_adapter.restore import ISSUE_AHEAD_BYTES, Restorer, layers_ahead
+from hcache_adapter.prefix_source import layers_ahead
+from hcache_adapter.restore import ISSUE_AHEAD_BYTES, Restorer
 
 
 def _reads(layers: int, chunks: int, chunk_shape=(64, 4096)) -> list[LayerRead]:
