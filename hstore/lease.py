@@ -88,7 +88,7 @@ class ReadLease:
             found = self.found
             pin = locs.append
             start = last = rung = -2
-            end = row_bytes = 0
+            end = row_bytes = run_offset = 0
             dtype = None
             # The hot loop of a restore's lookup: per key only what a read must do (find, pin, count the access).
             for i, k in enumerate(keys):
@@ -107,8 +107,6 @@ class ReadLease:
                     start, run_offset, rung, row_bytes, dtype = i, off, r, e.nbytes, e.dtype
                 end = off + row_bytes
                 last = i
-                found[i] = True
-                leased_keys[r].append(k)
                 pin(loc)
                 if e.ready is not None:
                     readies.append(e)
@@ -117,6 +115,9 @@ class ReadLease:
             if start >= 0:
                 runs.append(_Run(start, last + 1, rung, tiers[rung], run_offset, row_bytes, dtype,
                                  None if bases[rung] is None else bases[rung] + run_offset))
+            for run in runs:  # a run is a range of consecutive leased keys: marked and listed a slice at a time
+                found[run.start:run.stop] = [True] * (run.stop - run.start)
+                leased_keys[run.rung].extend(keys[run.start:run.stop])
             for r, ks in enumerate(leased_keys):
                 if ks:
                     catalog.policies[r].access_many(ks)

@@ -36,11 +36,12 @@ class LruPolicy(EvictionPolicy):
             self._order.move_to_end(key)
 
     def access_many(self, keys) -> None:
-        order = self._order
-        move = order.move_to_end
-        for key in keys:
-            if key in order:
+        move = self._order.move_to_end
+        for key in keys:  # a lease touches thousands of keys: one lookup each (unknown keys are rare)
+            try:
                 move(key)
+            except KeyError:
+                pass
 
     def remove(self, key: bytes) -> None:
         self._order.pop(key, None)

@@ -443,3 +443,26 @@ def test_s3fifo_finds_the_victim_probation_just_promoted() -> None:
     p.access(b"k3")
     assert p.pop_victim() == b"k0"
     assert p.pop_victim(skip={b"k1"}.__contains__) == b"k3"
+
+
+def _drain(policy: EvictionPolicy) -> list[bytes]:
+    out = []
+    while (victim := policy.pop_victim()) is not None:
+        out.append(victim)
+    return out
+
+
+@pytest.mark.parametrize("factory", EVICTION_FACTORIES.values(), ids=EVICTION_FACTORIES.keys())
+@settings(max_examples=150, deadline=None)
+@given(inserted=st.lists(_key, min_size=1, max_size=10, unique=True), touched=st.lists(_key, max_size=25))
+def test_access_many_is_access_of_each_key_in_order(factory, inserted, touched) -> None:
+    """What a lease calls for its thousands of keys: the same order as touching them one by one, unknown
+    keys ignored."""
+    batch, single = factory(), factory()
+    for k in inserted:
+        batch.insert(k, 1)
+        single.insert(k, 1)
+    batch.access_many(touched)
+    for k in touched:
+        single.access(k)
+    assert _drain(batch) == _drain(single)
