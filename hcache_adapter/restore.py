@@ -251,7 +251,11 @@ class Restorer:
         exchange = self.exchange.begin(plan, digests, recompute_layers, where) if self.exchange else None
         source = PrefixSource(self, ids[:, : len(digests) * self.layout.chunk_tokens], digests, plan,
                               recompute_layers, where, on_done, exchange, self.plain_layers, into, early)
-        source.start()
+        try:
+            source.start()
+        except BaseException:
+            source.close()  # its loader's threads, lease and ring (an early loader taken over included)
+            raise
         L = self.layout.num_layers
         if lazy:
             cache = LazyCache.for_model(self.recomputer.model.config)

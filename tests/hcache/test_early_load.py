@@ -130,3 +130,19 @@ def test_a_later_layer_on_nvme_cancels_them_for_the_threaded_reader(store):
     release()
     assert not early.taken and valid == 7
     assert_cache_exact(model, cache, ids, 7 * C)
+
+
+def test_a_restore_that_fails_to_start_closes_the_loader_it_took_over(store, monkeypatch):
+    model, hc, ids = _saved(store)
+    early, digests, plan = _begin(hc, ids, 7)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("recomputation failed")
+
+    monkeypatch.setattr(hc.recomputer, "prefix", broken)  # the leading layer's recomputation, run by start()
+    with pytest.raises(RuntimeError, match="recomputation failed"):
+        hc.restorer.restore(ids, digests, plan, 1, lazy=True, early=early)
+    assert not hc.restorer.ring.lent  # the cancelled early loader and the restore's own were both closed
+    cache, n = hc.restore(ids)  # and the next restore gets the ring again
+    assert n == 7 * C
+    assert_cache_exact(model, cache, ids, n)
