@@ -271,7 +271,8 @@ class HCache:
         try:
             cache = cache_for_call(call, self.model, result.cache)
             saver = self._saver(result, cache, prefill_rows=call.expand, prefill_only=call.save_after_prefill,
-                                limit=input_ids.shape[1] if call.speculative else None, prompt=prompt)
+                                limit=input_ids.shape[1] if call.speculative else None, prompt=prompt,
+                                compiled=call.static)
             with saver, with_cache(self.model, kwargs, self._cache_kw, cache) as kw, ExitStack() as stack:
                 if call.speculative and result.tokens:  # its first forward feeds the whole prompt, cached or not
                     stack.enter_context(first_forward(self.model, skip_cached_tokens(self._cache_kw)))
@@ -336,12 +337,13 @@ class HCache:
         return done + (saver.chunks_saved * self.chunk_tokens if saver.enabled else 0)
 
     def _saver(self, result: RestoreResult, cache, prefill_rows: int = 1, prefill_only: bool = False,
-               limit: int | None = None, prompt: list[int] | None = None) -> StateSaver:
+               limit: int | None = None, prompt: list[int] | None = None, compiled: bool = False) -> StateSaver:
+        """`compiled`: transformers may compile the call's decode (a static cache): registered hooks then."""
         return StateSaver(self.layout, self.store, self.save_plan(), start=result.tokens, cache=cache,
                           prefix_digest=result.prefix_digest, stored_chunks=result.stored_chunks,
                           decoder_layers=self.decoder_layers, embeddings=self.model.get_input_embeddings(),
                           internal=self.recomputer.internal, prefill_rows=prefill_rows, prefill_only=prefill_only,
-                          limit=limit, prompt=prompt)
+                          limit=limit, prompt=prompt, wrap_forward=not compiled)
 
     # ------------------------------------------------------------------ restore
     @torch.no_grad()

@@ -29,6 +29,9 @@ from torch import Tensor, nn
 from hcache_adapter.compat import cache_kwarg
 
 
+_NO_FORWARD = object()  # an instance without a `forward` of its own
+
+
 class _Recorded(Exception):
     """Ends the recording forward once the last decoder layer has been reached."""
 
@@ -92,6 +95,8 @@ def record_layer_calls(
 
         return forward
 
+    # What the instances had of their own (an accelerate hook, a saver's wrapper) is put back afterwards.
+    own = [layer.__dict__.get("forward", _NO_FORWARD) for layer in layers]
     for i, layer in enumerate(layers):
         layer.forward = stub(i)
     t = position_ids.shape[-1]
@@ -105,8 +110,11 @@ def record_layer_calls(
     except _Recorded:
         pass
     finally:
-        for layer in layers:
-            del layer.forward
+        for layer, previous in zip(layers, own):
+            if previous is _NO_FORWARD:
+                del layer.forward
+            else:
+                layer.forward = previous
     missing = [i for i, c in enumerate(calls) if c is None]
     if missing:
         raise RuntimeError(f"the model's forward did not call decoder layers {missing}")

@@ -167,6 +167,30 @@ def test_the_layer_calls_are_recorded_once_per_restore():
         handle.remove()
 
 
+def test_recording_the_layer_calls_puts_back_a_forward_the_layers_had_of_their_own():
+    """An accelerate hook or HCache's saver replaces an instance's `forward`; recording the calls must not
+    drop it (it used to delete the attribute, and with it a saver's wrapper in the middle of generate)."""
+    model = tiny_causal_lm("gemma3_text")
+    proj = generic_projector_for(model)
+    layer = model.model.layers[0]
+    calls = []
+    inner = layer.forward
+
+    def own(*args, **kwargs):
+        calls.append(1)
+        return inner(*args, **kwargs)
+
+    layer.forward = own
+    hidden = torch.randn(1, 10, model.config.hidden_size)
+    proj.project(0, hidden, torch.arange(10).unsqueeze(0))
+    assert layer.__dict__.get("forward") is own
+    assert "forward" not in model.model.layers[1].__dict__  # the others have none of their own again
+    before = len(calls)
+    with torch.no_grad():
+        model(ids_of(model))
+    assert len(calls) == before + 1  # the model's own forward still goes through it
+
+
 def test_layers_without_k_v_raise_and_their_state_is_the_model_s():
     model = tiny_causal_lm("qwen3_next")
     s = support(model)
