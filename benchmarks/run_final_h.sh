@@ -7,7 +7,7 @@
 #      (The TBT calls timed out at 100 s each, printing nothing: the first hc.generate compiles the prefill's blocks.)
 #   B: (the early loader builds only the keys of the layers it queues, and is extended with the rest) GPU tests of
 #      the restores; 7B timelines at 16K and 4K against early=0.
-#   C: `hcache bench` of the final code: both shapes at 1K/4K (every method, median of 7), then 7B/16K (median of 5).
+#   C: `hcache bench` with the early start (the session's later commits did not run on the GPU): both shapes at 1K/4K (every method, median of 7), then 7B/16K (median of 5).
 source benchmarks/device_env.sh
 
 case "${1:-A}" in
