@@ -315,21 +315,20 @@ class _ForwardWrapper:
     """`module.forward` replaced, for one saver's call, by itself between `before` and `after`.
 
     The wrapper is an attribute of the instance, so `module(...)` keeps torch's fast
-    path (no hooks to dispatch). `remove()` puts back what the instance had; should
+    path (no hooks to dispatch). `remove()` puts back what the instance had. Should
     something have wrapped `forward` again on top of this one, this one only stops
-    watching, so that the other keeps working.
+    watching (and lets go of the saver), so that the other keeps working; a saver's
+    wrapper that stopped watching is skipped when the one above it is removed.
     """
 
     def __init__(self, module: torch.nn.Module, before, after):
         self.module = module
         self.previous = module.__dict__.get("forward", _UNSET)
         inner = module.forward
-        watching = [True]
-        self._watching = watching
+        calls = self._calls = [before, after]  # emptied by remove(): nothing then refers to the saver
 
         def forward(*args, **kwargs):
-            if not watching[0]:
-                return inner(*args, **kwargs)
+            before, after = calls
             if before is not None:
                 before(module, args, kwargs)
             output = inner(*args, **kwargs)
@@ -337,13 +336,22 @@ class _ForwardWrapper:
                 after(module, args, output)
             return output
 
+        forward.saver_wrapper = self
         self.forward = forward
         module.forward = forward
 
+    @property
+    def watching(self) -> bool:
+        return self._calls != [None, None]
+
     def remove(self) -> None:
-        self._watching[0] = False
-        if self.module.__dict__.get("forward") is self.forward:
-            if self.previous is _UNSET:
-                del self.module.forward
-            else:
-                self.module.forward = self.previous
+        self._calls[:] = [None, None]
+        if self.module.__dict__.get("forward") is not self.forward:
+            return  # wrapped again on top: stay in place, passing calls through
+        previous = self.previous
+        while getattr(previous, "saver_wrapper", None) is not None and not previous.saver_wrapper.watching:
+            previous = previous.saver_wrapper.previous  # an earlier saver that was removed under this one
+        if previous is _UNSET:
+            del self.module.forward
+        else:
+            self.module.forward = previous

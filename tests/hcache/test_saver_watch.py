@@ -102,3 +102,30 @@ def test_a_forward_wrapped_again_on_top_keeps_working_and_stops_being_watched(tm
         del layer.forward
         with torch.no_grad():
             assert torch.equal(model(ids).logits, want)
+
+
+@pytest.mark.parametrize("first_out", ["outer", "inner"])
+def test_two_savers_at_once_leave_nothing_behind_in_either_order(tmp_path, first_out):
+    import gc
+    import weakref
+
+    model = build("llama_mha")
+    layers = model.model.layers
+    ids = torch.randint(3, model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(3))
+    with _store(tmp_path / "s") as store:
+        hc = HCache(model, store, chunk_tokens=C)
+        outer, inner = _saver(hc, store, True), _saver(hc, store, True)
+        outer.__enter__()
+        inner.__enter__()
+        first, second = (outer, inner) if first_out == "outer" else (inner, outer)
+        first.__exit__(None, None, None)
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=4, do_sample=False)
+        assert first.chunks_saved == 0 and second.chunks_saved == (20 + 4 - 1) // C  # only the one still entered
+        second.__exit__(None, None, None)
+        assert all("forward" not in layer.__dict__ for layer in layers)
+        assert "forward" not in model.get_input_embeddings().__dict__
+        gone = weakref.ref(first), weakref.ref(second)
+        del outer, inner, first, second
+        gc.collect()
+        assert all(ref() is None for ref in gone)  # no wrapper left on the model holds a saver
