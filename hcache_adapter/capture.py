@@ -31,6 +31,7 @@ import logging
 import torch
 
 from hcache_adapter.compat import layer_kv
+from hcache_adapter.forwards import own_forward, put_back_forward
 from hcache_adapter.layout import StateLayout
 from hcache_adapter.manifest import HIDDEN, KV
 
@@ -308,9 +309,6 @@ def _both(first, second):
     return both
 
 
-_UNSET = object()
-
-
 class _ForwardWrapper:
     """`module.forward` replaced, for one saver's call, by itself between `before` and `after`.
 
@@ -323,7 +321,7 @@ class _ForwardWrapper:
 
     def __init__(self, module: torch.nn.Module, before, after):
         self.module = module
-        self.previous = module.__dict__.get("forward", _UNSET)
+        self.previous = own_forward(module)
         inner = module.forward
         calls = self._calls = [before, after]  # emptied by remove(): nothing then refers to the saver
 
@@ -351,7 +349,4 @@ class _ForwardWrapper:
         previous = self.previous
         while getattr(previous, "saver_wrapper", None) is not None and not previous.saver_wrapper.watching:
             previous = previous.saver_wrapper.previous  # an earlier saver that was removed under this one
-        if previous is _UNSET:
-            del self.module.forward
-        else:
-            self.module.forward = previous
+        put_back_forward(self.module, previous)

@@ -15,18 +15,19 @@ from typing import Callable
 
 import torch
 
+from hcache_adapter.forwards import own_forward, put_back_forward
+
 Handler = Callable[..., object]  # handler(forward, *args, **kwargs) -> the forward's output
 
 
 @contextmanager
 def first_forward(model: torch.nn.Module, handler: Handler):
     """While active, the model's next forward call goes to `handler(forward, *args, **kwargs)`."""
-    had_own = "forward" in model.__dict__  # e.g. a user's `model.forward = torch.compile(model.forward)`
-    own = model.__dict__.get("forward")
+    own = own_forward(model)  # e.g. a user's `model.forward = torch.compile(model.forward)`
     original = model.forward
 
     def wrapper(*args, **kwargs):
-        _put_back(model, had_own, own)
+        put_back_forward(model, own)
         return handler(original, *args, **kwargs)
 
     functools.update_wrapper(wrapper, original)  # generate() inspects forward's signature
@@ -35,7 +36,7 @@ def first_forward(model: torch.nn.Module, handler: Handler):
         yield
     finally:
         if model.__dict__.get("forward") is wrapper:
-            _put_back(model, had_own, own)
+            put_back_forward(model, own)
 
 
 @contextmanager
@@ -56,13 +57,6 @@ def after_first_forward(model: torch.nn.Module, fn: Callable[[], None]):
     finally:
         handle.remove()
         once()
-
-
-def _put_back(model: torch.nn.Module, had_own: bool, own) -> None:
-    if had_own:
-        model.forward = own
-    else:
-        model.__dict__.pop("forward", None)
 
 
 def skip_cached_tokens(cache_kwarg: str):

@@ -27,9 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from hcache_adapter.compat import cache_kwarg
-
-
-_NO_FORWARD = object()  # an instance without a `forward` of its own
+from hcache_adapter.forwards import own_forward, put_back_forward
 
 
 class _Recorded(Exception):
@@ -96,7 +94,7 @@ def record_layer_calls(
         return forward
 
     # What the instances had of their own (an accelerate hook, a saver's wrapper) is put back afterwards.
-    own = [layer.__dict__.get("forward", _NO_FORWARD) for layer in layers]
+    own = [own_forward(layer) for layer in layers]
     for i, layer in enumerate(layers):
         layer.forward = stub(i)
     t = position_ids.shape[-1]
@@ -111,10 +109,7 @@ def record_layer_calls(
         pass
     finally:
         for layer, previous in zip(layers, own):
-            if previous is _NO_FORWARD:
-                del layer.forward
-            else:
-                layer.forward = previous
+            put_back_forward(layer, previous)
     missing = [i for i, c in enumerate(calls) if c is None]
     if missing:
         raise RuntimeError(f"the model's forward did not call decoder layers {missing}")
