@@ -192,6 +192,11 @@ class LayerLoader:
             starts.append(starts[-1] + len(r.keys))
         return starts
 
+    @staticmethod
+    def queued_ahead(depth: int, lookahead: int | None) -> int:
+        """Inline mode: layers whose reads are queued from the one being computed on (at least 1)."""
+        return depth if lookahead is None else min(lookahead, depth)
+
     def prefetch(self, layers: int | None = None) -> None:
         """Queue the reads of the first `layers` layers now (None: every free buffer), so that they run while
         the caller recomputes leading layers or finishes its lookup. Thread mode reads ahead by itself."""
@@ -230,8 +235,7 @@ class LayerLoader:
     def get(self, i: int) -> LoadedLayer:
         """Layer `i` of `reads` (blocks until read); on a GPU the current stream waits for its copy."""
         if self.inline:
-            ahead = self.depth if self.lookahead is None else min(self.lookahead, self.depth)
-            self._issue_until(i + ahead)  # ahead >= 1: layer i itself is always queued
+            self._issue_until(i + self.queued_ahead(self.depth, self.lookahead))  # >= 1: layer i itself is queued
         with self._cv:
             while i not in self._results:
                 self._cv.wait()

@@ -42,7 +42,7 @@ class PrefixSource:
         self.n_tokens = self.m * restorer.layout.chunk_tokens
         self.plan = plan
         self.recompute_layers = recompute_layers
-        self.reads = early.reads if early is not None else restorer.layer_reads(
+        self.reads = early.loader.reads if early is not None else restorer.layer_reads(
             digests, plan, recompute_layers, where.keys if where is not None else None, exchange)
         self._index = {read.layer: i for i, read in enumerate(self.reads)}
         self.where = where  # prefix.LayerLocations from the planner: keys and tiers per layer

@@ -65,8 +65,7 @@ EARLY_MIN_KEYS = 1024
 class EarlyLoad:
     """The first reads of a restore, started before its lookup finished (`Restorer.begin`)."""
 
-    loader: LayerLoader
-    reads: list[LayerRead]
+    loader: LayerLoader  # its `reads`: the layers queued so far, then (taken over) the whole restore's
     chunks: int
     plan: str
     recompute_layers: int
@@ -205,14 +204,13 @@ class Restorer:
         loaded = len(plan) - recompute_layers
         if loaded < 1 or loaded * len(digests) < self.early_min_keys:
             return None
-        depth = min(self.ring_depth(len(digests), plan), loaded)
-        ahead = depth if self.inline_lookahead is None else min(self.inline_lookahead, depth)
+        ahead = LayerLoader.queued_ahead(min(self.ring_depth(len(digests), plan), loaded), self.inline_lookahead)
         reads = self.layer_reads(digests, plan, recompute_layers, count=ahead)
         if not MEMORY_TIERS.issuperset(self.store.locate(reads[0].keys)):
             return None
         loader = self.open_loader(reads, len(digests), plan, inline=True, expect_reads=loaded)
         loader.prefetch(ahead)
-        return EarlyLoad(loader, reads, len(digests), plan, recompute_layers)
+        return EarlyLoad(loader, len(digests), plan, recompute_layers)
 
     def _take_over(self, early: EarlyLoad, digests: list[str], plan: str, recompute_layers: int, where) -> bool:
         """Whether `early` reads what this restore would: the same chunks, plan and recomputed layers, and no
@@ -220,18 +218,13 @@ class Restorer:
         loader gets the rest of the restore's reads."""
         if (early.chunks, early.plan, early.recompute_layers) != (len(digests), plan, recompute_layers):
             return False
-        if self.exchange is not None:
+        if where is not None and any("nvme" in where.tiers.get(l, ()) for l in range(recompute_layers, len(plan))):
             return False
         rest = self.layer_reads(digests, plan, recompute_layers, where.keys if where is not None else None,
-                                skip=len(early.reads))
-        if where is not None:
-            tiers = [t for l in range(recompute_layers, len(plan)) for t in where.tiers.get(l, ())]
-        else:
-            tiers = self.store.locate([k for read in rest for k in read.keys])
-        if "nvme" in tiers:
+                                skip=len(early.loader.reads))
+        if where is None and "nvme" in self.store.locate([k for read in rest for k in read.keys]):
             return False
         early.loader.extend(rest)
-        early.reads = early.reads + rest
         early.taken = True
         return True
 
