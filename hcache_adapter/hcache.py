@@ -391,8 +391,9 @@ class HCache:
         if m == 0:
             return self._done(RestoreResult(new_cache(self.model), seconds=time.perf_counter() - t0))
         digests = digests[:m]
-        # the first layers' reads start now, while the rest is located; restorer.restore takes them over
-        early = None if self.tp else self.restorer.begin(digests, plan, min_recompute(plan))
+        # the first layers' reads start now, while the rest is located (None under TP, and for short restores);
+        # restorer.restore takes them over
+        early = self.restorer.begin(digests, plan, min_recompute(plan))
         try:
             return self._restore_prefix(ids, digests, plan, lazy=lazy, into_prefill=into_prefill, early=early, t0=t0)
         finally:
