@@ -43,6 +43,7 @@ from typing import Callable
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from hcache_adapter import split_attention
 from hcache_adapter.compat import causal_lm_output
 from hcache_adapter.fused_blocks import compiled_blocks
 from hcache_adapter.lazycache import LazyCache, LazyLayer
@@ -460,6 +461,8 @@ def _attention(model: torch.nn.Module, name: str | None):
     if name is None or name == saved or saved is None:
         yield
         return
+    if name == split_attention.NAME:
+        split_attention.register()
     model.set_attn_implementation(name)
     try:
         yield
