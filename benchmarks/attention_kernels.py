@@ -16,7 +16,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from hcache_adapter.split_attention import _eager, attend, choose_splits
+from hcache_adapter.split_attention import eager_attention, attend, choose_splits
 
 
 def graph_ms(fn, layers: int, replays: int) -> float:
@@ -64,8 +64,8 @@ def main(argv=None) -> int:
             pos = torch.arange(M, device=dev) + n
             mask = (torch.arange(N, device=dev).view(1, 1, 1, N) > pos.view(1, 1, M, 1)).to(dt) * torch.finfo(dt).min
             scale = D ** -0.5
-            ref = _eager(module, q.float(), k.float(), v.float(), mask.float(), scale, 0.0)[0]
-            methods = {"eager": lambda: _eager(module, q, k, v, mask, scale, 0.0)[0],
+            ref = eager_attention(module, q.float(), k.float(), v.float(), mask.float(), scale, 0.0)[0]
+            methods = {"eager": lambda: eager_attention(module, q, k, v, mask, scale, 0.0)[0],
                        "sdpa": lambda: F.scaled_dot_product_attention(
                            q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1), attn_mask=mask,
                            scale=scale).transpose(1, 2)}

@@ -85,10 +85,10 @@ def split_kv_attention(module: torch.nn.Module, query: Tensor, key: Tensor, valu
         if splits > 1:
             out = attend(query, key, value, bias, scale, splits)
             return out.transpose(1, 2).contiguous(), None
-    return _eager(module, query, key, value, attention_mask, scale, dropout)
+    return eager_attention(module, query, key, value, attention_mask, scale, dropout)
 
 
-def _eager(module, query, key, value, attention_mask, scale, dropout) -> tuple[Tensor, None]:
+def eager_attention(module, query, key, value, attention_mask, scale, dropout) -> tuple[Tensor, None]:
     """transformers' eager attention, for the calls split-KV does not take."""
     groups = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(groups, dim=1)

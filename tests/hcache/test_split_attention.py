@@ -11,7 +11,7 @@ from tests.helpers.models import build as build_model
 
 from hcache_adapter import HCache
 from hcache_adapter import split_attention
-from hcache_adapter.split_attention import MIN_PIECE, NAME, _eager, attend, choose_splits, split_kv_attention
+from hcache_adapter.split_attention import MIN_PIECE, NAME, eager_attention, attend, choose_splits, split_kv_attention
 from hstore import StoreConfig, TieredStore
 
 
@@ -38,7 +38,7 @@ def test_merged_pieces_equal_attention_over_all_keys(kv_heads, groups, queries, 
     if keys < queries:
         keys = queries * pieces
     q, k, v, mask = _inputs(kv_heads * groups, kv_heads, queries, keys, dim, seed)
-    ref = _eager(_Layer().eval(), q, k, v, mask, dim ** -0.5, 0.0)[0]
+    ref = eager_attention(_Layer().eval(), q, k, v, mask, dim ** -0.5, 0.0)[0]
     out = attend(q, k, v, mask, dim ** -0.5, pieces).transpose(1, 2)
     assert out.shape == ref.shape
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
@@ -76,7 +76,7 @@ def test_calls_it_does_not_take_run_eager_attention(case):
     else:
         q, k, v, mask = _inputs(4, 2, 8, 64, 8, 1)
     out, weights = split_kv_attention(_Layer().eval(), q, k, v, mask, 0.35)
-    ref = _eager(_Layer().eval(), q, k, v, mask, 0.35, 0.0)[0]
+    ref = eager_attention(_Layer().eval(), q, k, v, mask, 0.35, 0.0)[0]
     assert weights is None and torch.equal(out, ref)
 
 
@@ -86,7 +86,7 @@ def test_generate_through_the_static_prefill_with_split_attention_gives_the_mode
     (counted), every layer's, and the tokens equal model.generate's; the model's attention is put back."""
     model = build_model(arch)
     model.generation_config.pad_token_id = model.generation_config.eos_token_id
-    before = model.config._attn_implementation
+    before = getattr(model.config, "_attn_implementation")
     split = []
     real = split_attention.attend
     monkeypatch.setattr(split_attention, "attend", lambda *a: split.append(a[-1]) or real(*a))
@@ -101,5 +101,5 @@ def test_generate_through_the_static_prefill_with_split_attention_gives_the_mode
             assert torch.equal(hc.generate(req, **gen), model.generate(req, **gen)), extra
         assert hc.prefill.runs >= 2
     assert len(split) >= 2 * model.config.num_hidden_layers and min(split) >= 2
-    assert model.config._attn_implementation == before
+    assert getattr(model.config, "_attn_implementation") == before
     assert NAME == hc.prefill.attention
