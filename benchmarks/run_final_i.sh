@@ -32,11 +32,11 @@ case "${1:-A}" in
     ;;
   D)
     echo "=== attention kernels $(date +%T)"
-    timeout 120 python3 benchmarks/attention_kernels.py --replays 15 > $OUT/attention_kernels.md 2>&1
+    timeout 100 python3 benchmarks/attention_kernels.py --replays 10 > $OUT/attention_kernels.md 2>&1
     grep -v "Warn\|warn" $OUT/attention_kernels.md | head -40
-    timeline 200 16384 4 3 ideal,hcache,hcache/attn=hcache_split_kv --dram-gib 40
+    timeline 170 16384 3 3 hcache,hcache/attn=hcache_split_kv --dram-gib 40
     grep "TTFT\|restore compute done\|prefill replay end" $OUT/ttft_timeline_7b_16k.md | head -14
-    timeline 140 4096 7 3 hcache,hcache/attn=hcache_split_kv
+    timeline 120 4096 7 3 hcache,hcache/attn=hcache_split_kv
     grep "TTFT\|restore compute done\|prefill replay end" $OUT/ttft_timeline_7b_4k.md | head -14
     echo "=== end $(date +%T)"
     ;;
