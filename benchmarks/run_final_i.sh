@@ -8,7 +8,9 @@
 #   C: where auto's restore loses time to hcache's at 1K and 16K (B: +3.3 and +3.5 ms, the same plan): the
 #      7B timelines of the two, interleaved.
 #   D: the captured prefill's attention: split-KV pieces against eager (kernels alone, then 7B timelines at 16K
-#      and 4K of hcache with each).
+#      and 4K of hcache with each; "hcache" was eager then). E: the 16K timeline in the other order (its first
+#      line: split-KV's forward replayed alone). Then the GPU tests of the captured prefill with split-KV the
+#      default: pytest tests/hcache/test_gpu.py -k "captured or modes or restore_into".
 source benchmarks/device_env.sh
 
 case "${1:-A}" in
@@ -39,5 +41,9 @@ case "${1:-A}" in
     timeline 120 4096 7 3 hcache,hcache/attn=hcache_split_kv
     grep "TTFT\|restore compute done\|prefill replay end" $OUT/ttft_timeline_7b_4k.md | head -14
     echo "=== end $(date +%T)"
+    ;;
+  E)
+    timeline 170 16384 3 3 hcache/attn=hcache_split_kv,hcache --dram-gib 40
+    grep "captured\|TTFT\|compute done\|copies done\|replay end" $OUT/ttft_timeline_7b_16k.md
     ;;
 esac

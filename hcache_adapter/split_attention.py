@@ -15,21 +15,28 @@ runs plain eager attention. On a CPU the pieces run as explicit math (how the sp
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 NAME = "hcache_split_kv"
 MIN_PIECE = 256  # keys per piece at least: shorter pieces cost more in merging than they gain
 TARGET_BLOCKS = 264  # thread blocks to aim for (about two per SM of an H100/H200)
 QUERY_BLOCK = 64  # queries per thread block of the fused kernel (its tile along the queries)
+ALIGN = 16  # keys per piece a multiple of this: the fused kernel reads the mask's rows in aligned vectors
+_fused_failed = False  # set when the fused kernel refused a call: eager attention from then on
 
 
 def choose_splits(n_keys: int, kv_heads: int, queries: int) -> int:
-    """Pieces to cut `n_keys` into: enough blocks to fill the GPU, pieces of >= MIN_PIECE keys, a divisor."""
+    """Pieces to cut `n_keys` into: enough blocks to fill the GPU, pieces of >= MIN_PIECE keys (a multiple
+    of ALIGN), a divisor."""
     blocks = kv_heads * max(1, -(-queries // QUERY_BLOCK))
     want = max(1, min(-(-TARGET_BLOCKS // blocks), n_keys // MIN_PIECE))
-    for s in range(want, 0, -1):
-        if n_keys % s == 0:
+    for s in range(want, 1, -1):
+        if n_keys % s == 0 and (n_keys // s) % ALIGN == 0:
             return s
     return 1
 
@@ -74,8 +81,10 @@ def split_kv_attention(module: torch.nn.Module, query: Tensor, key: Tensor, valu
                        **kwargs) -> tuple[Tensor, None]:
     """transformers' attention-function signature: -> (output [B, M, H, D], no weights)."""
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    usable = (query.shape[0] == 1 and attention_mask is not None and attention_mask.dim() == 4
-              and attention_mask.shape[:2] == (1, 1) and attention_mask.is_floating_point()
+    usable = (not _fused_failed and query.shape[0] == 1 and attention_mask is not None
+              and attention_mask.dim() == 4 and attention_mask.shape[:3] == (1, 1, query.shape[2])
+              and attention_mask.shape[3] >= key.shape[2] and attention_mask.is_floating_point()
+              and query.shape[-1] % 8 == 0
               and (dropout == 0.0 or not module.training) and kwargs.get("sliding_window") is None
               and getattr(module, "is_causal", True) and query.shape[1] % key.shape[1] == 0
               and key.is_contiguous() and value.is_contiguous())
@@ -83,16 +92,28 @@ def split_kv_attention(module: torch.nn.Module, query: Tensor, key: Tensor, valu
         bias = attention_mask[..., : key.shape[-2]]
         splits = choose_splits(key.shape[2], key.shape[1], query.shape[2] * (query.shape[1] // key.shape[1]))
         if splits > 1:
-            out = attend(query, key, value, bias, scale, splits)
-            return out.transpose(1, 2).contiguous(), None
+            try:
+                out = attend(query, key, value, bias, scale, splits)
+                return out.transpose(1, 2).contiguous(), None
+            except RuntimeError as e:  # the fused kernel refused these inputs (seen before any capture: its warm-up)
+                if query.is_cuda and torch.cuda.is_current_stream_capturing():
+                    raise
+                _give_up(e)
     return eager_attention(module, query, key, value, attention_mask, scale, dropout)
+
+
+def _give_up(error: Exception) -> None:
+    global _fused_failed
+    _fused_failed = True
+    log.warning("split-KV attention failed (%s); the captured prefill runs eager attention from now on", error)
 
 
 def eager_attention(module, query, key, value, attention_mask, scale, dropout) -> tuple[Tensor, None]:
     """transformers' eager attention, for the calls split-KV does not take."""
     groups = query.shape[1] // key.shape[1]
-    key = key.repeat_interleave(groups, dim=1)
-    value = value.repeat_interleave(groups, dim=1)
+    if groups > 1:  # as transformers' repeat_kv: no copy without groups
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
     weights = torch.matmul(query, key.transpose(2, 3)) * scale
     if attention_mask is not None:
         weights = weights + attention_mask[..., : key.shape[-2]]

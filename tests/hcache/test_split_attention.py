@@ -11,7 +11,7 @@ from tests.helpers.models import build as build_model
 
 from hcache_adapter import HCache
 from hcache_adapter import split_attention
-from hcache_adapter.split_attention import MIN_PIECE, NAME, eager_attention, attend, choose_splits, split_kv_attention
+from hcache_adapter.split_attention import ALIGN, MIN_PIECE, NAME, eager_attention, attend, choose_splits, split_kv_attention
 from hstore import StoreConfig, TieredStore
 
 
@@ -54,7 +54,7 @@ def test_a_piece_count_that_does_not_divide_the_keys_is_refused():
 def test_the_piece_count_divides_the_keys_and_keeps_pieces_long(keys, kv_heads, queries):
     s = choose_splits(keys, kv_heads, queries)
     assert s >= 1 and keys % s == 0
-    assert s == 1 or keys // s >= MIN_PIECE
+    assert s == 1 or (keys // s >= MIN_PIECE and (keys // s) % ALIGN == 0)
 
 
 def test_the_7b_shapes_get_pieces_that_fill_the_gpu():
@@ -103,3 +103,29 @@ def test_generate_through_the_static_prefill_with_split_attention_gives_the_mode
     assert len(split) >= 2 * model.config.num_hidden_layers and min(split) >= 2
     assert getattr(model.config, "_attn_implementation") == before
     assert NAME == hc.prefill.attention
+
+
+def test_the_default_is_split_attention_when_capturing_and_eager_otherwise():
+    from hcache_adapter.prefill_graph import CapturedPrefill
+
+    model = build_model("llama_mha")
+    layers = list(model.model.layers)
+    assert CapturedPrefill(model, layers, "past_key_values", None, capture=True).attention == NAME
+    assert CapturedPrefill(model, layers, "past_key_values", None, capture=False).attention == "eager"
+    assert CapturedPrefill(model, layers, "past_key_values", None, attention=None).attention is None
+
+
+def test_a_kernel_that_refuses_the_inputs_leaves_eager_attention_for_good(monkeypatch, caplog):
+    """Outside a capture, a piece kernel's error is logged once and eager attention answers, then and after."""
+    monkeypatch.setattr(split_attention, "_fused_failed", False)
+
+    def refuse(*args):
+        raise RuntimeError("no kernel for these inputs")
+
+    monkeypatch.setattr(split_attention, "_pieces", refuse)
+    q, k, v, mask = _inputs(4, 2, 8, 1024, 8, 2)
+    ref = eager_attention(_Layer().eval(), q, k, v, mask, 0.35, 0.0)[0]
+    for _ in range(2):
+        out, _ = split_kv_attention(_Layer().eval(), q, k, v, mask, 0.35)
+        assert torch.equal(out, ref)
+    assert caplog.text.count("split-KV attention failed") == 1
