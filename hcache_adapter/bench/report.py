@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import statistics
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -10,7 +11,8 @@ from hcache_adapter.bench.ttft import ALL_METHODS, Row
 
 log = logging.getLogger(__name__)
 
-CSV_FIELDS = [f.name for f in fields(Row) if f.name != "samples"]
+CSV_FIELDS = [f.name for f in fields(Row) if f.name != "samples"] + ["samples_ms"]
+BASELINES = ("recompute", "kv", "hcache", "hf_offloaded")  # what auto is held against (issue 8: <= 1.03x the best)
 
 
 def write_csv(rows: list[Row], path: Path) -> None:
@@ -18,7 +20,32 @@ def write_csv(rows: list[Row], path: Path) -> None:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         w.writeheader()
         for r in rows:
-            w.writerow({k: v for k, v in asdict(r).items() if k in CSV_FIELDS})
+            out = {k: v for k, v in asdict(r).items() if k in CSV_FIELDS}
+            out["samples_ms"] = ";".join(f"{x:.3f}" for x in r.samples)  # round order: pairs across methods
+            w.writerow(out)
+
+
+def paired_ratio(a: Row, b: Row) -> float:
+    """Median over the timed rounds of a's time / b's time in the same round (nan without common rounds).
+
+    Methods run interleaved, one round after another, so a round's two times share the host's drift; the
+    median of the rounds' ratios resolves differences that the medians' spread hides on a noisy host."""
+    ratios = [x / y for x, y in zip(a.samples, b.samples) if y > 0]
+    return statistics.median(ratios) if ratios else float("nan")
+
+
+def auto_against_best(group: dict[str, Row]) -> str | None:
+    """A line comparing auto with the best other method of one request, round by round."""
+    auto = group.get("auto")
+    others = [group[m] for m in BASELINES if m in group]
+    if auto is None or not others or not auto.samples:
+        return None
+    best = min(others, key=lambda r: r.ttft_ms)
+    ratio = paired_ratio(auto, best)
+    if ratio != ratio:
+        return None
+    return (f"\nauto / best other method ({best.method}), round by round: {ratio:.3f}x "
+            f"(median of {min(len(auto.samples), len(best.samples))} paired rounds)")
 
 
 def _fmt(x: float, digits: int = 1) -> str:
@@ -53,6 +80,9 @@ def request_tables(rows: list[Row], floors: dict[tuple, float]) -> list[str]:
             if ms is not None and ms == ms:
                 label = "hidden states" if what == "H" else "K/V"
                 lines.append(f"| copy floor ({label}) | {ms:.1f} | | | | | | | | | |")
+        paired = auto_against_best(group)
+        if paired:
+            lines.append(paired)
     return lines
 
 

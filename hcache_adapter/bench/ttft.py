@@ -47,7 +47,7 @@ class Row:
     max_abs_err: float = float("nan")
     repeats: int = 0
     alloc_retries: int = 0  # CUDA caching-allocator retries in the timed runs: each freed the cache and synchronised
-    samples: list[float] = field(default_factory=list, repr=False)
+    samples: list[float] = field(default_factory=list, repr=False)  # ms per timed round, in round order
 
 
 def sync(device: torch.device) -> None:
@@ -193,8 +193,8 @@ def measure_rows(model_name: str, model, hcs: dict[str, HCache], request: torch.
             progress()
     rows = []
     for m in order:
-        xs = sorted(samples[m])
-        row = Row(model_name, n, source, m, statistics.median(xs), _spread(xs), repeats=len(xs), samples=xs,
+        xs = samples[m]
+        row = Row(model_name, n, source, m, statistics.median(xs), _spread(xs), repeats=len(xs), samples=list(xs),
                   alloc_retries=retries[m])
         hc = run[m].hc
         if hc is not None:
@@ -217,5 +217,5 @@ def measure_rows(model_name: str, model, hcs: dict[str, HCache], request: torch.
 def _spread(xs: list[float]) -> float:
     if len(xs) < 3:
         return 0.0
-    q = statistics.quantiles(xs, n=10)
+    q = statistics.quantiles(sorted(xs), n=10)
     return (q[-1] - q[0]) / 2
