@@ -58,7 +58,7 @@ def attend(query: Tensor, key: Tensor, value: Tensor, bias: Tensor, scale: float
     b = bias[0, 0]
     if G > 1:
         b = b.unsqueeze(0).expand(G, M, N).reshape(GM, N)
-    b = b.view(GM, S, P).transpose(0, 1).contiguous().unsqueeze(1).expand(S, Hkv, GM, P)
+    b = b.reshape(GM, S, P).transpose(0, 1).contiguous().unsqueeze(1).expand(S, Hkv, GM, P)
     out, lse = _pieces(q, k, v, b, scale)  # [S, Hkv, GM, D], [S, Hkv, GM] (float32)
     w = torch.softmax(lse, dim=0).unsqueeze(-1)
     merged = (out.float() * w).sum(0)  # [Hkv, GM, D]

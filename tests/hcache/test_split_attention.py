@@ -44,6 +44,18 @@ def test_merged_pieces_equal_attention_over_all_keys(kv_heads, groups, queries, 
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_a_mask_longer_than_the_keys_is_cut_to_them(monkeypatch):
+    """The cache may hold fewer rows than the mask covers: only the first len(keys) columns count."""
+    merged = []
+    real = split_attention.attend
+    monkeypatch.setattr(split_attention, "attend", lambda *a: merged.append(real(*a)) or merged[-1])
+    q, k, v, mask = _inputs(4, 2, 8, 1024, 8, 3)
+    longer = torch.cat([mask, torch.zeros(1, 1, 8, 64)], dim=-1)
+    out, _ = split_kv_attention(_Layer().eval(), q, k, v, longer, 0.35)
+    ref = eager_attention(_Layer().eval(), q, k, v, mask, 0.35, 0.0)[0]
+    assert len(merged) == 1 and torch.allclose(out, ref, atol=1e-5)  # split, not the eager fall-back
+
+
 def test_a_piece_count_that_does_not_divide_the_keys_is_refused():
     q, k, v, mask = _inputs(2, 2, 4, 30, 8, 0)
     with pytest.raises(ValueError, match="do not split"):
