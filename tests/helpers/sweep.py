@@ -107,12 +107,25 @@ def _open_store(root: Path):
 
 
 def check_family(model_type: str) -> Row:
-    """The sweep for one family (module doc); never raises: what failed is in `Row.problems`."""
+    """The sweep for one family (module doc); never raises: what failed is in `Row.problems`.
+
+    Quiet (no log records below ERROR, no warnings, one thread) for the call only: a test that runs it in
+    its own process leaves the next tests' logging and threads as they were."""
     import logging
 
+    disabled, threads = logging.root.manager.disable, torch.get_num_threads()
     logging.disable(logging.WARNING)
-    warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore")
+            return _check_family(model_type)
+    finally:
+        logging.disable(disabled)
+        torch.set_num_threads(threads)
+
+
+def _check_family(model_type: str) -> Row:
     from tests.helpers.models import NotBuildable, tiny_causal_lm
 
     row = Row(model_type)
