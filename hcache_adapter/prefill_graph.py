@@ -152,11 +152,11 @@ class CapturedPrefill:
 
     def __init__(self, model: torch.nn.Module, decoder_layers: list[torch.nn.Module], cache_kwarg: str, internal, *,
                  capture: bool | None = None, max_buckets: int = 1, segment_layers: int = SEGMENT_LAYERS,
-                 attention: str | None = "", high_priority: bool = True, compile_blocks: bool = True):
+                 attention: str | None = "auto", high_priority: bool = True, compile_blocks: bool = True):
         """`internal`: the flag that makes the state saver ignore the forwards run here to warm up and capture.
         `segment_layers`: decoder layers per captured graph (see the module doc). `attention`: the attention
-        implementation the static forward runs (None: the model's own; "": the default, split-KV
-        attention when capturing on a GPU, eager otherwise). A fused kernel over a few dozen queries runs one
+        implementation the static forward runs (None: the model's own; "auto": split-KV attention
+        when capturing on a GPU, eager otherwise). A fused kernel over a few dozen queries runs one
         block per head and leaves most of the GPU idle; eager attention spreads but moves the float32 scores
         several times; split-KV (`split_attention`) does neither. Measured on the H200: the 7B/16K forward's
         graphs 14.55 -> 12.51 ms of GPU time, TTFT unchanged within the runs' spread.
@@ -170,7 +170,7 @@ class CapturedPrefill:
         self.capture = (self.device.type == "cuda") if capture is None else capture
         self.max_buckets = max_buckets
         self.segment_layers = segment_layers
-        self.attention = attention if attention != "" else (split_attention.NAME if self.capture else "eager")
+        self.attention = attention if attention != "auto" else (split_attention.NAME if self.capture else "eager")
         self.high_priority = high_priority
         self.compile_blocks = compile_blocks
         self._stream: torch.cuda.Stream | None = None

@@ -11,7 +11,8 @@ from tests.helpers.models import build as build_model
 
 from hcache_adapter import HCache
 from hcache_adapter import split_attention
-from hcache_adapter.split_attention import ALIGN, MIN_PIECE, NAME, eager_attention, attend, choose_splits, split_kv_attention
+from hcache_adapter.split_attention import (ALIGN, MIN_PIECE, NAME, attend, choose_splits, eager_attention,
+                                            split_kv_attention)
 from hstore import StoreConfig, TieredStore
 
 
@@ -26,7 +27,8 @@ def _inputs(heads, kv_heads, queries, keys, dim, seed, prefix=None):
     v = torch.randn(1, kv_heads, keys, dim, generator=g)
     n = keys - queries if prefix is None else prefix  # the new tokens sit after n prefix rows; the rest is padding
     pos = torch.arange(queries) + n
-    mask = (torch.arange(keys).view(1, 1, 1, keys) > pos.view(1, 1, queries, 1)).float() * torch.finfo(torch.float32).min
+    future = torch.arange(keys).view(1, 1, 1, keys) > pos.view(1, 1, queries, 1)
+    mask = future.float() * torch.finfo(torch.float32).min
     return q, k, v, mask
 
 
