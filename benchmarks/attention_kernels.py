@@ -49,6 +49,8 @@ def main(argv=None) -> int:
     p.add_argument("--replays", type=int, default=20)
     p.add_argument("--splits", default="4,8,16,32", help="piece counts to try besides the chosen one")
     args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU (it times fused kernels)")
     dev, dt = torch.device("cuda"), torch.float16
     print(f"{torch.cuda.get_device_name()}: {args.layers} calls per graph, {args.queries} queries, float16")
     print("| shape | keys | method | GPU ms (all layers) | max abs err vs fp32 |")
