@@ -11,6 +11,8 @@
 #      and 4K of hcache with each; "hcache" was eager then). E: the 16K timeline in the other order (its first
 #      line: split-KV's forward replayed alone). Then the GPU tests of the captured prefill with split-KV the
 #      default: pytest tests/hcache/test_gpu.py -k "captured or modes or restore_into".
+#   F (prepared, not run: no device time left): every GPU test with split-KV the default; the 8B/4K timeline of
+#      auto with split-KV against eager attention. Then B again: the bench's round-by-round auto / best line.
 source benchmarks/device_env.sh
 
 case "${1:-A}" in
@@ -40,6 +42,13 @@ case "${1:-A}" in
     grep "TTFT\|restore compute done\|prefill replay end" $OUT/ttft_timeline_7b_16k.md | head -14
     timeline 120 4096 7 3 hcache,hcache/attn=hcache_split_kv
     grep "TTFT\|restore compute done\|prefill replay end" $OUT/ttft_timeline_7b_4k.md | head -14
+    echo "=== end $(date +%T)"
+    ;;
+  F)
+    gpu_tests 200 tests/hstore/test_lease.py tests/hcache/test_gpu.py
+    timeout 150 python3 benchmarks/ttft_timeline.py --model llama3-8b --context 4096 --repeat 7 \
+      --methods auto,auto/attn=eager > $OUT/ttft_timeline_8b_4k.md 2>&1
+    grep "captured\|TTFT\|compute done\|replay end" $OUT/ttft_timeline_8b_4k.md
     echo "=== end $(date +%T)"
     ;;
   E)
