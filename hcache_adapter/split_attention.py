@@ -11,11 +11,12 @@ merged by those weights: `splits` x K/V heads thread blocks, each key read once,
 Registered with transformers' `AttentionInterface` as `NAME`, so a model runs it through its own
 attention modules (`model.set_attn_implementation(NAME)`). It takes what the captured prefill gives
 (batch 1, an additive float mask, no dropout); anything else, or a key length the pieces cannot split,
-runs plain eager attention. On a CPU the pieces run as explicit math (how the splitting is tested).
+runs the model's own eager attention. On a CPU the pieces run as explicit math (how the splitting is tested).
 """
 from __future__ import annotations
 
 import logging
+import sys
 
 import torch
 from torch import Tensor
@@ -99,6 +100,9 @@ def split_kv_attention(module: torch.nn.Module, query: Tensor, key: Tensor, valu
                 if query.is_cuda and torch.cuda.is_current_stream_capturing():
                     raise
                 _give_up(e)
+    own = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if own is not None:  # the model's own eager attention, as the "eager" implementation would have run it
+        return own(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     return eager_attention(module, query, key, value, attention_mask, scale, dropout)
 
 
@@ -109,7 +113,8 @@ def _give_up(error: Exception) -> None:
 
 
 def eager_attention(module, query, key, value, attention_mask, scale, dropout) -> tuple[Tensor, None]:
-    """transformers' eager attention, for the calls split-KV does not take."""
+    """Eager attention as transformers writes it: the reference the pieces are checked against, and the
+    fall-back for a module whose modeling file has no `eager_attention_forward` of its own."""
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # as transformers' repeat_kv: no copy without groups
         key = key.repeat_interleave(groups, dim=1)

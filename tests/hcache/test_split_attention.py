@@ -143,3 +143,19 @@ def test_a_kernel_that_refuses_the_inputs_leaves_eager_attention_for_good(monkey
         out, _ = split_kv_attention(_Layer().eval(), q, k, v, mask, 0.35)
         assert torch.equal(out, ref)
     assert caplog.text.count("split-KV attention failed") == 1
+
+
+def test_a_model_module_it_does_not_take_runs_its_own_eager_attention(monkeypatch):
+    """The fall-back is the model's own eager attention (its modeling file's), as "eager" would run it."""
+    from transformers.models.llama import modeling_llama
+
+    calls = []
+    own = modeling_llama.eager_attention_forward
+    monkeypatch.setattr(modeling_llama, "eager_attention_forward", lambda *a, **kw: calls.append(kw) or own(*a, **kw))
+    attn = build_model("llama_gqa").model.layers[0].self_attn.eval()
+    heads, kv_heads = attn.config.num_attention_heads, attn.config.num_key_value_heads
+    q, k, v, mask = (torch.cat([t, t]) for t in _inputs(heads, kv_heads, 8, 64, attn.head_dim, 4))  # batch of two
+    out, _ = split_kv_attention(attn, q, k, v, mask, scaling=attn.scaling, dropout=0.0)
+    assert calls == [dict(scaling=attn.scaling, dropout=0.0)]
+    ref = own(attn, q, k, v, mask, scaling=attn.scaling, dropout=0.0)[0]
+    assert torch.equal(out, ref)
