@@ -44,15 +44,15 @@ case "${1:-A}" in
     grep "TTFT\|restore compute done\|prefill replay end" $OUT/ttft_timeline_7b_4k.md | head -14
     echo "=== end $(date +%T)"
     ;;
+  E)
+    timeline 170 16384 3 3 hcache/attn=hcache_split_kv,hcache --dram-gib 40
+    grep "captured\|TTFT\|compute done\|copies done\|replay end" $OUT/ttft_timeline_7b_16k.md
+    ;;
   F)
     gpu_tests 200 tests/hstore/test_lease.py tests/hcache/test_gpu.py
     timeout 150 python3 benchmarks/ttft_timeline.py --model llama3-8b --context 4096 --repeat 7 \
       --methods auto,auto/attn=eager > $OUT/ttft_timeline_8b_4k.md 2>&1
     grep "captured\|TTFT\|compute done\|replay end" $OUT/ttft_timeline_8b_4k.md
     echo "=== end $(date +%T)"
-    ;;
-  E)
-    timeline 170 16384 3 3 hcache/attn=hcache_split_kv,hcache --dram-gib 40
-    grep "captured\|TTFT\|compute done\|copies done\|replay end" $OUT/ttft_timeline_7b_16k.md
     ;;
 esac

@@ -194,7 +194,7 @@ def measure_rows(model_name: str, model, hcs: dict[str, HCache], request: torch.
     rows = []
     for m in order:
         xs = samples[m]
-        row = Row(model_name, n, source, m, statistics.median(xs), _spread(xs), repeats=len(xs), samples=list(xs),
+        row = Row(model_name, n, source, m, statistics.median(xs), _spread(xs), repeats=len(xs), samples=xs,
                   alloc_retries=retries[m])
         hc = run[m].hc
         if hc is not None:
