@@ -179,7 +179,7 @@ def variant(model, store, spec: str) -> HCache:
     attn (its attention; "model": the model's own), hold (0: do not hold the flusher back), prio (0: replay the
     captured prefill on the current stream, not one of the highest priority), fuse (0: capture the layers'
     norms, MLPs and rotary uncompiled), carve (SMs the projection graphs' GEMMs leave free), look (layers of copies queued ahead of the compute;
-    "all": every free slot), lease (0: read each layer with get_many_into), ahead (MiB of a restore queued
+    "all": every free slot), heads (1: projection GEMMs per head), inplace (1: projection graphs write K/V in place), lease (0: read each layer with get_many_into), ahead (MiB of a restore queued
     before the first forward, or "all"), early (0: no reads started before the lookup finished), kv (with METHOD=mix: auto saving the first kv layers as K/V and the
     rest as hidden states; at=end: the last kv layers)."""
     method, *opts = spec.split("/")
@@ -197,6 +197,11 @@ def variant(model, store, spec: str) -> HCache:
         hc.prefill.compile_blocks = opt.get("fuse", "1") != "0"
         if "attn" in opt:
             hc.prefill.attention = None if opt["attn"] == "model" else opt["attn"]
+    if "heads" in opt:  # 1: the projection graphs' GEMMs per head, V written in the cache's layout
+        hc.projector.heads_gemm = opt["heads"] != "0"
+        hc.projector.write_in_place = hc.projector.write_in_place or hc.projector.heads_gemm
+    if "inplace" in opt:  # 1: the projection graphs write K/V into the destination instead of copying them there
+        hc.projector.write_in_place = opt["inplace"] != "0"
     if "carve" in opt:  # SMs the projection graphs' GEMMs leave free
         hc.projector.sm_carveout = int(opt["carve"])
     if "look" in opt:  # layers of copies the loader queues ahead of the compute ("all": every free slot)

@@ -135,6 +135,12 @@ class StaticDestination:
     def __init__(self, bucket: _Bucket, n: int):
         self.bucket, self.n = bucket, n
 
+    @property
+    def capacity(self) -> int:
+        """Rows of each layer a restore may write (past n: the new tokens' and padding rows, which the forward
+        overwrites or masks), so a projection graph of a padded length writes its result in place."""
+        return self.bucket.total
+
     def __call__(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         layers = self.bucket.cache.layers
         if layer >= len(layers):

@@ -176,7 +176,9 @@ class PrefixSource:
             out = self.into(read.layer) if self.into is not None and valid == self.m else None
             if read.kind == HIDDEN:
                 with self.r.recomputer.internal.running():  # the generic projector calls model layers
-                    k, v = self.r.projector.project_prefix(read.layer, *self._hidden(data, valid), out=out)
+                    rows = getattr(self.into, "capacity", None) if out is not None else None
+                    k, v = self.r.projector.project_prefix(read.layer, *self._hidden(data, valid), out=out,
+                                                           out_rows=rows)
             else:
                 k, v = _kv_from_chunks(data, valid, self.r.layout.chunk_tokens, out)
             return k, v, valid

@@ -236,7 +236,8 @@ class Restorer:
         device); `release()` ends a lazy restore's readers once the caller is done with the cache.
         `on_done()` is called once every layer's work is queued (lazy: when the model took the last).
         `into(layer)`: (K, V) tensors [1, kv_heads, n, head_dim] a fully read plain layer is written into
-        (the captured prefill's static cache, so its forward need not copy the prefix in), or None.
+        (the captured prefill's static cache, so its forward need not copy the prefix in), or None; its
+        `capacity`, if any: rows of those tensors' storage a projection may write (see `project_prefix`).
         `early`: reads `begin` started; taken over when they are this restore's, else cancelled."""
         if early is not None and not self._take_over(early, digests, plan, recompute_layers, where):
             early.cancel()

@@ -128,12 +128,16 @@ class Projector(ABC):
         with torch.no_grad():
             return self._project(layer_idx, hidden, position_ids)
 
-    def project_prefix(self, layer_idx: int, hidden: Tensor, position_ids: Tensor, out: KV | None = None) -> KV:
+    def project_prefix(self, layer_idx: int, hidden: Tensor, position_ids: Tensor, out: KV | None = None,
+                       out_rows: int | None = None) -> KV:
         """`project` for a restored prefix: one sequence whose positions are ``arange(T)``.
 
         `position_ids` must be exactly that (the caller made it); families that
         can replay a captured graph for this common case do (see ``graphs.py``).
         `out`: tensors to write K and V into (e.g. a static cache's rows), returned.
+        `out_rows`: how many rows along the sequence `out`'s storage may be written
+        (rows past T are free: a static cache's new-token and padding rows), so a
+        graph of a padded length may write there in place; None: T only.
         """
         return copy_into(self.project(layer_idx, hidden, position_ids), out)
 

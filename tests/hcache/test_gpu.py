@@ -177,6 +177,26 @@ def test_restore_into_the_captured_prefills_static_cache(tmp_path, method):
         assert_holds_models_state(model, held.past_key_values, held.sequences[:, :-1], atol=1e-4)
 
 
+@pytest.mark.parametrize("heads", [False, True])
+def test_projection_graphs_write_into_the_static_cache_padding_included(tmp_path, heads):
+    """320 restored tokens project in a graph of 512 rows: from the destination's second use the graph writes
+    K/V (and its padding rows, which the forward overwrites or masks) into the captured prefill's static cache
+    itself. Tokens and the returned cache's state match the model's, per-head GEMMs (`heads`) or not."""
+    model = _tiny_gpu_model()
+    with TieredStore(StoreConfig(root=tmp_path, dram_bytes=64 << 20, nvme_bytes=0)) as store:
+        hc = HCache(model, store, method="hcache")
+        hc.projector.write_in_place = True
+        hc.projector.heads_gemm = heads
+        gen = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        ids = torch.randint(10, 1000, (1, 340), device="cuda")
+        for _ in range(4):
+            assert torch.equal(hc.generate(ids, **gen), model.generate(ids, **gen))
+        held = hc.generate(ids, **gen, return_dict_in_generate=True)
+        assert hc.last_restore.tokens == 320
+        assert hc.projector.direct_graph_replays > 0
+        assert_holds_models_state(model, held.past_key_values, held.sequences[:, :-1], atol=1e-4)
+
+
 def test_captured_prefill_float16_error_and_tokens_on_the_7b_layer_shape(tmp_path):
     """Two layers of the Llama-2-7B shape in float16: the captured prefill's logits against the eager
     prefill's over the same restored cache (reported), and greedy tokens against model.generate."""
