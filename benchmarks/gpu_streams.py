@@ -72,11 +72,11 @@ def report(events: list[dict], top: int) -> str:
             sums[e["name"]].append(e["dur"])
         for name, durs in sorted(sums.items(), key=lambda kv: -sum(kv[1]))[:top]:
             lines.append(f"  {sum(durs) / 1e3:8.3f} ms  x{len(durs):<5d} {name[:100]}")
-    kernels = [(e["ts"], e["ts"] + e["dur"]) for e in events if e["cat"] == "kernel"]
-    busy = union_us(kernels) / 1e3
+    kernel_spans = [(e["ts"], e["ts"] + e["dur"]) for e in events if e["cat"] == "kernel"]
+    busy = union_us(kernel_spans) / 1e3
     lines.append(f"\nkernels of all streams: busy {busy:.2f} ms of the {(t1 - t0) / 1e3:.2f} ms span "
                  f"(idle {(t1 - t0) / 1e3 - busy:.2f} ms); sum of kernel times "
-                 f"{sum(b - a for a, b in kernels) / 1e3:.2f} ms")
+                 f"{sum(b - a for a, b in kernel_spans) / 1e3:.2f} ms")
     return "\n".join(lines)
 
 

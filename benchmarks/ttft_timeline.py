@@ -178,10 +178,12 @@ def variant(model, store, spec: str) -> HCache:
     """An HCache for a method spec: METHOD[/KEY=VALUE...] with keys seg (layers per captured-prefill graph),
     attn (its attention; "model": the model's own), hold (0: do not hold the flusher back), prio (0: replay the
     captured prefill on the current stream, not one of the highest priority), fuse (0: capture the layers'
-    norms, MLPs and rotary uncompiled), carve (SMs the projection graphs' GEMMs leave free), look (layers of copies queued ahead of the compute;
-    "all": every free slot), heads (1: projection GEMMs per head), inplace (1: projection graphs write K/V in place), lease (0: read each layer with get_many_into), ahead (MiB of a restore queued
-    before the first forward, or "all"), early (0: no reads started before the lookup finished), kv (with METHOD=mix: auto saving the first kv layers as K/V and the
-    rest as hidden states; at=end: the last kv layers)."""
+    norms, MLPs and rotary uncompiled), carve (SMs the projection graphs' GEMMs leave free), look (layers of
+    copies queued ahead of the compute; "all": every free slot), heads (1: projection GEMMs per head, in place),
+    inplace (1: projection graphs write K/V in place), lease (0: read each layer with get_many_into), ahead (MiB
+    of a restore queued before the first forward, or "all"), early (0: no reads started before the lookup
+    finished), kv (with METHOD=mix: auto saving the first kv layers as K/V and the rest as hidden states; at=end:
+    the last kv layers)."""
     method, *opts = spec.split("/")
     opt = dict(o.split("=", 1) for o in opts)
     kw = dict(namespace=spec.replace("/", "-").replace("=", ""), hold_flusher=opt.get("hold", "1") != "0")
