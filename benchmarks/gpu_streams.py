@@ -10,7 +10,7 @@ call's first GPU event), and the top kernels. Then the union of the compute
 streams' busy time against the call's span: the idle SM time a faster order
 could fill. Run on the GPU machine:
 
-    python3 benchmarks/gpu_streams.py --model llama2-7b --context 4096 [--method hcache] [--top 8] [--in-place]
+    python3 benchmarks/gpu_streams.py --model llama2-7b --context 4096 [--method hcache] [--top 8] [--copy-out]
 """
 from __future__ import annotations
 
@@ -85,10 +85,11 @@ def main(argv=None) -> int:
     add_request_arguments(p)
     p.add_argument("--method", default="hcache")
     p.add_argument("--warmup", type=int, default=4,
-                   help="calls before the traced one (the second captures; the third and fourth, with --in-place, "
-                        "capture the graphs that write into the captured prefill's cache)")
-    p.add_argument("--in-place", action="store_true",
-                   help="projection graphs write K/V in place (`projector.write_in_place`)")
+                   help="calls before the traced one (the second captures; the third and fourth capture the "
+                        "projection graphs that write into the captured prefill's cache)")
+    p.add_argument("--copy-out", action="store_true",
+                   help="projection graphs copy K/V out of their own outputs (`projector.write_in_place = False`, "
+                        "the default before the eleventh session)")
     p.add_argument("--top", type=int, default=8, help="kernels listed per stream")
     p.add_argument("--root", default="/tmp/hcache-streams")
     p.add_argument("--dram-gib", type=int, default=24)
@@ -104,8 +105,8 @@ def main(argv=None) -> int:
     gen = dict(max_new_tokens=1, min_new_tokens=1, do_sample=False)
     with TieredStore(StoreConfig(root=args.root, dram_bytes=args.dram_gib << 30, nvme_bytes=0, pin_dram=True)) as store:
         hc = HCache(model, store, method=args.method)
-        if args.in_place and hc.projector is not None:
-            hc.projector.write_in_place = True
+        if args.copy_out and hc.projector is not None:
+            hc.projector.write_in_place = False
         hc.save(request[:, : args.context + 1])
         for _ in range(args.warmup):
             hc.generate(request, **gen)

@@ -35,7 +35,7 @@ case "${1:-A}" in
     timeline 150 4096 7 3 hcache,hcache/inplace=1,hcache/heads=1
     grep "TTFT\|restore compute done\|restore copies done\|prefill replay end" $OUT/ttft_timeline_7b_4k.md | head -16
     echo "=== streams $(date +%T)"
-    timeout 100 python3 benchmarks/gpu_streams.py --model llama2-7b --context 4096 --top 8 --warmup 3 --in-place \
+    timeout 100 python3 benchmarks/gpu_streams.py --model llama2-7b --context 4096 --top 8 --warmup 3 \
       > $OUT/gpu_streams_7b_4k.txt 2>&1
     grep -v "Warn\|warn" $OUT/gpu_streams_7b_4k.txt | grep -A9 "^stream\|^kernels" | head -40
     echo "=== end $(date +%T)"

@@ -44,6 +44,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from hcache_adapter import split_attention
+from hcache_adapter.capture_streams import CaptureStream
 from hcache_adapter.compat import causal_lm_output
 from hcache_adapter.fused_blocks import compiled_blocks
 from hcache_adapter.lazycache import LazyCache, LazyLayer
@@ -417,9 +418,12 @@ class CapturedPrefill:
         # allocator's cache. thread_local: the store's and loader's threads may use CUDA meanwhile.
         # One graph per segment: a pre-hook on each segment's first layer ends the capture so far and begins
         # the next, in one memory pool (safe: they are always replayed in the order they were captured).
-        capture = torch.cuda.Stream(device=dev)
+        # A capture stream of the bucket's own: its segments share one cuBLAS workspace, which no projection
+        # graph (replayed beside them) or eager work uses (see `capture_streams`).
+        lane = CaptureStream(dev)
+        capture = lane.stream
         capture.wait_stream(current)
-        graphs = [torch.cuda.CUDAGraph() for _ in parts]
+        graphs = [lane.graph() for _ in parts]
         b.pool = torch.cuda.graph_pool_handle()
         at = [0]
 

@@ -22,8 +22,12 @@ Graphs need fixed shapes and addresses, so:
   seen once, as in a growing chat, is not worth a capture), and only a few
   buckets are kept (least recently used first out).
 
-Every layer of a bucket shares one memory pool: one layer's intermediates at a
-time, not all of them.
+Every layer of a bucket shares one memory pool (one layer's intermediates at a
+time, not all of them) and one capture stream of its own (`CaptureStream`: so
+one cuBLAS workspace, which no other group's graphs or eager work touch). A
+bucket's graphs go together: once it holds `max_direct` destination graphs,
+further destinations take the copying graph (dropping some graphs alone would
+free the workspace the others still use).
 """
 from __future__ import annotations
 
@@ -35,6 +39,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from hcache_adapter.capture_streams import CaptureStream
 
 from .base import copy_into
 
@@ -83,6 +89,7 @@ class _Bucket:
     cos: Tensor
     sin: Tensor
     pool: object
+    lane: CaptureStream
     k_out: Tensor | None = None
     v_out: Tensor | None = None
     graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)
@@ -100,7 +107,7 @@ class PrefixGraphs:
         so that a forward running beside a restore finds SMs without waiting for a GEMM's wave to end.
         `fn_into` (with `kv_shape(layer, rows)`, K's and V's shape): `fn` writing into given tensors; graphs
         then capture it, into the bucket's outputs or into a destination (`project`'s `out_rows`).
-        `max_direct`: graphs kept per bucket for destinations (all dropped when full)."""
+        `max_direct`: graphs a bucket captures for destinations (others then copy out of its own graph)."""
         if fn_into is not None and kv_shape is None:
             raise ValueError("fn_into needs kv_shape")
         self.fn = fn
@@ -158,7 +165,7 @@ class PrefixGraphs:
             self._buckets.popitem(last=False)
         hidden = torch.zeros(1, rows, width, dtype=dtype, device=device)
         cos, sin = self.rotary(hidden, torch.arange(rows, device=device).unsqueeze(0))
-        b = _Bucket(rows, hidden, cos, sin, torch.cuda.graph_pool_handle())
+        b = _Bucket(rows, hidden, cos, sin, torch.cuda.graph_pool_handle(), CaptureStream(device))
         self._buckets[key] = b
         return b
 
@@ -167,13 +174,13 @@ class PrefixGraphs:
         key = (layer, *((t.data_ptr(), t.stride()) for t in wide))
         g = b.direct.get(key)
         if g is None:
+            if len(b.direct) >= self.max_direct:
+                return False
             b.direct_asked[key] = b.direct_asked.get(key, 0) + 1
             if b.direct_asked[key] < 2:
                 if len(b.direct_asked) > 4 * self.max_direct:
                     b.direct_asked.clear()
                 return False
-            if len(b.direct) >= self.max_direct:
-                b.direct.clear()
             with _carveout(self.sm_carveout):
                 g = b.direct[key] = self._capture_graph(b, lambda: self.fn_into(layer, b.hidden, b.cos, b.sin, *wide),
                                                         warm=True)
@@ -220,9 +227,9 @@ class PrefixGraphs:
         # Not `torch.cuda.graph(...)`: its entry synchronizes the device, collects garbage and
         # empties the allocator's cache, ~50 ms a layer in a busy process. thread_local: the
         # store's and the loader's threads may use CUDA meanwhile.
-        capture = torch.cuda.Stream(device=dev)
+        capture = b.lane.stream
         capture.wait_stream(current)
-        g = torch.cuda.CUDAGraph()
+        g = b.lane.graph()
         with torch.cuda.stream(capture):
             g.capture_begin(pool=b.pool, capture_error_mode="thread_local")
             try:

