@@ -11,6 +11,8 @@
 #      16K, copying against in-place graphs (median of 3).
 #   D: on a host slow to issue (C's), queuing part of a 4K restore before generate() against all of it: the
 #      forward's 7.7 ms of GPU time then overlaps the host issuing the rest (median of 9).
+#   E: a fresh lease, hoping for a faster host: 7B/4K copying against in-place graphs, auto, and the eager
+#      "ideal" and recompute rows that say how fast the host is (median of 9).
 source benchmarks/device_env.sh
 
 case "${1:-A}" in
@@ -49,6 +51,11 @@ sys.argv = ['hcache_adapter'] + sys.argv[1:]; runpy.run_module('hcache_adapter',
   D)
     timeline 150 4096 9 5 hcache,hcache/ahead=256,hcache/ahead=512
     grep "TTFT\|restore issued\|restore compute done\|first forward start\|prefill replay end" $OUT/ttft_timeline_7b_4k.md | head -18
+    echo "=== end $(date +%T)"
+    ;;
+  E)
+    timeline 150 4096 9 8 ideal,recompute,hcache/inplace=0,hcache,auto
+    grep "TTFT\|ideal\|restore issued\|restore compute done\|first forward start\|prefill replay end" $OUT/ttft_timeline_7b_4k.md | head -18
     echo "=== end $(date +%T)"
     ;;
 esac

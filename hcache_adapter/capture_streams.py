@@ -24,6 +24,7 @@ never shared by two live groups.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import threading
 import weakref
@@ -97,8 +98,10 @@ class _Lease:
             self.leases.give_back(self)
 
 
+@functools.cache
 def _loaded_library(stem: str) -> ctypes.CDLL | None:
-    """The shared library this process already mapped whose file name starts with `stem` (torch's own)."""
+    """The shared library this process already mapped whose file name starts with `stem` (torch's own; looked
+    up once)."""
     try:
         with open("/proc/self/maps") as maps:
             paths = {line.split()[-1] for line in maps if "/" + stem in line}
