@@ -3,7 +3,7 @@
 For each shape (the 7B's 32 heads; the 8B's 32 query heads over 8 K/V heads) and static cache length
 (the captured prefill's buckets), times 32 calls (one per layer) captured in one CUDA graph, median of
 replays, for: transformers' eager attention (what the captured prefill ran), sdpa with the mask, and
-`hcache_adapter.split_attention` with several piece counts; with each one's max error against a float32
+`hcache_adapter.split_attention` with several piece counts, and `flash_decoding`'s Triton kernels; with each one's max error against a float32
 reference. Run on the GPU machine:
 
     python3 benchmarks/attention_kernels.py
@@ -16,6 +16,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
+from hcache_adapter import flash_decoding
 from hcache_adapter.split_attention import eager_attention, attend, choose_splits
 
 
@@ -76,6 +77,8 @@ def main(argv=None) -> int:
                 if N % s == 0:
                     methods[f"split {s}" + (" (chosen)" if s == chosen else "")] = (
                         lambda s=s: attend(q, k, v, mask, scale, s).transpose(1, 2))
+            if flash_decoding.available(q):
+                methods["triton (flash_decoding)"] = lambda: flash_decoding.attend(q, k, v, mask[0, 0], scale)
             for name, fn in methods.items():
                 with torch.no_grad():
                     err = (fn().float() - ref).abs().max().item()

@@ -30,6 +30,7 @@ import torch
 
 from hcache_adapter import HCache
 from hcache_adapter import hcache as hcache_module
+from hcache_adapter import split_attention
 from hcache_adapter.bench.models import add_request_arguments, build_model, shape_label
 from hcache_adapter.bench.ttft import alloc_retries, prefix_kv, resident_cache, settle_heap, sync
 from hcache_adapter.compat import cache_kwarg
@@ -176,7 +177,7 @@ def instrument_model(model, st: Stamps) -> None:
 
 def variant(model, store, spec: str) -> HCache:
     """An HCache for a method spec: METHOD[/KEY=VALUE...] with keys seg (layers per captured-prefill graph),
-    attn (its attention; "model": the model's own), hold (0: do not hold the flusher back), prio (0: replay the
+    attn (its attention; "model": the model's own; "pieces": split attention without the Triton kernels), hold (0: do not hold the flusher back), prio (0: replay the
     captured prefill on the current stream, not one of the highest priority), fuse (0: capture the layers'
     norms, MLPs and rotary uncompiled), carve (SMs the projection graphs' GEMMs leave free), look (layers of
     copies queued ahead of the compute; "all": every free slot), heads (1: projection GEMMs per head, in place),
@@ -197,7 +198,7 @@ def variant(model, store, spec: str) -> HCache:
         hc.prefill.segment_layers = int(opt.get("seg", hc.prefill.segment_layers))
         hc.prefill.high_priority = opt.get("prio", "1") != "0"
         hc.prefill.compile_blocks = opt.get("fuse", "1") != "0"
-        if "attn" in opt:
+        if "attn" in opt and opt["attn"] != "pieces":  # pieces: split attention without the Triton kernels
             hc.prefill.attention = None if opt["attn"] == "model" else opt["attn"]
     if "heads" in opt:  # 1: the projection graphs' GEMMs per head, V written in the cache's layout
         hc.projector.heads_gemm = opt["heads"] != "0"
@@ -215,6 +216,19 @@ def variant(model, store, spec: str) -> HCache:
     if "ahead" in opt:  # MiB of the restore queued before the first forward ("all": everything)
         hc.restorer.issue_ahead_bytes = 1 << 50 if opt["ahead"] == "all" else int(opt["ahead"]) << 20
     return hc
+
+
+def with_triton_attention(on: bool, fn):
+    """fn, run with split attention's Triton kernels on or off (they are chosen when a graph is captured,
+    so a variant keeps what it was captured with)."""
+    def run():
+        before = split_attention.use_triton
+        split_attention.use_triton = on
+        try:
+            return fn()
+        finally:
+            split_attention.use_triton = before
+    return run
 
 
 class BusyWriter:
@@ -303,7 +317,7 @@ def main(argv=None) -> int:
             hc = variant(model, store, m)
             hc.save(request[:, : n + 1])
             instrument(hc, st, wrap_store=not runs)
-            runs[m] = lambda hc=hc: hc.generate(request, **gen)
+            runs[m] = with_triton_attention("attn=pieces" not in m, lambda hc=hc: hc.generate(request, **gen))
         if not args.no_flush:
             store.flush()
         ref = prefix_kv(model, request[:, :n])

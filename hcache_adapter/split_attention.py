@@ -12,6 +12,8 @@ Registered with transformers' `AttentionInterface` as `NAME`, so a model runs it
 attention modules (`model.set_attn_implementation(NAME)`). It takes what the captured prefill gives
 (batch 1, an additive float mask, no dropout); anything else, or a key length the pieces cannot split,
 runs the model's own eager attention. On a CPU the pieces run as explicit math (how the splitting is tested).
+Where Triton is, `flash_decoding`'s kernels run instead: the same splitting, the keys read at the memory's
+bandwidth, the padding rows of a bucket not at all, the merge written in the module's layout.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ import sys
 import torch
 from torch import Tensor
 
+from hcache_adapter import flash_decoding
+
 log = logging.getLogger(__name__)
 
 NAME = "hcache_split_kv"
@@ -29,6 +33,8 @@ TARGET_BLOCKS = 264  # thread blocks to aim for (about two per SM of an H100/H20
 QUERY_BLOCK = 64  # queries per thread block of the fused kernel (its tile along the queries)
 ALIGN = 16  # keys per piece a multiple of this: the fused kernel reads the mask's rows in aligned vectors
 _fused_failed = False  # set when the fused kernel refused a call: eager attention from then on
+_triton_failed = False  # set when the Triton kernels failed: the fused kernel's pieces from then on
+use_triton = True  # False: run the fused kernel's pieces even where Triton is (how the two are compared)
 
 
 def choose_splits(n_keys: int, kv_heads: int, queries: int) -> int:
@@ -89,6 +95,14 @@ def split_kv_attention(module: torch.nn.Module, query: Tensor, key: Tensor, valu
               and (dropout == 0.0 or not module.training) and kwargs.get("sliding_window") is None
               and getattr(module, "is_causal", True) and query.shape[1] % key.shape[1] == 0
               and key.is_contiguous() and value.is_contiguous())
+    if usable and use_triton and not _triton_failed and flash_decoding.available(query) and flash_decoding.supports(
+            query, key, value, attention_mask[0, 0]):
+        try:
+            return flash_decoding.attend(query, key, value, attention_mask[0, 0], scale), None
+        except Exception as e:  # Triton could not build or launch the kernels (seen at the warm-up, before capture)
+            if query.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise
+            _give_up_triton(e)
     if usable:
         bias = attention_mask[..., : key.shape[-2]]
         splits = choose_splits(key.shape[2], key.shape[1], query.shape[2] * (query.shape[1] // key.shape[1]))
@@ -110,6 +124,12 @@ def _give_up(error: Exception) -> None:
     global _fused_failed
     _fused_failed = True
     log.warning("split-KV attention failed (%s); the captured prefill runs eager attention from now on", error)
+
+
+def _give_up_triton(error: Exception) -> None:
+    global _triton_failed
+    _triton_failed = True
+    log.warning("flash-decoding kernels failed (%s); the captured prefill runs the fused kernel's pieces", error)
 
 
 def eager_attention(module, query, key, value, attention_mask, scale, dropout) -> tuple[Tensor, None]:
