@@ -9,11 +9,11 @@ source benchmarks/device_env.sh
 case "${1:-A}" in
   A)
     echo "=== attention kernels $(date +%T)"
-    timeout 100 python3 benchmarks/attention_kernels.py --rows 1280,5120,20480 --splits 8 --replays 10 \
+    timeout 80 python3 benchmarks/attention_kernels.py --rows 1280,5120,20480 --splits 8 --replays 10 \
       > $OUT/attention_kernels.md 2>&1
     grep -v "Warn\|warn" $OUT/attention_kernels.md | head -24
-    gpu_tests 200 tests/hcache/test_flash_decoding.py tests/hcache/test_split_attention.py tests/hcache/test_gpu.py
-    timeline 200 4096 9 9 ideal,recompute,hcache/attn=pieces,hcache,auto,mix/kv=2/at=end,mix/kv=4/at=end
+    gpu_tests 150 tests/hcache/test_flash_decoding.py tests/hcache/test_split_attention.py tests/hcache/test_gpu.py
+    timeline 240 4096 9 9 ideal,recompute,hcache/attn=pieces,hcache,auto,mix/kv=2/at=end,mix/kv=4/at=end
     grep "TTFT\|restore compute done\|restore copies done\|prefill replay end" $OUT/ttft_timeline_7b_4k.md | head -28
     echo "=== end $(date +%T)"
     ;;
