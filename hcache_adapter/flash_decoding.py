@@ -13,15 +13,11 @@ at most `SKIP_BELOW` (in the kernels module) (the padding rows of a static cache
 Used by `split_attention` on a CUDA device when Triton imports; with `TRITON_INTERPRET=1` the same
 kernels run on a CPU, which is how they are tested without a GPU.
 """
+import functools
 import math
 
 import torch
 from torch import Tensor
-
-try:
-    from hcache_adapter import flash_decoding_kernels as kernels
-except ImportError:  # the CPU wheel of torch comes without Triton
-    kernels = None
 
 TARGET_BLOCKS = 264  # thread blocks to aim for (about two per SM of an H100/H200)
 MIN_PIECE = 256  # keys per piece at least: shorter pieces cost more in merging than they gain
@@ -29,10 +25,20 @@ HEAD_DIMS = (16, 32, 64, 128, 256)  # head sizes the kernels take (tl.arange nee
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+@functools.cache
+def _kernels():
+    """The kernels module, imported on first use (Triton takes a while to import), or None without Triton."""
+    try:
+        from hcache_adapter import flash_decoding_kernels
+    except ImportError:  # the CPU wheel of torch comes without Triton
+        return None
+    return flash_decoding_kernels
+
+
 def available(query: Tensor) -> bool:
     """Triton is importable and `query` is on a GPU (the interpreter runs the kernels on a CPU too, but only
     tests call them there: interpreted, they are far slower than the math they replace)."""
-    return kernels is not None and query.is_cuda
+    return query.is_cuda and _kernels() is not None
 
 
 def supports(query: Tensor, key: Tensor, value: Tensor, bias: Tensor) -> bool:
@@ -65,6 +71,7 @@ def pieces_for(n_keys: int, kv_heads: int, block_n: int) -> tuple[int, int]:
 def attend(query: Tensor, key: Tensor, value: Tensor, bias: Tensor, scale: float) -> Tensor:
     """softmax(q k^T * scale + bias) v: query [1, H, M, D], key/value [1, Hkv, N, D] (grouped as
     transformers repeats K/V), bias [M, >= N] additive -> [1, M, H, D] (the attention module's layout)."""
+    kernels = _kernels()
     _, H, M, D = query.shape
     Hkv, N = key.shape[1], key.shape[2]
     G = H // Hkv
