@@ -49,6 +49,9 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--replays", type=int, default=20)
     p.add_argument("--splits", default="4,8,16,32", help="piece counts to try besides the chosen one")
+    p.add_argument("--triton-configs", default="", help="flash_decoding tilings to try besides its own, comma-"
+                   "separated BLOCK_N:WARPS:STAGES:BLOCKS (e.g. 64:4:3:264,128:8:3:528)")
+    p.add_argument("--padding", type=int, default=0, help="masked cache rows at the end, besides the 2 x queries")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU (it times fused kernels)")
@@ -63,7 +66,7 @@ def main(argv=None) -> int:
             q = torch.randn(1, H, M, D, device=dev, dtype=dt)
             k = torch.randn(1, Hkv, N, D, device=dev, dtype=dt)
             v = torch.randn(1, Hkv, N, D, device=dev, dtype=dt)
-            n = N - 2 * M  # real prefix rows; the rest padding, as in a bucket
+            n = N - 2 * M - args.padding  # real prefix rows; the rest padding, as in a bucket
             pos = torch.arange(M, device=dev) + n
             mask = (torch.arange(N, device=dev).view(1, 1, 1, N) > pos.view(1, 1, M, 1)).to(dt) * torch.finfo(dt).min
             scale = D ** -0.5
@@ -79,6 +82,10 @@ def main(argv=None) -> int:
                         lambda s=s: attend(q, k, v, mask, scale, s).transpose(1, 2))
             if flash_decoding.available(q):
                 methods["triton (flash_decoding)"] = lambda: flash_decoding.attend(q, k, v, mask[0, 0], scale)
+                for cfg in filter(None, args.triton_configs.split(",")):  # BLOCK_N:WARPS:STAGES:BLOCKS
+                    bn, w, stages, blocks = (int(x) for x in cfg.split(":"))
+                    methods[f"triton {cfg}"] = lambda bn=bn, w=w, stages=stages, blocks=blocks: flash_decoding.attend(
+                        q, k, v, mask[0, 0], scale, block_n=bn, num_warps=w, num_stages=stages, target_blocks=blocks)
             for name, fn in methods.items():
                 with torch.no_grad():
                     err = (fn().float() - ref).abs().max().item()

@@ -4,6 +4,10 @@
 #   A: flash_decoding's Triton kernels for the captured prefill's attention: their GPU time and error against
 #      the fused kernel's pieces (attention_kernels.py), the GPU tests, and the 7B/4K timeline with them
 #      against without (attn=pieces), auto, and the last layers saved as K/V (mix/kv=N/at=end).
+#   B: the kernels' tiling swept (block of keys, warps, stages, thread blocks) at the 4K bucket with its real
+#      padding; the 7B/4K timeline with them: queuing part of the restore before generate() (ahead=MiB), auto,
+#      two last layers as K/V; the 7B/16K timeline (median of 3).
+#   C: the full bench (both shapes 1K/4K, the 7B at 16K) with the kernels.
 source benchmarks/device_env.sh
 
 case "${1:-A}" in
@@ -16,5 +20,20 @@ case "${1:-A}" in
     timeline 240 4096 9 9 ideal,recompute,hcache/attn=pieces,hcache,auto,mix/kv=2/at=end,mix/kv=4/at=end
     grep "TTFT\|restore compute done\|restore copies done\|prefill replay end" $OUT/ttft_timeline_7b_4k.md | head -28
     echo "=== end $(date +%T)"
+    ;;
+  B)
+    echo "=== attention sweep $(date +%T)"
+    timeout 90 python3 benchmarks/attention_kernels.py --rows 5120 --padding 928 --splits 8 --replays 10 \
+      --triton-configs 64:4:2:264,64:4:4:264,128:4:3:264,128:8:3:264,64:4:3:528,32:4:3:528,64:8:3:264,128:8:4:528 \
+      > $OUT/attention_sweep.md 2>&1
+    grep -v "Warn\|warn" $OUT/attention_sweep.md | head -30
+    timeline 200 4096 9 10 ideal,recompute,hcache,hcache/ahead=256,hcache/ahead=512,hcache/ahead=1024,auto,mix/kv=2/at=end
+    grep "TTFT\|restore returned\|restore compute done\|restore copies done\|prefill replay start\|prefill replay end" $OUT/ttft_timeline_7b_4k.md | head -56
+    timeline 150 16384 3 8 hcache,auto --dram-gib 40
+    grep "TTFT\|restore compute done\|prefill replay end" $OUT/ttft_timeline_7b_16k.md | head -8
+    echo "=== end $(date +%T)"
+    ;;
+  C)
+    BENCH_LONG_REPEAT=5 bench_dram 320 240
     ;;
 esac

@@ -59,25 +59,28 @@ def blocks_for(rows: int, dim: int) -> tuple[int, int, int]:
     return block_m, 32, 8
 
 
-def pieces_for(n_keys: int, kv_heads: int, block_n: int) -> tuple[int, int]:
-    """(pieces, keys per piece): enough pieces to fill the GPU, each a multiple of `block_n` keys and
-    at least MIN_PIECE long."""
-    want = max(1, min(-(-TARGET_BLOCKS // kv_heads), n_keys // MIN_PIECE))
+def pieces_for(n_keys: int, kv_heads: int, block_n: int, target_blocks: int = TARGET_BLOCKS) -> tuple[int, int]:
+    """(pieces, keys per piece): enough pieces to fill the GPU (`target_blocks` thread blocks), each a
+    multiple of `block_n` keys and at least MIN_PIECE long."""
+    want = max(1, min(-(-target_blocks // kv_heads), n_keys // MIN_PIECE))
     per = -(-n_keys // want)
     per = -(-per // block_n) * block_n
     return -(-n_keys // per), per
 
 
-def attend(query: Tensor, key: Tensor, value: Tensor, bias: Tensor, scale: float) -> Tensor:
+def attend(query: Tensor, key: Tensor, value: Tensor, bias: Tensor, scale: float, *, block_n: int | None = None,
+           num_warps: int | None = None, num_stages: int | None = None, target_blocks: int = TARGET_BLOCKS) -> Tensor:
     """softmax(q k^T * scale + bias) v: query [1, H, M, D], key/value [1, Hkv, N, D] (grouped as
-    transformers repeats K/V), bias [M, >= N] additive -> [1, M, H, D] (the attention module's layout)."""
+    transformers repeats K/V), bias [M, >= N] additive -> [1, M, H, D] (the attention module's layout).
+    The keyword arguments override the tiling `blocks_for` and `pieces_for` choose (how they are tuned)."""
     kernels = _kernels()
     _, H, M, D = query.shape
     Hkv, N = key.shape[1], key.shape[2]
     G = H // Hkv
     rows = G * M
-    block_m, block_n, warps = blocks_for(rows, D)
-    S, P = pieces_for(N, Hkv, block_n)
+    block_m, block_n_auto, warps = blocks_for(rows, D)
+    block_n, warps = block_n or block_n_auto, num_warps or warps
+    S, P = pieces_for(N, Hkv, block_n, target_blocks)
     part = torch.empty(S, Hkv, rows, D, device=query.device, dtype=torch.float32)
     lse = torch.empty(S, Hkv, rows, device=query.device, dtype=torch.float32)
     kernels.pieces_kernel[(S, Hkv)](
@@ -86,7 +89,7 @@ def attend(query: Tensor, key: Tensor, value: Tensor, bias: Tensor, scale: float
         bias.stride(0), bias.stride(1), part.stride(0), part.stride(1), part.stride(2), lse.stride(0),
         lse.stride(1), G, M, N, P, scale / math.log(2.0),
         BLOCK_M=block_m, BLOCK_N=block_n, D=D, PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        num_warps=warps)
+        num_warps=warps, **({"num_stages": num_stages} if num_stages else {}))
     out = torch.empty(1, M, H, D, device=query.device, dtype=query.dtype)
     merge_rows = 16
     kernels.merge_kernel[(Hkv, -(-rows // merge_rows))](
