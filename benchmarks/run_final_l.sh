@@ -7,7 +7,10 @@
 #   B: the kernels' tiling swept (block of keys, warps, stages, thread blocks) at the 4K bucket with its real
 #      padding; the 7B/4K timeline with them: queuing part of the restore before generate() (ahead=MiB), auto,
 #      two last layers as K/V; the 7B/16K timeline (median of 3).
-#   C: the full bench (both shapes 1K/4K, the 7B at 16K) with the kernels.
+#   C: with the tuned tiling and 256 MiB queued ahead the defaults: the GPU tests; the 7B/4K timeline against
+#      all of the restore queued at once (ahead=all), the fused kernel's pieces, auto, two last layers as K/V;
+#      the 7B/16K timeline, 256 MiB against all queued at once (median of 3).
+#   D: the full bench (both shapes 1K/4K, the 7B at 16K).
 source benchmarks/device_env.sh
 
 case "${1:-A}" in
@@ -34,6 +37,15 @@ case "${1:-A}" in
     echo "=== end $(date +%T)"
     ;;
   C)
-    BENCH_LONG_REPEAT=5 bench_dram 320 240
+    gpu_tests 170 tests/hcache/test_flash_decoding.py tests/hcache/test_split_attention.py \
+      tests/hcache/test_restore_ahead.py tests/hcache/test_capture_streams.py tests/hcache/test_gpu.py
+    timeline 200 4096 9 10 ideal,recompute,hcache,hcache/ahead=all,hcache/attn=pieces,auto,mix/kv=2/at=end
+    grep "TTFT\|restore returned\|restore compute done\|restore copies done\|prefill replay start\|prefill replay end" $OUT/ttft_timeline_7b_4k.md | head -50
+    timeline 150 16384 3 8 hcache,hcache/ahead=all --dram-gib 40
+    grep "TTFT\|restore compute done\|prefill replay end" $OUT/ttft_timeline_7b_16k.md | head -8
+    echo "=== end $(date +%T)"
+    ;;
+  D)
+    BENCH_LONG_REPEAT=3 bench_dram 330 200
     ;;
 esac

@@ -49,12 +49,14 @@ from hcache_adapter.recompute import Recomputer
 log = logging.getLogger(__name__)
 
 # Copies queued before generate() runs its first forward; the rest is queued a fixed distance ahead of the
-# layer the model takes, so that a long restore's issuing interleaves with the forward instead of preceding
-# it. Queuing ahead only pays when the copies outlast the host's issuing by far: on the lent H200 (7B shape,
-# TTFT timeline) queuing 448 MB ahead cut 16K's TTFT 97.8 -> 94.5 ms but cost 4K 1.3 ms (34.7 -> 36.0),
-# where the host issues a layer almost as fast as it is copied. This budget queues a 4K restore of the 7B
-# shape's hidden states (1.07 GB) at once and ~11 layers of a 16K one.
-ISSUE_AHEAD_BYTES = 3 << 29  # 1.5 GiB
+# layer the model takes, so that a restore's issuing interleaves with the captured forward's segments instead
+# of preceding them: the forward's GPU work then fills the gaps the copies leave the compute stream, rather
+# than running after the restore. The budget is what keeps the copy engine busy while generate() prepares
+# its first forward (~4-5 ms of host time; 256 MiB is ~4.9 ms at 55 GB/s). Measured on the lent H200 (7B
+# shape, 4K, TTFT timeline, twelfth session): 256 MiB 26.2 ms, 512 MiB 26.5, 1 GiB 27.0, all of it 27.5;
+# on a slower host (eleventh session) 256 MiB 33.8, 512 MiB 35.1, all 34.5. (An earlier session, before the
+# forward was captured in segments, measured the opposite at 4K; at 16K queuing less already won then.)
+ISSUE_AHEAD_BYTES = 256 << 20
 
 # Restores of fewer keys are not started early: locating them all costs less (~0.3 ms) than the copies a
 # lookup that then disagrees (auto recomputing a short prefix) would have queued for nothing.

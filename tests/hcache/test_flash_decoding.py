@@ -80,7 +80,7 @@ def test_shapes_it_cannot_take_are_refused():
     assert not flash_decoding.supports(torch.cat([q, q]), torch.cat([k, k]), torch.cat([v, v]), mask[0, 0])
 
 
-@pytest.mark.parametrize("piece_blocks", [(4, 64), (32, 64), (128, 32)])
+@pytest.mark.parametrize("piece_blocks", [(4, 128), (32, 128), (128, 64)])
 def test_blocks_and_pieces_fill_the_gpu(piece_blocks):
     rows, block_n = piece_blocks
     block_m, bn, warps = flash_decoding.blocks_for(rows, 128)

@@ -23,9 +23,11 @@ def test_whole_layers_fit_the_budget_and_at_least_one_is_queued():
     assert layers_ahead([], 1 << 30, 2) == 1
 
 
-def test_the_default_budget_queues_a_7b_4k_restore_at_once_and_part_of_a_16k_one():
-    assert layers_ahead(_reads(32, 64), ISSUE_AHEAD_BYTES, 2) == 32
-    assert 8 <= layers_ahead(_reads(32, 256), ISSUE_AHEAD_BYTES, 2) < 32
+def test_the_default_budget_queues_a_few_layers_ahead_and_a_short_restore_at_once():
+    """256 MiB: 8 of the 7B shape's 4K layers, 2 of its 16K ones, every layer of a 1K restore."""
+    assert layers_ahead(_reads(32, 64), ISSUE_AHEAD_BYTES, 2) == 8
+    assert layers_ahead(_reads(32, 256), ISSUE_AHEAD_BYTES, 2) == 2
+    assert layers_ahead(_reads(32, 16), ISSUE_AHEAD_BYTES, 2) == 32
 
 
 def test_a_non_positive_budget_is_refused():
