@@ -11,6 +11,8 @@
 #      all of the restore queued at once (ahead=all), the fused kernel's pieces, auto, two last layers as K/V;
 #      the 7B/16K timeline, 256 MiB against all queued at once (median of 3).
 #   D: the full bench (both shapes 1K/4K, the 7B at 16K).
+#   E: the budget queued ahead now measured (`IssueAhead`: copies for 1.5x generate()'s measured set-up): the
+#      GPU tests of restores; the 7B/4K timeline against 256 MiB and all of it.
 source benchmarks/device_env.sh
 
 case "${1:-A}" in
@@ -47,5 +49,11 @@ case "${1:-A}" in
     ;;
   D)
     BENCH_LONG_REPEAT=3 bench_dram 330 200
+    ;;
+  E)
+    gpu_tests 150 tests/hcache/test_restore_ahead.py tests/hcache/test_gpu.py
+    timeline 150 4096 9 10 ideal,recompute,hcache,hcache/ahead=256,hcache/ahead=all,auto
+    grep "TTFT\|restore returned\|restore compute done\|restore copies done\|prefill replay start\|prefill replay end" $OUT/ttft_timeline_7b_4k.md | head -40
+    echo "=== end $(date +%T)"
     ;;
 esac

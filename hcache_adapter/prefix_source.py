@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Callable
 
 import torch
@@ -54,6 +55,7 @@ class PrefixSource:
         self._recomputed = None  # the cache the leading layers were recomputed into
         self._queued: int | None = None  # reads queued on the compute stream so far (None: not queued ahead)
         self._ahead = 0  # reads kept queued ahead of the one the model takes
+        self._queued_at: float | None = None  # when the first layers were queued (until the model takes one)
 
     # -- producing ----------------------------------------------------------------
     def start(self) -> None:
@@ -73,15 +75,16 @@ class PrefixSource:
                 and all(read.layer in self.plain for read in self.reads)):
             # Nothing blocks (memory tiers, GPU): queue the layers' copies and compute on a side stream, after
             # what the caller's stream already queued (`into`'s memory may still be read there). Only the
-            # first `issue_ahead_bytes` now; the rest as the model takes layers (`produce`), so that the
+            # first `issue_ahead.budget()` bytes now; the rest as the model takes layers (`produce`), so that the
             # host's issuing interleaves with generate()'s first forward instead of preceding it.
             r.compute_stream.wait_stream(torch.cuda.current_stream(r.device))
             self._queued = 0
             # Under tensor parallelism every layer's all-gather is issued now, as before: the ranks' collectives
             # then never interleave with the model's own.
             self._ahead = (len(self.reads) if self.exchange is not None
-                           else layers_ahead(self.reads, r.issue_ahead_bytes, r.layout.itemsize))
+                           else layers_ahead(self.reads, r.issue_ahead.budget(), r.layout.itemsize))
             self._queue_until(self._ahead)
+            self._queued_at = time.perf_counter()  # the model's first take measures generate()'s set-up
 
     def _queue_until(self, end: int) -> None:
         """Queue the copy and compute of `reads[:end]` on the compute stream (inline loaders only)."""
@@ -187,6 +190,9 @@ class PrefixSource:
 
     def produce(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(K, V, valid chunks) of `layer`, its work done or queued on the current stream."""
+        if self._queued_at is not None:
+            self.r.issue_ahead.observe(time.perf_counter() - self._queued_at)
+            self._queued_at = None
         if self._queued is not None and layer in self._index:
             self._queue_until(self._index[layer] + 1 + self._ahead)
         ready = self._ready.pop(layer, None)

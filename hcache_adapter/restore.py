@@ -43,20 +43,11 @@ from hcache_adapter.lazycache import LazyCache
 from hcache_adapter.layout import StateLayout
 from hcache_adapter.loader import MEMORY_TIERS, LayerLoader, LayerRead, SlotRing
 from hcache_adapter.manifest import RECOMPUTE
+from hcache_adapter.issue_ahead import IssueAhead
 from hcache_adapter.prefix_source import PrefixSource
 from hcache_adapter.recompute import Recomputer
 
 log = logging.getLogger(__name__)
-
-# Copies queued before generate() runs its first forward; the rest is queued a fixed distance ahead of the
-# layer the model takes, so that a restore's issuing interleaves with the captured forward's segments instead
-# of preceding them: the forward's GPU work then fills the gaps the copies leave the compute stream, rather
-# than running after the restore. The budget is what keeps the copy engine busy while generate() prepares
-# its first forward (~4-5 ms of host time; 256 MiB is ~4.9 ms at 55 GB/s). Measured on the lent H200 (7B
-# shape, 4K, TTFT timeline, twelfth session): 256 MiB 26.2 ms, 512 MiB 26.5, 1 GiB 27.0, all of it 27.5;
-# on a slower host (eleventh session) 256 MiB 33.8, 512 MiB 35.1, all 34.5. (An earlier session, before the
-# forward was captured in segments, measured the opposite at 4K; at 16K queuing less already won then.)
-ISSUE_AHEAD_BYTES = 256 << 20
 
 # Restores of fewer keys are not started early: locating them all costs less (~0.3 ms) than the copies a
 # lookup that then disagrees (auto recomputing a short prefix) would have queued for nothing.
@@ -115,15 +106,14 @@ class Restorer:
     """Builds restored caches for one model; holds the streams and sizes shared by every restore."""
 
     def __init__(self, layout: StateLayout, store, projector, recomputer: Recomputer, device: torch.device, *,
-                 prefetch_bytes: int | None = None, exchange=None, issue_ahead_bytes: int = ISSUE_AHEAD_BYTES):
+                 prefetch_bytes: int | None = None, exchange=None, issue_ahead_bytes: int | None = None):
         """`exchange`: a tensor-parallel `HiddenExchange` (None: one process reads everything).
         `issue_ahead_bytes`: how much of a memory-tier restore is queued before the model takes its first
-        layer, and kept queued ahead of the layer it takes (see `ISSUE_AHEAD_BYTES`)."""
+        layer, and kept queued ahead of the layer it takes; None: as much as lasts through generate()'s
+        set-up as measured (`IssueAhead`)."""
         self.layout = layout
         self.exchange = exchange
-        if issue_ahead_bytes < 1:
-            raise ValueError(f"issue_ahead_bytes must be positive, got {issue_ahead_bytes}")
-        self.issue_ahead_bytes = issue_ahead_bytes
+        self.issue_ahead = IssueAhead(fixed=issue_ahead_bytes)
         self.store = store
         self.projector = projector
         self.recomputer = recomputer
@@ -146,6 +136,16 @@ class Restorer:
         self.plain_layers = frozenset(l for l in range(layout.num_layers)
                                       if one_to_one and type(template.layers[l]) is DynamicLayer)
 
+
+    @property
+    def issue_ahead_bytes(self) -> int:
+        """The bytes the next memory-tier restore queues ahead (see `IssueAhead`)."""
+        return self.issue_ahead.budget()
+
+    @issue_ahead_bytes.setter
+    def issue_ahead_bytes(self, value: int | None) -> None:
+        """A fixed budget (None: measured again)."""
+        self.issue_ahead = IssueAhead(fixed=value)
     def slot_bytes(self, n_chunks: int, plan: str) -> int:
         """Bytes of the largest loaded layer of a restore of `n_chunks` chunks with `plan`."""
         L = self.layout

@@ -5,7 +5,8 @@ import pytest
 
 from hcache_adapter.loader import LayerRead
 from hcache_adapter.prefix_source import layers_ahead
-from hcache_adapter.restore import ISSUE_AHEAD_BYTES, Restorer
+from hcache_adapter.issue_ahead import IssueAhead
+from hcache_adapter.restore import Restorer
 
 
 def _reads(layers: int, chunks: int, chunk_shape=(64, 4096)) -> list[LayerRead]:
@@ -23,13 +24,40 @@ def test_whole_layers_fit_the_budget_and_at_least_one_is_queued():
     assert layers_ahead([], 1 << 30, 2) == 1
 
 
-def test_the_default_budget_queues_a_few_layers_ahead_and_a_short_restore_at_once():
-    """256 MiB: 8 of the 7B shape's 4K layers, 2 of its 16K ones, every layer of a 1K restore."""
-    assert layers_ahead(_reads(32, 64), ISSUE_AHEAD_BYTES, 2) == 8
-    assert layers_ahead(_reads(32, 256), ISSUE_AHEAD_BYTES, 2) == 2
-    assert layers_ahead(_reads(32, 16), ISSUE_AHEAD_BYTES, 2) == 32
+def test_the_budget_lasts_through_the_measured_set_up_with_a_margin():
+    """Before any measurement: 5 ms of copies x 1.5 (412 MB: 12 of the 7B shape's 4K layers, 3 of its 16K
+    ones, every layer of a 1K restore); then the weighted mean of what restores measured."""
+    ahead = IssueAhead()
+    assert ahead.budget() == int(55e9 * 0.005 * 1.5)
+    assert layers_ahead(_reads(32, 64), ahead.budget(), 2) == 12
+    assert layers_ahead(_reads(32, 256), ahead.budget(), 2) == 3
+    assert layers_ahead(_reads(32, 16), ahead.budget(), 2) == 32
+    ahead.observe(0.008)  # a slow host's set-up
+    assert ahead.budget() == int(55e9 * 0.008 * 1.5)
+    ahead.observe(0.004)
+    assert ahead.setup_s == pytest.approx(0.7 * 0.008 + 0.3 * 0.004)
+    for _ in range(40):
+        ahead.observe(0.0)  # a set-up too short to matter: the floor
+    assert ahead.budget() == ahead.floor
+
+
+def test_a_set_up_that_says_nothing_about_generate_is_ignored():
+    """A caller that restored and did something else for seconds before generating, or a clock that went
+    backwards: the measurement is dropped."""
+    ahead = IssueAhead()
+    ahead.observe(3.0)
+    ahead.observe(-0.001)
+    assert ahead.setup_s is None
+
+
+def test_a_fixed_budget_is_kept():
+    ahead = IssueAhead(fixed=1 << 20)
+    ahead.observe(0.008)
+    assert ahead.budget() == 1 << 20
 
 
 def test_a_non_positive_budget_is_refused():
     with pytest.raises(ValueError, match="issue_ahead_bytes"):
         Restorer(None, None, None, None, "cpu", issue_ahead_bytes=0)
+    with pytest.raises(ValueError, match="weight"):
+        IssueAhead(weight=0)
