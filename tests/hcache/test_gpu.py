@@ -216,11 +216,12 @@ def test_captured_prefill_float16_error_and_tokens_on_the_7b_layer_shape(tmp_pat
         assert err < 0.1
 
 
-@pytest.mark.parametrize("ahead", [1, 1 << 30])
+@pytest.mark.parametrize("ahead", [1, 1 << 30, None])
 def test_restore_issued_ahead_of_the_layer_the_model_takes(tmp_path, ahead):
     """A memory-tier restore queues only `issue_ahead_bytes` of its layers before generate() runs and the
-    rest as the model takes layers: with a budget of one byte (one layer ahead) or of everything, the
-    restored cache and generate()'s tokens are those of the model."""
+    rest as the model takes layers: with a budget of one byte (one layer ahead), of everything, or measured
+    (the default: generate()'s set-up is measured), the restored cache and generate()'s tokens are those of
+    the model."""
     model = _tiny_gpu_model()
     with TieredStore(StoreConfig(root=tmp_path, dram_bytes=64 << 20, nvme_bytes=0)) as store:
         hc = HCache(model, store, method="hcache")
@@ -232,6 +233,8 @@ def test_restore_issued_ahead_of_the_layer_the_model_takes(tmp_path, ahead):
         gen = dict(max_new_tokens=4, do_sample=False)
         for _ in range(3):  # eager forward, then the captured one
             assert torch.equal(hc.generate(ids, **gen), model.generate(ids, **gen))
+        if ahead is None:
+            assert 0 <= hc.restorer.issue_ahead.setup_s < 1.0
 
 
 def test_plans_starting_with_kv_layers_project_from_graphs(tmp_path):
