@@ -13,7 +13,6 @@
 #   D: the full bench (both shapes 1K/4K, the 7B at 16K).
 #   E: the budget queued ahead now measured (`IssueAhead`: copies for 1.5x generate()'s measured set-up): the
 #      GPU tests of restores; the 7B/4K timeline against 256 MiB and all of it.
-#   F: `hcache bench` of the 7B at 4K with the final code (the budget measured), median of 7.
 source benchmarks/device_env.sh
 
 case "${1:-A}" in
@@ -55,13 +54,6 @@ case "${1:-A}" in
     gpu_tests 150 tests/hcache/test_restore_ahead.py tests/hcache/test_gpu.py
     timeline 150 4096 9 10 ideal,recompute,hcache,hcache/ahead=256,hcache/ahead=all,auto
     grep "TTFT\|restore returned\|restore compute done\|restore copies done\|prefill replay start\|prefill replay end" $OUT/ttft_timeline_7b_4k.md | head -40
-    echo "=== end $(date +%T)"
-    ;;
-  F)
-    mkdir -p $OUT/short
-    timeout 150 python3 -m hcache_adapter bench --no-progress --models llama2-7b --contexts 4096 --sources dram \
-      --methods recompute,ideal,kv,hcache,auto --repeat 7 --warmup 2 --out $OUT/short > $OUT/short/full.log 2>&1
-    grep "^|\|###\|round by round" $OUT/short/full.log | cut -c1-120 | head -14; tail -2 $OUT/short/full.log
     echo "=== end $(date +%T)"
     ;;
 esac
