@@ -55,9 +55,11 @@ def blocks_for(rows: int, dim: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for `rows` query rows per K/V head. Swept on the lent H200 at the 4K
     bucket (32 layers, 5,120 keys, 928 of them padding): 32 rows (the 7B shape) 1.19 ms with 128-key blocks
     and 4 warps (64-key blocks: 1.46); 128 rows (the 8B shape's 4 query heads per K/V head) 1.00 ms with
-    64-key blocks and 8 warps (32-key blocks, 8 warps: 1.18)."""
+    64-key blocks and 8 warps (32-key blocks, 8 warps: 1.18). Wider heads take 32-key blocks (not measured)."""
     block_m = max(16, 1 << (max(rows, 1) - 1).bit_length())
-    if block_m <= 32 and dim <= 128:
+    if dim > 128:  # (256: Gemma) keep STAGES blocks of K and V within shared memory
+        return block_m, 32, 8
+    if block_m <= 32:
         return block_m, 128, 4
     return block_m, 64, 8
 

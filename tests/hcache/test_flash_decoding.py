@@ -80,10 +80,10 @@ def test_shapes_it_cannot_take_are_refused():
     assert not flash_decoding.supports(torch.cat([q, q]), torch.cat([k, k]), torch.cat([v, v]), mask[0, 0])
 
 
-@pytest.mark.parametrize("piece_blocks", [(4, 128), (32, 128), (128, 64)])
+@pytest.mark.parametrize("piece_blocks", [(4, 128, 128), (32, 128, 128), (128, 128, 64), (32, 256, 32)])
 def test_blocks_and_pieces_fill_the_gpu(piece_blocks):
-    rows, block_n = piece_blocks
-    block_m, bn, warps = flash_decoding.blocks_for(rows, 128)
+    rows, dim, block_n = piece_blocks
+    block_m, bn, warps = flash_decoding.blocks_for(rows, dim)
     assert block_m >= max(16, rows) and bn == block_n and warps in (4, 8)
     pieces, per = flash_decoding.pieces_for(5120, 32, bn)
     assert per % bn == 0 and pieces * per >= 5120 and (pieces - 1) * per < 5120 and pieces * 32 >= 256
