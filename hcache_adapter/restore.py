@@ -39,11 +39,11 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from hcache_adapter.compat import fill_layer, new_cache
+from hcache_adapter.issue_ahead import IssueAhead
 from hcache_adapter.lazycache import LazyCache
 from hcache_adapter.layout import StateLayout
 from hcache_adapter.loader import MEMORY_TIERS, LayerLoader, LayerRead, SlotRing
 from hcache_adapter.manifest import RECOMPUTE
-from hcache_adapter.issue_ahead import IssueAhead
 from hcache_adapter.prefix_source import PrefixSource
 from hcache_adapter.recompute import Recomputer
 
@@ -136,7 +136,6 @@ class Restorer:
         self.plain_layers = frozenset(l for l in range(layout.num_layers)
                                       if one_to_one and type(template.layers[l]) is DynamicLayer)
 
-
     @property
     def issue_ahead_bytes(self) -> int:
         """The bytes the next memory-tier restore queues ahead (see `IssueAhead`)."""
@@ -146,6 +145,7 @@ class Restorer:
     def issue_ahead_bytes(self, value: int | None) -> None:
         """A fixed budget (None: measured again)."""
         self.issue_ahead = IssueAhead(fixed=value)
+
     def slot_bytes(self, n_chunks: int, plan: str) -> int:
         """Bytes of the largest loaded layer of a restore of `n_chunks` chunks with `plan`."""
         L = self.layout
