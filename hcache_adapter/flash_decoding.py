@@ -23,6 +23,7 @@ TARGET_BLOCKS = 264  # thread blocks to aim for (about two per SM of an H100/H20
 MIN_PIECE = 256  # keys per piece at least: shorter pieces cost more in merging than they gain
 HEAD_DIMS = (16, 32, 64, 128, 256)  # head sizes the kernels take (tl.arange needs a power of two)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_BLOCK_M = 128  # query rows per thread block at most (the float32 accumulator lives in registers)
 STAGES = 3  # software pipelining depth of the key loop (2 and 4 measured no better)
 
 
@@ -52,11 +53,12 @@ def supports(query: Tensor, key: Tensor, value: Tensor, bias: Tensor) -> bool:
 
 
 def blocks_for(rows: int, dim: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) for `rows` query rows per K/V head. Swept on the lent H200 at the 4K
+    """(BLOCK_M, BLOCK_N, num_warps) for `rows` query rows per K/V head (in blocks of at most MAX_BLOCK_M).
+    Swept on the lent H200 at the 4K
     bucket (32 layers, 5,120 keys, 928 of them padding): 32 rows (the 7B shape) 1.19 ms with 128-key blocks
     and 4 warps (64-key blocks: 1.46); 128 rows (the 8B shape's 4 query heads per K/V head) 1.00 ms with
     64-key blocks and 8 warps (32-key blocks, 8 warps: 1.18). Wider heads take 32-key blocks (not measured)."""
-    block_m = max(16, 1 << (max(rows, 1) - 1).bit_length())
+    block_m = min(MAX_BLOCK_M, max(16, 1 << (max(rows, 1) - 1).bit_length()))  # more rows: more row blocks
     if dim > 128:  # (256: Gemma) keep STAGES blocks of K and V within shared memory
         return block_m, 32, 8
     if block_m <= 32:
@@ -88,7 +90,7 @@ def attend(query: Tensor, key: Tensor, value: Tensor, bias: Tensor, scale: float
     S, P = pieces_for(N, Hkv, block_n, target_blocks)
     part = torch.empty(S, Hkv, rows, D, device=query.device, dtype=torch.float32)
     lse = torch.empty(S, Hkv, rows, device=query.device, dtype=torch.float32)
-    kernels.pieces_kernel[(S, Hkv)](
+    kernels.pieces_kernel[(S, Hkv, -(-rows // block_m))](
         query, key, value, bias, part, lse,
         query.stride(1), query.stride(2), key.stride(1), key.stride(2), value.stride(1), value.stride(2),
         bias.stride(0), bias.stride(1), part.stride(0), part.stride(1), part.stride(2), lse.stride(0),

@@ -8,14 +8,14 @@ _SKIP = tl.constexpr(SKIP_BELOW)
 
 @triton.jit
 def pieces_kernel(Q, K, V, B, O, L,
-               sq_h, sq_m, sk_h, sk_n, sv_h, sv_n, sb_m, sb_n, so_s, so_h, so_r, sl_s, sl_h,
-               G, M, N, P, scale_log2,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
-    """One (piece, K/V head): its keys [s*P, s*P + P) against the head's G*M query rows; writes the rows'
-    normalised output and log2-sum-exp (-inf for a row that saw no key)."""
+                  sq_h, sq_m, sk_h, sk_n, sv_h, sv_n, sb_m, sb_n, so_s, so_h, so_r, sl_s, sl_h,
+                  G, M, N, P, scale_log2,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
+    """One (piece, K/V head, block of rows): its keys [s*P, s*P + P) against BLOCK_M of the head's G*M query
+    rows; writes the rows' normalised output and log2-sum-exp (-inf for a row that saw no key)."""
     s = tl.program_id(0)
     h = tl.program_id(1)
-    rows = tl.arange(0, BLOCK_M)
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, D)
     cols = tl.arange(0, BLOCK_N)
     live = rows < G * M

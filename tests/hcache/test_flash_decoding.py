@@ -65,6 +65,14 @@ def test_pieces_past_every_query_are_skipped_and_weigh_nothing():
     assert torch.allclose(out, _reference(q, k, v, mask, 0.25), atol=1e-5, rtol=1e-5)
 
 
+def test_more_rows_than_a_block_run_as_several_blocks():
+    """4 query heads per K/V head over 40 new tokens: 160 rows, two blocks of 128."""
+    assert flash_decoding.blocks_for(160, 16)[0] == flash_decoding.MAX_BLOCK_M == 128
+    q, k, v, mask = _inputs(4, 1, 40, 300, 16, 20, torch.float32, 4)
+    out = flash_decoding.attend(q, k, v, mask[0, 0], 0.25)
+    assert torch.allclose(out, _reference(q, k, v, mask, 0.25), atol=1e-5, rtol=1e-5)
+
+
 def test_half_precision_is_close_to_float32():
     q, k, v, mask = _inputs(4, 2, 6, 520, 32, 50, torch.float16, 2)
     out = flash_decoding.attend(q, k, v, mask[0, 0], 32 ** -0.5)
