@@ -8,7 +8,7 @@ forward after a restore. Here one kernel runs every (piece, K/V head) as a threa
 keys once, in blocks of `BLOCK_N`, with an online softmax in float32 (the bias read alongside, as the
 mask transformers passes), and a second merges the pieces by their log-sum-exp straight into the
 `[batch, queries, heads, dim]` layout the attention module returns. A block of keys whose every bias is
-at most `SKIP_BELOW` (in the kernels module) (the padding rows of a static cache bucket) is not read at all.
+below the kernels module's `SKIP_BELOW` (the padding rows of a static cache bucket) is not read at all.
 
 Used by `split_attention` on a CUDA device when Triton imports; with `TRITON_INTERPRET=1` the same
 kernels run on a CPU, which is how they are tested without a GPU.
@@ -54,10 +54,11 @@ def supports(query: Tensor, key: Tensor, value: Tensor, bias: Tensor) -> bool:
 
 def blocks_for(rows: int, dim: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for `rows` query rows per K/V head (in blocks of at most MAX_BLOCK_M).
-    Swept on the lent H200 at the 4K
-    bucket (32 layers, 5,120 keys, 928 of them padding): 32 rows (the 7B shape) 1.19 ms with 128-key blocks
-    and 4 warps (64-key blocks: 1.46); 128 rows (the 8B shape's 4 query heads per K/V head) 1.00 ms with
-    64-key blocks and 8 warps (32-key blocks, 8 warps: 1.18). Wider heads take 32-key blocks (not measured)."""
+
+    Swept on the lent H200 at the 4K bucket (32 layers, 5,120 keys, 928 of them padding): 32 rows (the 7B
+    shape) 1.19 ms with 128-key blocks and 4 warps (64-key blocks: 1.46); 128 rows (the 8B shape's 4 query
+    heads per K/V head) 1.00 ms with 64-key blocks and 8 warps (32-key blocks, 8 warps: 1.18). Wider heads
+    take 32-key blocks (not measured)."""
     block_m = min(MAX_BLOCK_M, max(16, 1 << (max(rows, 1) - 1).bit_length()))  # more rows: more row blocks
     if dim > 128:  # (256: Gemma) keep STAGES blocks of K and V within shared memory
         return block_m, 32, 8

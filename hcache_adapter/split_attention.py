@@ -24,12 +24,11 @@ import torch
 from torch import Tensor
 
 from hcache_adapter import flash_decoding
+from hcache_adapter.flash_decoding import MIN_PIECE, TARGET_BLOCKS  # the same splitting, one set of tunables
 
 log = logging.getLogger(__name__)
 
 NAME = "hcache_split_kv"
-MIN_PIECE = 256  # keys per piece at least: shorter pieces cost more in merging than they gain
-TARGET_BLOCKS = 264  # thread blocks to aim for (about two per SM of an H100/H200)
 QUERY_BLOCK = 64  # queries per thread block of the fused kernel (its tile along the queries)
 ALIGN = 16  # keys per piece a multiple of this: the fused kernel reads the mask's rows in aligned vectors
 _fused_failed = False  # set when the fused kernel refused a call: eager attention from then on
