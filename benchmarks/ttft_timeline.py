@@ -182,7 +182,7 @@ def variant(model, store, spec: str) -> HCache:
     norms, MLPs and rotary uncompiled), carve (SMs the projection graphs' GEMMs leave free), look (layers of
     copies queued ahead of the compute; "all": every free slot), heads (1: projection GEMMs per head, in place),
     inplace (1: projection graphs write K/V in place), lease (0: read each layer with get_many_into), ahead (MiB
-    of a restore queued before the first forward, or "all"), early (0: no reads started before the lookup
+    of a restore queued before the first forward, or "all"; 0: one layer), early (0: no reads started before the lookup
     finished), kv (with METHOD=mix: auto saving the first kv layers as K/V and the rest as hidden states; at=end:
     the last kv layers)."""
     method, *opts = spec.split("/")
@@ -214,7 +214,7 @@ def variant(model, store, spec: str) -> HCache:
     if opt.get("early") == "0":  # the lookup locates every layer before the first read starts
         hc.restorer.early_min_keys = None
     if "ahead" in opt:  # MiB of the restore queued before the first forward ("all": everything)
-        hc.restorer.issue_ahead_bytes = 1 << 50 if opt["ahead"] == "all" else int(opt["ahead"]) << 20
+        hc.restorer.issue_ahead_bytes = 1 << 50 if opt["ahead"] == "all" else max(1, int(opt["ahead"]) << 20)
     return hc
 
 

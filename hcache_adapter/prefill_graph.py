@@ -234,12 +234,14 @@ class CapturedPrefill:
 
         Saves the forward a copy of the whole prefix (GPU time and a launch per layer). The bucket's
         earlier borrowers copy out what they point at first; the restoring cache must then be `lend`-ed.
+        Also given to the call that captures the bucket, so that the restore's own graphs for it are
+        captured in that call too, not in a later one.
         """
         if not self.enabled:
             return None
         key = (suffix_bucket(s), bucket_rows(n + suffix_bucket(s)))
         b = self._buckets.get(key)
-        if b is None or (self.capture and b.graphs is None):
+        if b is None or (self.capture and b.graphs is None and b.asked + 1 < CAPTURE_ON_USE):
             return None
         self._release(b)
         return StaticDestination(b, n)

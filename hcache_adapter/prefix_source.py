@@ -75,14 +75,15 @@ class PrefixSource:
                 and all(read.layer in self.plain for read in self.reads)):
             # Nothing blocks (memory tiers, GPU): queue the layers' copies and compute on a side stream, after
             # what the caller's stream already queued (`into`'s memory may still be read there). Only the
-            # first `issue_ahead.budget()` bytes now; the rest as the model takes layers (`produce`), so that the
+            # first `issue_ahead.budget(...)` bytes now; the rest as the model takes layers (`produce`), so that the
             # host's issuing interleaves with generate()'s first forward instead of preceding it.
             r.compute_stream.wait_stream(torch.cuda.current_stream(r.device))
             self._queued = 0
             # Under tensor parallelism every layer's all-gather is issued now, as before: the ranks' collectives
             # then never interleave with the model's own.
+            budget = r.issue_ahead.budget(read_bytes(self.reads[0], r.layout.itemsize))
             self._ahead = (len(self.reads) if self.exchange is not None
-                           else layers_ahead(self.reads, r.issue_ahead.budget(), r.layout.itemsize))
+                           else layers_ahead(self.reads, budget, r.layout.itemsize))
             self._queue_until(self._ahead)
             self._queued_at = time.perf_counter()  # the model's first take measures generate()'s set-up
 
@@ -92,6 +93,7 @@ class PrefixSource:
         end = min(end, len(self.reads))
         if self._queued >= end:
             return
+        t0, first = time.perf_counter(), self._queued
         with torch.cuda.stream(r.compute_stream):
             while self._queued < end:
                 read = self.reads[self._queued]
@@ -104,6 +106,7 @@ class PrefixSource:
                 ev.record(r.compute_stream)
                 self._ready[read.layer] = (k, v, valid, ev)
                 self._queued += 1
+        r.issue_ahead.observe_issue(time.perf_counter() - t0, self._queued - first)
         if self._queued == len(self.reads):
             self._close_loader()
 
@@ -236,11 +239,16 @@ class PrefixSource:
         self._close_loader()
 
 
+def read_bytes(read: LayerRead, itemsize: int) -> int:
+    """Bytes one layer's read copies."""
+    return len(read.keys) * math.prod(read.chunk_shape) * itemsize
+
+
 def layers_ahead(reads: list, budget: int, itemsize: int) -> int:
     """How many of `reads` (from the first) fit in `budget` bytes of copies; at least one."""
     total, n = 0, 0
     for read in reads:
-        total += len(read.keys) * math.prod(read.chunk_shape) * itemsize
+        total += read_bytes(read, itemsize)
         if n and total > budget:
             break
         n += 1

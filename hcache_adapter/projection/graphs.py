@@ -15,7 +15,7 @@ Graphs need fixed shapes and addresses, so:
   memory that the next layer or the next restore overwrites;
 * except where the caller names a destination that may take the bucket's
   padded rows (`out_rows`: a captured prefill's static cache): a graph captured
-  for that destination writes K/V there itself, and nothing is copied out. On
+  for that destination (on its first use) writes K/V there itself, and nothing is copied out. On
   the lent H200 (7B shape, 4K) the copies out were 1.15 of the restore's 18.1
   ms of GPU time;
 * a bucket is captured only when it is asked for the second time (a length
@@ -94,7 +94,6 @@ class _Bucket:
     v_out: Tensor | None = None
     graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)
     direct: dict[tuple, torch.cuda.CUDAGraph] = field(default_factory=dict)  # (layer, destination) -> its graph
-    direct_asked: dict[tuple, int] = field(default_factory=dict)
 
 
 class PrefixGraphs:
@@ -127,7 +126,7 @@ class PrefixGraphs:
         """K/V of `layer` for `hidden` ([1, n, D] on CUDA, positions 0..n-1); None: not graphed (yet).
         `out`: where to copy them (instead of fresh tensors); `out_rows`: rows along the sequence its storage
         may be written (the bucket's padding included), so that a graph captured for it writes there itself
-        (from the destination's second use; one copy out before)."""
+        (captured on the destination's first use: see `_replay_into`)."""
         n = hidden.shape[1]
         key = (bucket_rows(n), hidden.shape[2], hidden.dtype, hidden.device)
         b = self._buckets.get(key)
@@ -170,16 +169,17 @@ class PrefixGraphs:
         return b
 
     def _replay_into(self, b: _Bucket, layer: int, wide: KV) -> bool:
-        """Replay `layer`'s graph for the destination `wide`, captured on its second use; False: not yet."""
+        """Replay `layer`'s graph for the destination `wide`, captured on its first use; False: the bucket
+        holds `max_direct` such graphs already.
+
+        A destination is a captured prefill's static cache, which exists only for a length asked for
+        before, and stays put while its bucket lives: waiting for a second use would only move the captures
+        (tens of ms, a recompile for the new strides) from the call that captures the prefill into a later
+        one. Measured on the H200 before: the fourth generate() of a length took 0.2-1.4 s."""
         key = (layer, *((t.data_ptr(), t.stride()) for t in wide))
         g = b.direct.get(key)
         if g is None:
             if len(b.direct) >= self.max_direct:
-                return False
-            b.direct_asked[key] = b.direct_asked.get(key, 0) + 1
-            if b.direct_asked[key] < 2:
-                if len(b.direct_asked) > 4 * self.max_direct:
-                    b.direct_asked.clear()
                 return False
             with _carveout(self.sm_carveout):
                 g = b.direct[key] = self._capture_graph(b, lambda: self.fn_into(layer, b.hidden, b.cos, b.sin, *wide),

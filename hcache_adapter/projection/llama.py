@@ -219,6 +219,11 @@ class LlamaProjector(Projector):
         return self._graphs.replays if self._graphs is not None else 0
 
     @property
+    def graph_captures(self) -> int:
+        """CUDA graphs captured for layer projections so far (0 without graphs)."""
+        return self._graphs.captures if self._graphs is not None else 0
+
+    @property
     def direct_graph_replays(self) -> int:
         """Of those, replays that wrote K/V straight into the caller's destination (no copy out)."""
         return self._graphs.direct_replays if self._graphs is not None else 0

@@ -61,3 +61,42 @@ def test_a_non_positive_budget_is_refused():
         Restorer(None, None, None, None, "cpu", issue_ahead_bytes=0)
     with pytest.raises(ValueError, match="weight"):
         IssueAhead(weight=0)
+
+
+def test_when_the_host_queues_a_layer_slower_than_its_copies_one_layer_is_queued_ahead():
+    """A 1K layer of the 7B shape (8 MiB: 0.15 ms of copies) queued in 0.3 ms of host time: the GPU keeps up
+    with the host, so one layer goes ahead; a 4K layer (32 MiB, 0.61 ms) keeps the set-up's budget."""
+    ahead = IssueAhead()
+    one_k, four_k = 16 * 64 * 4096 * 2, 64 * 64 * 4096 * 2
+    assert ahead.budget(one_k) == ahead.budget(four_k) == int(55e9 * 0.005 * 1.5)  # nothing measured yet
+    ahead.observe_issue(0.0096, 32)
+    assert ahead.issue_s == pytest.approx(0.0003)
+    assert ahead.host_bound(one_k) and not ahead.host_bound(four_k)
+    assert ahead.budget(one_k) == 1
+    assert layers_ahead(_reads(32, 16), ahead.budget(one_k), 2) == 1
+    assert ahead.budget(four_k) == int(55e9 * 0.005 * 1.5)
+    assert ahead.budget() == int(55e9 * 0.005 * 1.5)  # layer size unknown: the set-up's budget
+
+
+def test_the_host_time_per_layer_is_a_median_that_drops_the_restores_capturing_graphs():
+    """A restore that captures its projection graphs queues a layer in tens of ms; the median of the last
+    nine restores is not moved by the odd one, and old measurements leave the window."""
+    ahead = IssueAhead()
+    one_k = 16 * 64 * 4096 * 2
+    for seconds in (0.0001, 0.0001, 0.05, 0.0001):
+        ahead.observe_issue(seconds, 1)
+    assert ahead.issue_s == pytest.approx(0.0001)
+    assert not ahead.host_bound(one_k)
+    for _ in range(ahead.issue_window):
+        ahead.observe_issue(0.0004, 1)
+    assert ahead.issue_s == pytest.approx(0.0004)
+    assert ahead.host_bound(one_k)
+    ahead.observe_issue(0.01, 0)  # nothing queued: no measurement
+    ahead.observe_issue(-1.0, 3)
+    assert ahead.issue_s == pytest.approx(0.0004)
+
+
+def test_a_fixed_budget_is_kept_however_slow_the_host():
+    ahead = IssueAhead(fixed=1 << 20)
+    ahead.observe_issue(0.01, 1)
+    assert ahead.budget(1 << 20) == 1 << 20
