@@ -9,7 +9,8 @@
 #   (E of run_final_l.sh ran first: the GPU tests with the measured budget, the 7B/4K timeline.)
 #   G: the full bench on this session's code (both shapes 1K/4K, the 7B at 16K).
 #   H: every GPU test of the restore and the captured prefill; saving while decoding (TBT, 7B at 1K, 64 new
-#      tokens, 9 paired rounds); the 7B/4K timeline (auto, and the last two layers saved as K/V).
+#      tokens, 9 paired rounds); the 7B/4K timeline (auto, and the last two layers saved as K/V); `hcache bench`
+#      of the 7B at 4K from NVMe (the ~2 GB/s virtual disk; median of 3 after 1 warm-up).
 source benchmarks/device_env.sh
 
 case "${1:-F}" in
@@ -39,6 +40,12 @@ case "${1:-F}" in
     grep "TBT" $OUT/tbt.log | tail -1
     timeline 150 4096 9 8 ideal,recompute,hcache,auto,mix/kv=2/at=end
     grep "TTFT\|restore returned\|restore compute done\|restore copies done\|prefill replay start\|prefill replay end" $OUT/ttft_timeline_7b_4k.md | head -40
+    echo "=== nvme 7B 4K $(date +%T)"
+    mkdir -p $OUT/nvme
+    timeout 150 python3 -m hcache_adapter bench --no-progress --models llama2-7b --contexts 4096 --sources nvme \
+      --nvme-contexts 4096 --methods recompute,hcache,auto --nvme-methods recompute,hcache,auto --long-repeat 3 \
+      --long-warmup 1 --dram-gib 8 --nvme-gib 12 --out $OUT/nvme > $OUT/nvme/full.log 2>&1
+    grep "^|\|###\|paired" $OUT/nvme/full.log | cut -c1-120 | head -12; tail -2 $OUT/nvme/full.log
     echo "=== end $(date +%T)"
     ;;
 esac
