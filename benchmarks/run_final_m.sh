@@ -11,6 +11,9 @@
 #   H: every GPU test of the restore and the captured prefill; saving while decoding (TBT, 7B at 1K, 64 new
 #      tokens, 9 paired rounds); the 7B/4K timeline (auto, and the last two layers saved as K/V); `hcache bench`
 #      of the 7B at 4K from NVMe (the ~2 GB/s virtual disk; median of 3 after 1 warm-up).
+#   I: projection graphs that read the loaded hidden state in place (no copy into their input, lengths without
+#      padding rows): every GPU test; the 7B/4K timeline against copying it in (readslot=0); `hcache bench` of
+#      the 7B at 1K/4K.
 source benchmarks/device_env.sh
 
 case "${1:-F}" in
@@ -46,6 +49,17 @@ case "${1:-F}" in
       --nvme-contexts 4096 --methods recompute,hcache,auto --nvme-methods recompute,hcache,auto --long-repeat 3 \
       --long-warmup 1 --dram-gib 8 --nvme-gib 12 --out $OUT/nvme > $OUT/nvme/full.log 2>&1
     grep "^|\|###\|paired" $OUT/nvme/full.log | cut -c1-120 | head -12; tail -2 $OUT/nvme/full.log
+    echo "=== end $(date +%T)"
+    ;;
+  I)
+    gpu_tests 170 tests/hcache/test_gpu.py tests/hcache/test_restore_ahead.py
+    timeline 120 4096 9 7 ideal,recompute,hcache,hcache/readslot=0,auto
+    grep "TTFT\|restore compute done\|restore copies done\|prefill replay end" $OUT/ttft_timeline_7b_4k.md | head -24
+    echo "=== bench 7B 1K/4K $(date +%T)"
+    mkdir -p $OUT/bench
+    timeout 150 python3 -m hcache_adapter bench --no-progress --models llama2-7b --contexts 1024,4096 --sources dram \
+      --methods recompute,ideal,kv,hcache,auto --repeat 7 --warmup 2 --out $OUT/bench > $OUT/bench/full.log 2>&1
+    grep "^|\|###\|paired" $OUT/bench/full.log | cut -c1-110 | head -30
     echo "=== end $(date +%T)"
     ;;
 esac

@@ -181,7 +181,8 @@ def variant(model, store, spec: str) -> HCache:
     captured prefill on the current stream, not one of the highest priority), fuse (0: capture the layers'
     norms, MLPs and rotary uncompiled), carve (SMs the projection graphs' GEMMs leave free), look (layers of
     copies queued ahead of the compute; "all": every free slot), heads (1: projection GEMMs per head, in place),
-    inplace (1: projection graphs write K/V in place), lease (0: read each layer with get_many_into), ahead (MiB
+    inplace (1: projection graphs write K/V in place), readslot (0: projection graphs copy the loaded hidden
+    state into their input instead of reading it in place), lease (0: read each layer with get_many_into), ahead (MiB
     of a restore queued before the first forward, or "all"; 0: one layer), early (0: no reads started before the lookup
     finished), kv (with METHOD=mix: auto saving the first kv layers as K/V and the rest as hidden states; at=end:
     the last kv layers)."""
@@ -205,6 +206,8 @@ def variant(model, store, spec: str) -> HCache:
         hc.projector.write_in_place = hc.projector.write_in_place or hc.projector.heads_gemm
     if "inplace" in opt:  # 1: the projection graphs write K/V into the destination instead of copying them there
         hc.projector.write_in_place = opt["inplace"] != "0"
+    if "readslot" in opt:  # 0: the projection graphs copy the loaded hidden state into their input first
+        hc.projector.read_in_place = opt["readslot"] != "0"
     if "carve" in opt:  # SMs the projection graphs' GEMMs leave free
         hc.projector.sm_carveout = int(opt["carve"])
     if "look" in opt:  # layers of copies the loader queues ahead of the compute ("all": every free slot)

@@ -197,6 +197,37 @@ def test_projection_graphs_write_into_the_static_cache_padding_included(tmp_path
         assert_holds_models_state(model, held.past_key_values, held.sequences[:, :-1], atol=1e-4)
 
 
+def test_projection_graphs_read_the_loaded_hidden_state_in_place(tmp_path):
+    """256 restored tokens fill a 256-row bucket exactly: the graphs that write into the captured prefill's
+    static cache read each layer's hidden state in the loader's slot (no copy into the graph's input), and a
+    layer lands in the same slot every call, so no graph is captured after the second call. Tokens and the
+    returned cache's state are the model's."""
+    model = _tiny_gpu_model()
+    with TieredStore(StoreConfig(root=tmp_path, dram_bytes=64 << 20, nvme_bytes=0)) as store:
+        hc = HCache(model, store, method="hcache")
+        gen = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        ids = torch.randint(10, 1000, (1, 300), device="cuda")
+        hc.save(ids[:, :257])
+        ref = model.generate(ids, **gen)
+        for _ in range(2):
+            assert torch.equal(hc.generate(ids, **gen), ref)
+        captures, before = hc.projector.graph_captures, hc.projector.in_place_input_replays
+        for _ in range(2):
+            assert torch.equal(hc.generate(ids, **gen), ref)
+        held = hc.generate(ids, **gen, return_dict_in_generate=True)
+        assert hc.last_restore.tokens == 256
+        assert hc.projector.in_place_input_replays - before == 3 * model.config.num_hidden_layers
+        assert hc.projector.graph_captures == captures
+        assert_holds_models_state(model, held.past_key_values, held.sequences[:, :-1], atol=1e-4)
+
+        other = HCache(model, store, method="hcache", namespace="copying")
+        other.projector.read_in_place = False  # read when its graphs are made: they copy the hidden state in
+        other.save(ids[:, :257])
+        for _ in range(3):
+            assert torch.equal(other.generate(ids, **gen), ref)
+        assert other.projector.direct_graph_replays > 0 and other.projector.in_place_input_replays == 0
+
+
 @pytest.mark.parametrize("method", ["hcache", "auto"])
 def test_every_capture_happens_by_the_second_call_of_a_length(tmp_path, method):
     """A length's graphs (the captured prefill, and the restore's projections written into its static
