@@ -56,7 +56,8 @@ RotaryFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (hidden, positio
 MIN_STEP = 256
 # Graphs per layer and destination that read the hidden state in place: a loader's slots hold a layer at the
 # same address on every restore of a length (`LayerLoader`: slot = read index mod the ring's depth), so one
-# suffices in the steady state; a caller whose tensors move from call to call (a fresh buffer each time) then copies in instead.
+# suffices in the steady state; a caller whose tensors move from call to call (a fresh buffer each time)
+# then copies in instead.
 MAX_SOURCES = 4
 
 
