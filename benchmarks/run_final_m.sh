@@ -14,8 +14,6 @@
 #   I: projection graphs that read the loaded hidden state in place (no copy into their input, lengths without
 #      padding rows): every GPU test; the 7B/4K timeline against copying it in (readslot=0); `hcache bench` of
 #      the 7B at 1K/4K.
-#   J: the last of the session's device time: `hcache bench` of the 7B at 4K alone (recompute, ideal, hcache,
-#      auto; median of 9).
 source benchmarks/device_env.sh
 
 case "${1:-F}" in
@@ -52,12 +50,6 @@ case "${1:-F}" in
       --long-warmup 1 --dram-gib 8 --nvme-gib 12 --out $OUT/nvme > $OUT/nvme/full.log 2>&1
     grep "^|\|###\|paired" $OUT/nvme/full.log | cut -c1-120 | head -12; tail -2 $OUT/nvme/full.log
     echo "=== end $(date +%T)"
-    ;;
-  J)
-    mkdir -p $OUT/bench
-    timeout 105 python3 -m hcache_adapter bench --no-progress --models llama2-7b --contexts 4096 --sources dram \
-      --methods recompute,ideal,hcache,auto --repeat 9 --warmup 2 --out $OUT/bench > $OUT/bench/full.log 2>&1
-    grep "^|\|###\|paired" $OUT/bench/full.log | cut -c1-110 | head -14
     ;;
   I)
     gpu_tests 170 tests/hcache/test_gpu.py tests/hcache/test_restore_ahead.py
