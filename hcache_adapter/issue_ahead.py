@@ -54,6 +54,8 @@ class IssueAhead:
             raise ValueError(f"issue_ahead_bytes must be positive, got {self.fixed}")
         if self.bytes_per_s <= 0 or self.margin <= 0 or not 0 < self.weight <= 1 or self.floor < 1:
             raise ValueError("IssueAhead needs a positive bandwidth, margin and floor, and a weight in (0, 1]")
+        if self.issue_window < 1:
+            raise ValueError(f"IssueAhead's issue_window must be at least 1, got {self.issue_window}")
 
     @property
     def issue_s(self) -> float | None:

@@ -61,6 +61,8 @@ def test_a_non_positive_budget_is_refused():
         Restorer(None, None, None, None, "cpu", issue_ahead_bytes=0)
     with pytest.raises(ValueError, match="weight"):
         IssueAhead(weight=0)
+    with pytest.raises(ValueError, match="issue_window"):
+        IssueAhead(issue_window=0)
 
 
 def test_when_the_host_queues_a_layer_slower_than_its_copies_one_layer_is_queued_ahead():
