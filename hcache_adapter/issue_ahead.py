@@ -47,7 +47,7 @@ class IssueAhead:
     weight: float = 0.3
     setup_s: float | None = None  # the measured set-up (None: none yet)
     issue_window: int = 9
-    _issue: deque = field(default_factory=deque, init=False, repr=False)  # host seconds per queued layer
+    _issue: deque = field(init=False, repr=False)  # host seconds per queued layer, the last `issue_window`
 
     def __post_init__(self):
         if self.fixed is not None and self.fixed < 1:
@@ -56,6 +56,7 @@ class IssueAhead:
             raise ValueError("IssueAhead needs a positive bandwidth, margin and floor, and a weight in (0, 1]")
         if self.issue_window < 1:
             raise ValueError(f"IssueAhead's issue_window must be at least 1, got {self.issue_window}")
+        self._issue = deque(maxlen=self.issue_window)
 
     @property
     def issue_s(self) -> float | None:
@@ -85,8 +86,5 @@ class IssueAhead:
 
     def observe_issue(self, seconds: float, layers: int) -> None:
         """Queuing `layers` layers of a restore took `seconds` of host time."""
-        if layers <= 0 or seconds < 0:
-            return
-        if len(self._issue) >= self.issue_window:
-            self._issue.popleft()
-        self._issue.append(seconds / layers)
+        if layers > 0 and seconds >= 0:
+            self._issue.append(seconds / layers)

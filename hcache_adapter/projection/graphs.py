@@ -107,12 +107,16 @@ class PrefixGraphs:
 
     def __init__(self, fn: ProjectFn, rotary: RotaryFn, *, max_buckets: int = 2, sm_carveout: int | None = None,
                  fn_into: ProjectIntoFn | None = None, kv_shape: Callable[[int, int], tuple] | None = None,
-                 max_direct: int = 256):
+                 max_direct: int = 256, read_in_place: bool = True):
         """`sm_carveout`: SMs the captured GEMMs leave free (cuBLAS's SM count target, where torch has it),
         so that a forward running beside a restore finds SMs without waiting for a GEMM's wave to end.
         `fn_into` (with `kv_shape(layer, rows)`, K's and V's shape): `fn` writing into given tensors; graphs
         then capture it, into the bucket's outputs or into a destination (`project`'s `out_rows`).
-        `max_direct`: graphs a bucket captures for destinations (others then copy out of its own graph)."""
+        `max_direct`: graphs a bucket captures for destinations (others then copy out of its own graph).
+        `read_in_place`: a destination graph of a length with no padding rows reads the caller's hidden state
+        where it lies (the loader's slot; a layer lands in the same slot on every restore of a length) instead
+        of a copy in the bucket's input: one device copy a layer less (32 MiB at the 7B's 4K, ~0.55 ms of GPU
+        time in 32 layers). Only without padding: the rows past the caller's tensor are not the graph's to read."""
         if fn_into is not None and kv_shape is None:
             raise ValueError("fn_into needs kv_shape")
         self.fn = fn
@@ -128,11 +132,7 @@ class PrefixGraphs:
         self.replays = 0
         self.direct_replays = 0  # replays that wrote into the caller's destination
         self.in_place_inputs = 0  # of those, replays that read the caller's hidden state where it lies
-        # A destination graph of a length with no padding rows reads the caller's hidden state in place (the
-        # loader's slot; a layer lands in the same slot on every restore of a length) instead of copying it into
-        # the bucket's input first: one device copy a layer less (32 MiB at the 7B's 4K, ~0.55 ms of GPU time in
-        # 32 layers). Only without padding: the rows past the caller's tensor are not the graph's to read.
-        self.read_in_place = True
+        self.read_in_place = read_in_place
 
     def project(self, layer: int, hidden: Tensor, out: KV | None = None, out_rows: int | None = None) -> KV | None:
         """K/V of `layer` for `hidden` ([1, n, D] on CUDA, positions 0..n-1); None: not graphed (yet).

@@ -264,8 +264,7 @@ class LlamaProjector(Projector):
             if self._graphs is None:
                 into = dict(fn_into=self._graph_kv_into, kv_shape=self._kv_shape) if self.write_in_place else {}
                 self._graphs = PrefixGraphs(self._graph_kv, self.base_model.rotary_emb, sm_carveout=self.sm_carveout,
-                                            **into)
-                self._graphs.read_in_place = self.read_in_place
+                                            read_in_place=self.read_in_place, **into)
             try:
                 with torch.no_grad():
                     kv = self._graphs.project(layer_idx, hidden, out=out, out_rows=out_rows)
