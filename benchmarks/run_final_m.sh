@@ -16,17 +16,23 @@
 #      the 7B at 1K/4K.
 source benchmarks/device_env.sh
 
+# bench_7b SECONDS: `hcache bench` of the 7B at 1K/4K from DRAM (every method but hf_offloaded, median of 7) into
+# $OUT/bench; its tables to stdout.
+bench_7b() {
+  echo "=== bench 7B 1K/4K $(date +%T)"
+  mkdir -p $OUT/bench
+  timeout "$1" python3 -m hcache_adapter bench --no-progress --models llama2-7b --contexts 1024,4096 --sources dram \
+    --methods recompute,ideal,kv,hcache,auto --repeat 7 --warmup 2 --out $OUT/bench > $OUT/bench/full.log 2>&1
+  grep "^|\|###\|paired" $OUT/bench/full.log | cut -c1-110 | head -30
+}
+
 case "${1:-F}" in
   F)
     gpu_tests 150 tests/hcache/test_restore_ahead.py tests/hcache/test_gpu.py \
       -k "every_capture or ahead or static_cache or segmented or greedy or plans_starting"
     timeline 120 1024 9 9 ideal,recompute,kv,hcache,hcache/ahead=0,hcache/ahead=all,auto
     grep "TTFT\|restore returned\|first forward start\|restore compute done\|restore copies done\|prefill replay start\|prefill replay end" $OUT/ttft_timeline_7b_1k.md | head -60
-    echo "=== bench 7B 1K/4K $(date +%T)"
-    mkdir -p $OUT/bench
-    timeout 200 python3 -m hcache_adapter bench --no-progress --models llama2-7b --contexts 1024,4096 --sources dram \
-      --methods recompute,ideal,kv,hcache,auto --repeat 7 --warmup 2 --out $OUT/bench > $OUT/bench/full.log 2>&1
-    grep "^|\|###\|paired" $OUT/bench/full.log | cut -c1-110 | head -30
+    bench_7b 200
     awk -F, '{print $2, $4, $5, $NF}' $OUT/bench/ttft.csv
     echo "=== end $(date +%T)"
     ;;
@@ -55,11 +61,7 @@ case "${1:-F}" in
     gpu_tests 170 tests/hcache/test_gpu.py tests/hcache/test_restore_ahead.py
     timeline 120 4096 9 7 ideal,recompute,hcache,hcache/readslot=0,auto
     grep "TTFT\|restore compute done\|restore copies done\|prefill replay end" $OUT/ttft_timeline_7b_4k.md | head -24
-    echo "=== bench 7B 1K/4K $(date +%T)"
-    mkdir -p $OUT/bench
-    timeout 150 python3 -m hcache_adapter bench --no-progress --models llama2-7b --contexts 1024,4096 --sources dram \
-      --methods recompute,ideal,kv,hcache,auto --repeat 7 --warmup 2 --out $OUT/bench > $OUT/bench/full.log 2>&1
-    grep "^|\|###\|paired" $OUT/bench/full.log | cut -c1-110 | head -30
+    bench_7b 150
     echo "=== end $(date +%T)"
     ;;
 esac
