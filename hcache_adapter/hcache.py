@@ -230,6 +230,13 @@ class HCache:
         """Bytes stored per token for a plan (default: this instance's)."""
         return self.layout.plan_bytes_per_token(self.save_plan() if plan is None else plan)
 
+    def loaded_bytes_per_token(self, plan: str | None = None) -> int:
+        """Bytes a restore of a plan (default: this instance's) moves per token with no layer recomputed: the
+        stored ones, less layer 0's hidden state where the restore makes it from the token embedding."""
+        plan = self.save_plan() if plan is None else plan
+        skipped = self.layout.bytes_per_token(0, plan[0]) if self.restorer.embeds_first(plan, 0) else 0
+        return self.layout.plan_bytes_per_token(plan) - skipped
+
     def digests(self, token_ids, *, after: str | None = None) -> list[str]:
         return self.layout.digests(token_ids, after=after)
 

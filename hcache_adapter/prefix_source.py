@@ -2,7 +2,8 @@
 
 A `Restorer` makes one per restore. It recomputes the leading layers, reads the
 others through a `LayerLoader`, and projects (hidden states) or reshapes (K/V)
-each. On a GPU with every chunk in memory tiers it queues that work on the
+each; layer 0's hidden state, where it is the token embedding, is made on the
+device from the tokens instead of read (`Restorer.embeds_first`). On a GPU with every chunk in memory tiers it queues that work on the
 restorer's compute stream a fixed distance ahead of the layer the model takes,
 each layer with an event the model's stream waits on; otherwise a layer is
 produced when it is first taken. A layer whose chunks cannot all be read is
@@ -10,6 +11,7 @@ recomputed from tokens when the cache's length is already fixed.
 """
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import time
@@ -46,6 +48,8 @@ class PrefixSource:
         self.reads = early.loader.reads if early is not None else restorer.layer_reads(
             digests, plan, recompute_layers, where.keys if where is not None else None, exchange)
         self._index = {read.layer: i for i, read in enumerate(self.reads)}
+        self._layers = [read.layer for read in self.reads]
+        self.embedded = restorer.embeds_first(plan, recompute_layers)  # layer 0 from the token embedding
         self.where = where  # prefix.LayerLocations from the planner: keys and tiers per layer
         self.loader: LayerLoader | None = None
         self._ready: dict[int, tuple] = {}  # layer -> (k, v, valid chunks, event or None)
@@ -84,6 +88,12 @@ class PrefixSource:
             budget = r.issue_ahead.budget(read_bytes(self.reads[0], r.layout.itemsize))
             self._ahead = (len(self.reads) if self.exchange is not None
                            else layers_ahead(self.reads, budget, r.layout.itemsize))
+            if self.embedded:  # needs no copy: its projection runs while layer 1's hidden state is copied
+                with torch.cuda.stream(r.compute_stream):
+                    k, v = self._embedded()
+                    ev = torch.cuda.Event()
+                    ev.record(r.compute_stream)
+                self._ready[0] = (k, v, self.m, ev)
             self._queue_until(self._ahead)
             self._queued_at = time.perf_counter()  # the model's first take measures generate()'s set-up
 
@@ -116,7 +126,7 @@ class PrefixSource:
             return
         where = None
         if self.where is not None:
-            first = self.recompute_layers
+            first = self._layers[0] if self._layers else len(self.plan)
             where = [w for l, kind in enumerate(self.plan) if l >= first for w in self.where.tiers.get(l, [])]
         self.loader = self.r.open_loader(
             self.reads, self.m, self.plan,
@@ -138,9 +148,12 @@ class PrefixSource:
 
     def _hidden(self, data: torch.Tensor, valid: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = valid * self.r.layout.chunk_tokens
+        return data[:valid].reshape(1, rows, -1), self._positions_of(rows)
+
+    def _positions_of(self, rows: int) -> torch.Tensor:
         if self._positions is None or self._positions.shape[1] != rows:
             self._positions = torch.arange(rows, device=self.r.device).unsqueeze(0)
-        return data[:valid].reshape(1, rows, -1), self._positions
+        return self._positions
 
     def fill(self, cache, layer: int, *, must: bool = False) -> int:
         """Restore a layer of a kind that is not plain K/V (sliding, recurrent, ...) into `cache` itself,
@@ -191,15 +204,27 @@ class PrefixSource:
         finally:
             self.loader.release(i)
 
+    def _embedded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer 0's K/V projected from the tokens' embedding (its input hidden state), on the current stream."""
+        r = self.r
+        hidden = r.recomputer.first_input(self.ids).to(r.layout.dtype)
+        out = self.into(0) if self.into is not None else None
+        rows = getattr(self.into, "capacity", None) if out is not None else None
+        with r.recomputer.internal.running():
+            return r.projector.project_prefix(0, hidden, self._positions_of(self.n_tokens), out=out, out_rows=rows)
+
     def produce(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(K, V, valid chunks) of `layer`, its work done or queued on the current stream."""
         if self._queued_at is not None:
             self.r.issue_ahead.observe(time.perf_counter() - self._queued_at)
             self._queued_at = None
-        if self._queued is not None and layer in self._index:
-            self._queue_until(self._index[layer] + 1 + self._ahead)
+        if self._queued is not None and (layer in self._index or (layer == 0 and self.embedded)):
+            self._queue_until(bisect.bisect_right(self._layers, layer) + self._ahead)
         ready = self._ready.pop(layer, None)
-        if ready is None:
+        if ready is None and layer == 0 and self.embedded:
+            k, v = self._embedded()
+            valid = self.m
+        elif ready is None:
             if self.loader is None:
                 raise RuntimeError(f"layer {layer} was already taken or never planned")
             k, v, valid = self._compute(self.reads[self._index[layer]])

@@ -8,6 +8,11 @@ ends the forward there, so layers r.. and the LM head never run.
 
 While it runs, `internal` is set: hooks that watch the model's forward passes
 for another purpose (the state saver) ignore these passes.
+
+Layer 0's input hidden state is, for most decoder-only models, the token
+embedding itself: `first_input` produces it from the token ids (a gather on
+the device) so a restore need not load that layer's saved hidden state. Whether
+a model is one of them is probed once, exactly (`embeds_first_layer`).
 """
 from __future__ import annotations
 
@@ -46,6 +51,7 @@ class Recomputer:
         self.internal = InternalForward()
         self._cache_kw = cache_kwarg(model.base_model)
         self.cache_kwarg = cache_kwarg(model)  # the model's own forward's name for the cache
+        self._embeds: bool | None = None  # `embeds_first_layer`, once probed
 
     @property
     def num_layers(self) -> int:
@@ -74,6 +80,51 @@ class Recomputer:
             if hook is not None:
                 hook.remove()
         return cache
+
+    @property
+    def embeds_first_layer(self) -> bool:
+        """Whether decoder layer 0's input is exactly the input embedding of the tokens (Llama, Mistral,
+        Qwen, Gemma, whose embedding module scales; not GPT-2 or OPT, which add position embeddings): probed once by
+        running a few tokens up to layer 0 and comparing bit for bit."""
+        if self._embeds is None:
+            self._embeds = self._probe_first_input()
+        return self._embeds
+
+    def first_input(self, ids: torch.Tensor) -> torch.Tensor:
+        """Layer 0's input hidden state for `ids` ([1, n] on the model's device): their input embedding
+        (only where `embeds_first_layer`). Marked internal: the saver's hook on the embedding ignores it."""
+        with self.internal.running():
+            return self.model.get_input_embeddings()(ids)
+
+    @torch.no_grad()
+    def _probe_first_input(self) -> bool:
+        try:
+            embed = self.model.get_input_embeddings()
+        except (AttributeError, NotImplementedError):
+            return False
+        if not isinstance(embed, torch.nn.Embedding) or not self.decoder_layers:
+            return False
+        ids = torch.arange(1, min(9, embed.num_embeddings), device=embed.weight.device).unsqueeze(0)
+        seen = []
+
+        def grab(module, args, kwargs):
+            seen.append(args[0] if args else kwargs.get("hidden_states"))
+            raise _StopForward
+
+        hook = self.decoder_layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with self.internal.running():
+                self.model.base_model(input_ids=ids, use_cache=False)
+        except _StopForward:
+            pass
+        except Exception:  # an unusual model (extra inputs, another layout): load layer 0 as saved
+            return False
+        finally:
+            hook.remove()
+        if not seen or not isinstance(seen[0], torch.Tensor):
+            return False
+        expected = embed(ids)
+        return seen[0].shape == expected.shape and seen[0].dtype == expected.dtype and torch.equal(seen[0], expected)
 
     def layer(self, ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of one layer for `ids`, recomputed through every layer before it (the slow, always-right path)."""

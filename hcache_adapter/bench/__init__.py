@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                 store.flush()  # measured with the second stage idle: a flush in the background competes for the host
                 for what, method in (("H", "hcache"), ("K", "kv")):
                     if method in hcs:
-                        floors[(model_name, n, what)] = copy_floor_ms(hcs[method].bytes_per_token() * n, device)
+                        floors[(model_name, n, what)] = copy_floor_ms(hcs[method].loaded_bytes_per_token() * n, device)
                 for source in sources:
                     long = is_long(n, source)
                     bar.set_postfix(model=model_name, n=n, source=source)

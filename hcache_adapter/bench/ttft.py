@@ -10,7 +10,8 @@ so that a host whose speed drifts charges all methods alike. Rows:
 * hf_offloaded  model.generate over transformers' offloaded cache holding the prefix in host memory
 * kv, hcache, auto          hc.generate, state in the tier under test
 * hcache-eager-prefill      hc.generate without the captured first forward (what it buys)
-* copy floor (H / K/V)      one pinned host-to-device copy of the bytes hcache / kv load
+* copy floor (H / K/V)      one pinned host-to-device copy of the bytes hcache / kv load (hcache: not
+                            layer 0, made from the token embedding where the model allows)
 
 Wall clock with the device synchronised before and after, medians over
 repetitions after warm-up.
