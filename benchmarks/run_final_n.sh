@@ -5,6 +5,9 @@
 #      the restore and of the embedded layer 0; the 7B/4K timeline; `hcache bench` of the 7B at 1K/4K; the raw
 #      virtual disk (O_DIRECT sequential reads next to the store's NVMe tier) for the NVMe target.
 #   B: the full bench on this session's code (both shapes 1K/4K, the 7B at 16K).
+#   C: does a process that served restores run eager forwards slower (`host_drift.py`: the bench's "ideal" row
+#      has read ~40 ms where the timeline, minutes before on the same lease, read ~29)? Then TTFT from NVMe
+#      against the recomputed layers forced (`nvme_split.py`, 7B at 4K and 16K) beside recompute and auto.
 source benchmarks/device_env.sh
 
 # bench_7b SECONDS REPEAT: `hcache bench` of the 7B at 1K/4K from DRAM (every method but hf_offloaded) into
@@ -31,5 +34,19 @@ case "${1:-A}" in
     ;;
   B)
     BENCH_LONG_REPEAT=3 bench_dram 330 200
+    ;;
+  C)
+    echo "=== drift $(date +%T)"
+    timeout 150 python3 benchmarks/host_drift.py --model llama2-7b > $OUT/host_drift.md 2>&1
+    grep "^|\|hc.gen\|Error" $OUT/host_drift.md
+    echo "=== nvme split 4K $(date +%T)"
+    timeout 150 python3 benchmarks/nvme_split.py --model llama2-7b --contexts 4096 --splits 25-30 --repeat 5 \
+      > $OUT/nvme_split_4k.md 2>&1
+    grep "^|\|###\|profile\|Error" $OUT/nvme_split_4k.md
+    echo "=== nvme split 16K $(date +%T)"
+    timeout 180 python3 benchmarks/nvme_split.py --model llama2-7b --contexts 16384 --splits 24,26,28 --repeat 3 \
+      > $OUT/nvme_split_16k.md 2>&1
+    grep "^|\|###\|profile\|Error" $OUT/nvme_split_16k.md
+    echo "=== end $(date +%T)"
     ;;
 esac
