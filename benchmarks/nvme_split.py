@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="llama2-7b")
     p.add_argument("--contexts", default="4096,16384", help="stored tokens, comma-separated")
-    p.add_argument("--splits", default="24-30", help="recomputed layers to force: a range A-B or a list")
+    p.add_argument("--splits", default="24-30", help="recomputed layers to force: a range A-B, a list, or none")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--root", default="/tmp/hcache-nvme-split")
@@ -50,7 +50,9 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.float16 if cuda else torch.float32
     contexts = [int(c) for c in args.contexts.split(",")]
-    if "-" in args.splits:
+    if args.splits == "none":
+        splits = []
+    elif "-" in args.splits:
         a, b = (int(x) for x in args.splits.split("-"))
         splits = list(range(a, b + 1))
     else:
@@ -69,7 +71,8 @@ def main(argv=None) -> int:
             request = torch.randint(10, model.config.vocab_size, (1, n + 32), device=device)
             hcs = {"auto": auto, **{f"r={r}": forced(model, store, r, "split") for r in splits if 0 < r < L}}
             auto.save(request[:, : n + 1])
-            next(h for m, h in hcs.items() if m != "auto").save(request[:, : n + 1])
+            if splits:
+                next(h for m, h in hcs.items() if m != "auto").save(request[:, : n + 1])
             store.flush()
             ns = {m: ("auto" if m == "auto" else "split") for m in hcs}
             runs = {"recompute": lambda: model.generate(request, **GEN)}

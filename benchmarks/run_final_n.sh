@@ -8,6 +8,9 @@
 #   C: does a process that served restores run eager forwards slower (`host_drift.py`: the bench's "ideal" row
 #      has read ~40 ms where the timeline, minutes before on the same lease, read ~29)? Then TTFT from NVMe
 #      against the recomputed layers forced (`nvme_split.py`, 7B at 4K and 16K) beside recompute and auto.
+#   D: auto from NVMe after it learns from the median of its last split restores (calls that captured graphs not
+#      counted) and tries the profile's split again every 16th restore it recomputes: `nvme_split.py` with no
+#      forced split, 7B at 4K and 16K, more rounds.
 source benchmarks/device_env.sh
 
 # bench_7b SECONDS REPEAT: `hcache bench` of the 7B at 1K/4K from DRAM (every method but hf_offloaded) into
@@ -47,6 +50,15 @@ case "${1:-A}" in
     timeout 180 python3 benchmarks/nvme_split.py --model llama2-7b --contexts 16384 --splits 24,26,28 --repeat 3 \
       > $OUT/nvme_split_16k.md 2>&1
     grep "^|\|###\|profile\|Error" $OUT/nvme_split_16k.md
+    echo "=== end $(date +%T)"
+    ;;
+  D)
+    for n in 4096 16384; do
+      echo "=== nvme auto $((n / 1024))K $(date +%T)"
+      timeout 200 python3 benchmarks/nvme_split.py --model llama2-7b --contexts $n --splits none --repeat 9 --warmup 2 \
+        > $OUT/nvme_auto_$((n / 1024))k.md 2>&1
+      grep "^|\|###\|profile\|Error" $OUT/nvme_auto_$((n / 1024))k.md
+    done
     echo "=== end $(date +%T)"
     ;;
 esac

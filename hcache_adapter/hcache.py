@@ -449,15 +449,22 @@ class HCache:
                                     captured=captured)
 
     def _observer(self, decision: SplitDecision):
-        """What a split NVMe restore calls once its last layer is queued: its real time teaches auto."""
+        """What a split NVMe restore calls once its last layer is queued: its real time teaches auto, unless
+        the call also captured graphs (a one-time cost of hundreds of ms that says nothing about the disk)."""
         t_run = time.perf_counter()
+        captures = self._graph_captures()
 
         def on_done() -> None:
             if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()  # known only once its work is done
-            self.scheduler.observe(decision, time.perf_counter() - t_run)
+            if self._graph_captures() == captures:
+                self.scheduler.observe(decision, time.perf_counter() - t_run)
 
         return on_done
+
+    def _graph_captures(self) -> int:
+        """CUDA graphs this instance captured so far (the first forward's and the projections')."""
+        return (self.prefill.captures if self.prefill is not None else 0) + getattr(self.projector, "graph_captures", 0)
 
     # -- what the serving parts are handed (hcache_adapter.serving) ---------------------
     def _stored_chunks(self, digests: list[str]) -> int:

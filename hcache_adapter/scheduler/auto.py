@@ -9,13 +9,18 @@ own prefill of all tokens in one pass does that best.
 The profile's NVMe bandwidth was measured with nothing else running; while the
 compute thread recomputes, reads go slower (they share the CPU and the GIL).
 So after a split restore the measured time corrects NVMe's bandwidth for later
-plans (`observe`): down when it ran over its estimate, off altogether when it
-ran slower than recomputing everything would have, slowly back up when it
-holds. Only NVMe: from memory tiers a restore's time is mostly fixed CPU cost,
-which says nothing about bandwidth.
+plans (`observe`): the scale is the median of the last few restores' estimated
+over measured times (at most 1), so one outlier (a call that also captured
+graphs, a disk hiccup) neither locks loading out nor lets it back in. When what
+was learned makes every restore recompute everything, every `REPROBE_EVERY`-th
+such restore tries the split the profile itself would choose, so a disk that
+got faster is seen again. Only NVMe: from memory tiers a restore's time is
+mostly fixed CPU cost, which says nothing about bandwidth.
 """
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -41,6 +46,10 @@ class SplitDecision:
     everything_s: float = 0.0  # the estimate of recomputing every layer instead
 
 
+LEARN_WINDOW = 5  # split NVMe restores whose estimated / measured time `observe` keeps
+REPROBE_EVERY = 16  # restores recomputed everything for what was learned, between two tries of the profile's split
+
+
 class AutoScheduler:
     def __init__(self, layout: StateLayout, profile: Callable[[], Profile], plan: str | None = None):
         """`profile`: called when a decision first needs it (measuring one takes seconds)."""
@@ -49,12 +58,18 @@ class AutoScheduler:
         self.layout = layout
         self._profile = profile
         self.explicit_plan = plan
-        self.nvme_efficiency = 1.0  # NVMe bandwidth split restores have seen / the profile's
+        self._ratios: deque[float] = deque(maxlen=LEARN_WINDOW)  # estimate / measured, the last split restores
+        self._held_back = 0  # restores that recomputed everything since the last split, for what was learned
         self._saved_plan: tuple | None = None  # ((profile id, tiers), plan)
 
     @property
     def profile(self) -> Profile:
         return self._profile()
+
+    @property
+    def nvme_efficiency(self) -> float:
+        """NVMe bandwidth split restores have seen / the profile's: the median of the last `LEARN_WINDOW`."""
+        return min(1.0, statistics.median(self._ratios)) if self._ratios else 1.0
 
     def save_plan(self, tiers: tuple[str, ...]) -> str:
         """The plan chunks are saved with: explicit, or the cheapest to restore over `tiers` (computed once
@@ -80,12 +95,19 @@ class AutoScheduler:
         profile = self.profile
         known = {s: b for s, b in sources.items() if s in profile.read_bytes_per_s}
         tier = max(known, key=known.get) if known else None
-        if known.get("nvme") and self.nvme_efficiency <= 0:  # learned: loading from NVMe loses to recomputation
+        eff = self.nvme_efficiency if known.get("nvme") else 1.0
+        bw = effective_bandwidth(profile, known, scale={"nvme": eff})
+        est = restore_estimate(profile, plan, n_tokens, tier or "dram", depth=depth, bytes_per_s=bw) if bw > 0 else None
+        if known.get("nvme") and eff < 1.0 and (est is None or est.recompute_layers == len(plan)):
+            self._held_back += 1  # what was learned says recompute; now and then try the profile's split again
+            if self._held_back >= REPROBE_EVERY:
+                bw = effective_bandwidth(profile, known)
+                est = restore_estimate(profile, plan, n_tokens, tier, depth=depth, bytes_per_s=bw)
+        if est is None:
             return SplitDecision(len(plan))
-        bw = effective_bandwidth(profile, known, scale={"nvme": self.nvme_efficiency})
-        est = restore_estimate(profile, plan, n_tokens, tier or "dram", depth=depth, bytes_per_s=bw)
         r = est.recompute_layers
         if 0 < r < len(plan) and tier == "nvme":
+            self._held_back = 0
             everything = estimate(profile, plan, len(plan), n_tokens, bw, depth=depth)
             return SplitDecision(r, est, everything.total_s)
         if tier in MEMORY_TIERS and r < len(plan):
@@ -96,14 +118,9 @@ class AutoScheduler:
         return SplitDecision(max(r, min_recompute(plan)))
 
     def observe(self, decision: SplitDecision, seconds: float) -> None:
-        """Learn from a split NVMe restore that took `seconds` (its work finished)."""
-        if decision.estimate is None:
+        """Learn from a split NVMe restore that took `seconds` (its work finished; not a call that also
+        captured graphs, whose one-time cost says nothing about the disk)."""
+        if decision.estimate is None or seconds <= 0:
             return
-        eff = self.nvme_efficiency
-        if seconds > decision.everything_s:
-            eff = 0.0  # slower than recomputing everything would have been: stop loading from NVMe
-        elif seconds > decision.estimate.total_s * 1.05:
-            eff *= decision.estimate.total_s / seconds
-        else:
-            eff = min(1.0, eff * 1.05)
-        self.nvme_efficiency = eff
+        # slower than recomputing everything would have been: a loss, whatever the bandwidth
+        self._ratios.append(0.0 if seconds > decision.everything_s else min(1.0, decision.estimate.total_s / seconds))

@@ -204,3 +204,71 @@ def test_auto_recomputes_a_short_prefix_from_dram_only_when_that_is_faster_end_t
     auto = AutoScheduler(layout, lambda: p)
     decision = auto.split("H" * 32, 256, {"dram": 256 * 8192 * 32}, depth=32, suffix_tokens=32, captured=captured)
     assert decision.recompute_layers == (0 if captured else 32)
+
+
+def _nvme_auto(nvme_gbps: float = 1.4):
+    """auto for the 7B shape with its state on NVMe at 16K tokens, where the profile says: split."""
+    from hcache_adapter.layout import StateLayout
+    from hcache_adapter.scheduler.auto import AutoScheduler
+
+    p = h100_llama7b(nvme_gbps)
+    layout = StateLayout("f", "hc", 64, torch.float16, 4096, (32,) * 32, (128,) * 32)
+    auto = AutoScheduler(layout, lambda: p)
+    n = 16384
+
+    def decide():
+        return auto.split("H" * 32, n, {"nvme": n * 8192 * 32}, depth=4, suffix_tokens=32)
+
+    return auto, decide
+
+
+def test_auto_is_not_locked_out_of_nvme_by_one_slow_restore():
+    """One split restore far slower than recomputing everything (a disk hiccup) among restores that ran at
+    their estimate: the median of the last few keeps auto splitting."""
+    auto, decide = _nvme_auto()
+    first = decide()
+    assert 0 < first.recompute_layers < 32 and first.estimate is not None
+    for seconds in (first.estimate.total_s, first.estimate.total_s * 1.02, 10 * first.everything_s):
+        auto.observe(first, seconds)
+        d = decide()
+        assert 0 < d.recompute_layers < 32, seconds
+    assert auto.nvme_efficiency > 0.95
+
+
+def test_auto_stops_loading_from_nvme_when_splits_lose_and_tries_again_now_and_then():
+    """Split restores slower than recomputing everything: auto recomputes, and every REPROBE_EVERY-th restore
+    tries the profile's split once more; when the disk then delivers what the profile says, splits come back."""
+    from hcache_adapter.scheduler.auto import REPROBE_EVERY
+
+    auto, decide = _nvme_auto()
+    d = decide()
+    auto.observe(d, 2 * d.everything_s)  # a loss
+    auto.observe(d, 2 * d.everything_s)
+    kinds = [decide().recompute_layers for _ in range(REPROBE_EVERY - 1)]
+    assert kinds == [32] * (REPROBE_EVERY - 1)  # recompute everything, as learned
+    probe = decide()
+    assert 0 < probe.recompute_layers < 32 and probe.estimate is not None  # the profile's split, tried again
+    assert decide().recompute_layers == 32  # one try, then back to what was learned
+    splits = 0
+    for _ in range(6 * REPROBE_EVERY):  # the disk is as fast as profiled again: every split meets its estimate
+        d = decide()
+        if d.estimate is not None:
+            auto.observe(d, d.estimate.total_s)
+            splits += 1
+    assert splits >= 3
+    assert all(0 < decide().recompute_layers < 32 for _ in range(5))  # splitting again, every time
+
+
+def test_auto_learns_a_slower_disk_and_moves_the_split():
+    """Split restores that take 1.5x their estimate: the learned scale lowers NVMe's bandwidth, and the split
+    recomputes more layers (or everything), never fewer."""
+    auto, decide = _nvme_auto(nvme_gbps=2.0)
+    first = decide()
+    r0 = first.recompute_layers
+    for _ in range(5):
+        d = decide()
+        if d.estimate is None:
+            break
+        auto.observe(d, 1.5 * d.estimate.total_s)
+    assert auto.nvme_efficiency < 0.8
+    assert decide().recompute_layers >= r0
