@@ -13,6 +13,7 @@ captures at 4K, then at 1K, the heap frozen). The probe: "ideal" at 4K (median o
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 
@@ -104,8 +105,6 @@ def main(argv=None) -> int:
              for m, hc in hcs.items()}
         print("\nhc.generate at 4K now: " + ", ".join(f"{m} {v:.1f} ms" for m, v in t.items()))
         del hcs
-    import gc
-
     gc.collect()
     row("store closed, HCaches dropped")
     return 0

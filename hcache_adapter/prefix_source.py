@@ -3,8 +3,9 @@
 A `Restorer` makes one per restore. It recomputes the leading layers, reads the
 others through a `LayerLoader`, and projects (hidden states) or reshapes (K/V)
 each; layer 0's hidden state, where it is the token embedding, is made on the
-device from the tokens instead of read (`Restorer.embeds_first`). On a GPU with every chunk in memory tiers it queues that work on the
-restorer's compute stream a fixed distance ahead of the layer the model takes,
+device from the tokens instead of read (`Restorer.embeds_first`). On a GPU
+with every chunk in memory tiers it queues that work on the restorer's compute
+stream a fixed distance ahead of the layer the model takes,
 each layer with an event the model's stream waits on; otherwise a layer is
 produced when it is first taken. A layer whose chunks cannot all be read is
 recomputed from tokens when the cache's length is already fixed.
