@@ -39,13 +39,14 @@ from hcache_adapter.parallel import tp as tensor_parallel
 from hcache_adapter.parallel.gather import HiddenExchange
 from hcache_adapter.parallel.projection import shard_projector
 from hcache_adapter.prefill_graph import CapturedPrefill
-from hcache_adapter.prefix import complete_chunks, locate_layers, stored_prefix
+from hcache_adapter.prefix import ManifestCache, complete_chunks, last_layer_tiers, locate_layers, stored_prefix
 from hcache_adapter.projection import support as model_support
 from hcache_adapter.projection.continuation import STEP, generate_on, step_through
 from hcache_adapter.recompute import Recomputer
 from hcache_adapter.restore import Restorer, RestoreResult
 from hcache_adapter.scheduler.auto import AutoScheduler, SplitDecision
 from hcache_adapter.scheduler.planner import min_recompute
+from hcache_adapter.scheduler.timing import RestoreTimer
 from hcache_adapter.scheduler.profile import Profile
 from hcache_adapter.serving.batch import BatchedGenerator
 from hcache_adapter.serving.resident import GPU_SOURCE, admit_generated, make_resident
@@ -144,6 +145,7 @@ class HCache:
         if self.tp:
             self.layout = tensor_parallel.shard_layout(self.layout, self.tp, model, self.decoder_layers)
         self.recomputer = Recomputer(model, self.decoder_layers)
+        self.manifests = ManifestCache()  # of the chunks found lately: lookups of state on NVMe read none again
         self.restorer = Restorer(self.layout, store, self.projector, self.recomputer, self.device,
                                  prefetch_bytes=prefetch_bytes,
                                  exchange=HiddenExchange(self.tp, self.layout, store, self.device) if self.tp else None)
@@ -153,6 +155,9 @@ class HCache:
         use_graph = (on_gpu if captured_prefill is None else captured_prefill) and not self.tp  # no collectives in graphs
         self.prefill = (CapturedPrefill(model, self.decoder_layers, self._cache_kw, self.recomputer.internal)
                         if use_graph and CapturedPrefill.supported(model) else None)
+        # auto learns from the time split NVMe restores took, read at its next decision (no wait for the device)
+        self.restore_timer = (RestoreTimer(self.device, self._graph_captures, self.scheduler.observe)
+                              if self.scheduler is not None else None)
         self.last_restore = RestoreResult(cache=None)  # for benchmarks and the demo; nothing reads it back
         # Serving (hcache_adapter.serving): recent contexts' K/V kept on the GPU, a restore per row of a batch.
         stores = self.method != "recompute"
@@ -392,7 +397,7 @@ class HCache:
             cache = self.recomputer.prefix(ids[:, :n], L) if n else new_cache(self.model)
             return self._done(RestoreResult(cache, n, RECOMPUTE * L, L, seconds=time.perf_counter() - t0))
         digests = self.layout.digests(prompt[: max_chunks * C] if prompt is not None else ids[0, : max_chunks * C])
-        plan, m = stored_prefix(self.store, self.layout, digests)
+        plan, m = stored_prefix(self.store, self.layout, digests, self.manifests)
         if self.tp:  # every rank restores the same prefix (each looked in its own store)
             plan, m = self.tp.agree_prefix(plan, m, L)
         if m == 0:
@@ -411,24 +416,31 @@ class HCache:
                         early, t0: float) -> RestoreResult:
         """The restore of the stored chunks `digests` (saved with `plan`): locate, split, restore."""
         C, L, m = self.chunk_tokens, self.num_layers, len(digests)
+        captured = lazy and self.prefill is not None and self.prefill.enabled
+        guess, guess_chunks = self._nvme_guess(plan, digests, suffix=ids.shape[1] - m * C, captured=captured), m
+        if guess is not None and guess.recompute_layers == L:  # what auto learned of NVMe says recompute
+            on_disk = {"nvme": self.layout.plan_bytes_per_token(plan) * m * C}
+            return self._done(RestoreResult(new_cache(self.model), 0, plan, L, on_disk, stored_chunks=m,
+                                            seconds=time.perf_counter() - t0))
         where, sources = locate_layers(self.store, self.layout, plan, digests)
         # a chunk without every layer ends the prefix (under TP each rank holds only its share: the
         # exchange finds what the group lacks, and all ranks cut at the same chunk)
         complete = m if self.tp else complete_chunks(where)
         if complete < m:
+            self.manifests.discard(self.layout.manifest_key(d) for d in digests[complete:])  # maybe saved anew
             m, digests = complete, digests[:complete]
             if m == 0:
                 return self._done(RestoreResult(new_cache(self.model), seconds=time.perf_counter() - t0))
             where, sources = locate_layers(self.store, self.layout, plan, digests)
-        decision = self._split(plan, m, sources, suffix=ids.shape[1] - m * C,
-                               captured=lazy and self.prefill is not None and self.prefill.enabled)
+        decision = (guess if guess is not None and complete == guess_chunks and set(sources) == {"nvme"}
+                    else self._split(plan, m, sources, suffix=ids.shape[1] - m * C, captured=captured))
         r = decision.recompute_layers if not self.tp else self.tp.agree_rank0(decision.recompute_layers)
         if self.method == "auto" and r == L:
             # Recomputing every layer is a prefill: leave it to the caller's own forward, which then runs
             # the prefix and the new tokens in one pass. The stored chunks are not saved again.
             return self._done(RestoreResult(new_cache(self.model), 0, plan, L, sources, stored_chunks=m,
                                             seconds=time.perf_counter() - t0))
-        on_done = self._observer(decision) if decision.estimate is not None else None  # a split NVMe restore
+        on_done = self.restore_timer.start(decision) if decision.estimate is not None else None  # split, NVMe
         into = self.prefill.destination(m * C, ids.shape[1] - m * C) if into_prefill and lazy else None
         cache, valid, release = self.restorer.restore(ids, digests, plan, r, lazy=lazy, where=where, on_done=on_done,
                                                       into=into, early=early)
@@ -445,22 +457,20 @@ class HCache:
         if self.scheduler is None:
             return SplitDecision(min_recompute(plan))
         depth = self.restorer.ring_depth(m, plan)
+        self.restore_timer.collect()  # what earlier split restores took, their work long done by now
         return self.scheduler.split(plan, m * self.chunk_tokens, sources, depth, suffix_tokens=suffix,
                                     captured=captured)
 
-    def _observer(self, decision: SplitDecision):
-        """What a split NVMe restore calls once its last layer is queued: its real time teaches auto, unless
-        the call also captured graphs (a one-time cost of hundreds of ms that says nothing about the disk)."""
-        t_run = time.perf_counter()
-        captures = self._graph_captures()
-
-        def on_done() -> None:
-            if self.device.type == "cuda":
-                torch.cuda.current_stream(self.device).synchronize()  # known only once its work is done
-            if self._graph_captures() == captures:
-                self.scheduler.observe(decision, time.perf_counter() - t_run)
-
-        return on_done
+    def _nvme_guess(self, plan: str, digests: list[str], *, suffix: int, captured: bool) -> SplitDecision | None:
+        """auto's split for a prefix wholly on NVMe, decided before every layer is located, when it has learned
+        that NVMe restores run slower than profiled (then it mostly recomputes everything, and locating
+        thousands of chunk entries first would be its only cost over the model's own prefill); None otherwise."""
+        if self.scheduler is None or self.tp or self.scheduler.nvme_efficiency >= 1.0:
+            return None
+        if last_layer_tiers(self.store, self.layout, plan, digests) != {"nvme"}:
+            return None
+        stored = self.layout.plan_bytes_per_token(plan) * len(digests) * self.chunk_tokens
+        return self._split(plan, len(digests), {"nvme": stored}, suffix=suffix, captured=captured)
 
     def _graph_captures(self) -> int:
         """CUDA graphs this instance captured so far (the first forward's and the projections')."""
@@ -468,7 +478,7 @@ class HCache:
 
     # -- what the serving parts are handed (hcache_adapter.serving) ---------------------
     def _stored_chunks(self, digests: list[str]) -> int:
-        return stored_prefix(self.store, self.layout, digests)[1]
+        return stored_prefix(self.store, self.layout, digests, self.manifests)[1]
 
     def _restore_row(self, ids: torch.Tensor, tokens: list[int]) -> RestoreResult:
         return self._restore(ids, lazy=self._plain_continuation, prompt=tokens)

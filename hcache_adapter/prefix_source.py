@@ -67,9 +67,11 @@ class PrefixSource:
         r = self.r
         if self.recompute_layers:
             if self.reads:
-                self._open_loader()
-                self.loader.prefetch()  # I/O of the loaded layers overlaps the recomputation
-            cache = self._recomputed = r.recomputer.prefix(self.ids, self.recompute_layers)
+                self._open_loader(start=False)  # started once layer 0's recomputation is issued
+            cache = self._recomputed = r.recomputer.prefix(
+                self.ids, self.recompute_layers, after_first=self._start_reads if self.reads else None)
+            if self.reads:
+                self._start_reads()  # (once: a model whose forward never reached layer 1's hook)
             for l in range(self.recompute_layers):
                 if l in self.plain:
                     k, v = layer_kv(cache, l)
@@ -121,7 +123,12 @@ class PrefixSource:
         if self._queued == len(self.reads):
             self._close_loader()
 
-    def _open_loader(self) -> None:
+    def _start_reads(self) -> None:
+        """Start the loader: the loaded layers' I/O then overlaps the rest of the recomputation."""
+        self.loader.start()
+        self.loader.prefetch()
+
+    def _open_loader(self, start: bool = True) -> None:
         if self.early is not None:  # started before the lookup finished (`Restorer.begin`)
             self.loader, self.early = self.early.loader, None
             return
@@ -131,7 +138,7 @@ class PrefixSource:
             where = [w for l, kind in enumerate(self.plan) if l >= first for w in self.where.tiers.get(l, [])]
         self.loader = self.r.open_loader(
             self.reads, self.m, self.plan,
-            where=where if where and len(where) == sum(len(x.keys) for x in self.reads) else None)
+            where=where if where and len(where) == sum(len(x.keys) for x in self.reads) else None, start=start)
 
     def _close_loader(self) -> None:
         if self.loader is not None:

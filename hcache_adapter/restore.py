@@ -195,13 +195,14 @@ class Restorer:
         return reads
 
     def open_loader(self, reads: list[LayerRead], n_chunks: int, plan: str, *, where: list | None = None,
-                    inline: bool | None = None, expect_reads: int | None = None) -> LayerLoader:
-        """A started loader of `reads` over this restorer's ring and copy stream (`expect_reads`: an inline
-        loader that will be extended to that many reads)."""
-        return LayerLoader(self.store, reads, self.layout.dtype, self.device, depth=self.ring_depth(n_chunks, plan),
-                           stream=self.copy_stream, ring=self.ring, lookahead=self.inline_lookahead,
-                           lease=self.lease_reads, inline=inline, where=where,
-                           slot_bytes=self.slot_bytes(n_chunks, plan), expect_reads=expect_reads).start()
+                    inline: bool | None = None, expect_reads: int | None = None, start: bool = True) -> LayerLoader:
+        """A loader of `reads` over this restorer's ring and copy stream, started unless `start` is False
+        (`expect_reads`: an inline loader that will be extended to that many reads)."""
+        loader = LayerLoader(self.store, reads, self.layout.dtype, self.device, depth=self.ring_depth(n_chunks, plan),
+                             stream=self.copy_stream, ring=self.ring, lookahead=self.inline_lookahead,
+                             lease=self.lease_reads, inline=inline, where=where,
+                             slot_bytes=self.slot_bytes(n_chunks, plan), expect_reads=expect_reads)
+        return loader.start() if start else loader
 
     def begin(self, digests: list[str], plan: str, recompute_layers: int) -> EarlyLoad | None:
         """Start reading a restore's first layers while the caller still locates the rest.

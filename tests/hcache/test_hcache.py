@@ -432,3 +432,61 @@ def test_auto_does_not_learn_from_memory_tier_restores(tmp_path):
             assert hc.last_restore.sources.get("dram", 0) > 0
             assert_cache_exact(model, cache, ids, n)
         assert hc.scheduler.nvme_efficiency == 1.0
+
+
+def test_a_cached_manifest_made_stale_by_a_new_save_gives_a_miss_then_the_new_state(tmp_path):
+    """hc keeps the manifests it found; the chunks are then saved anew with another plan (the old entries gone).
+    The stale manifest names layer keys that are missing: one miss, never wrong state, and the next lookup
+    reads the new manifest and restores exactly."""
+    model = _build("llama_mha")
+    L = model.config.num_hidden_layers
+    ids = prompt(model, 40)
+    with open_store(tmp_path / "s", dram=8 << 20) as store:
+        hc = HCache(model, store, method="auto", chunk_tokens=C, plan="H" * L, namespace="n")
+        hc.save(ids[:, :33])
+        assert hc.restore(ids).tokens == 32 and hc.last_restore.plan == "H" * L
+        for key in store.keys():
+            store.delete(key)
+        HCache(model, store, method="kv", chunk_tokens=C, namespace="n").save(ids[:, :33])
+        assert hc.restore(ids).tokens == 0  # the cached plan's layer keys are gone: a miss
+        cache, n = hc.restore(ids)
+        assert n == 32 and hc.last_restore.plan == "K" * L
+        assert_cache_exact(model, cache, ids, n)
+
+
+def test_auto_that_learned_nvme_loses_decides_from_the_last_layer_yet_tries_again_and_sees_dram(tmp_path):
+    """Once auto has learned that split restores from NVMe lose, a prefix wholly on NVMe is recomputed
+    without locating every layer; every REPROBE_EVERY-th such restore still tries the profile's split
+    (exact); and a prefix back in DRAM is located as usual."""
+    from hcache_adapter.scheduler.auto import REPROBE_EVERY
+
+    model = _build("llama_mha")
+    L = model.config.num_hidden_layers
+    with open_store(tmp_path / "s", dram=8 << 20) as store:
+        probe = HCache(model, store, method="kv", chunk_tokens=C)
+        hidden_bpt = probe.layout.bytes_per_token(0, "H")
+        rec = 1e-6
+        profile = Profile(L, hidden_bpt, 2 * hidden_bpt, {"dram": 100 * hidden_bpt / rec, "nvme": hidden_bpt / rec},
+                          (0.0, 1e-12), (0.0, rec, 0.0))
+        hc = HCache(model, store, method="auto", chunk_tokens=C, profile=profile, plan="H" * L)
+        ids = prompt(model, 40)
+        hc.save(ids[:, :32])
+        store.flush()
+        for _ in range(20):  # every split restore takes far longer than the profile says
+            store.drop_cached()
+            hc.restore(ids)
+            if hc.last_restore.recompute_layers == L:
+                break
+        assert hc.last_restore.recompute_layers == L and hc.scheduler.nvme_efficiency < 1.0
+        splits = 0
+        for _ in range(REPROBE_EVERY + 1):
+            store.drop_cached()
+            cache, n = hc.restore(ids)
+            assert set(hc.last_restore.sources) == {"nvme"}
+            if hc.last_restore.recompute_layers < L:
+                splits += 1
+                assert_cache_exact(model, cache, ids, n)
+        assert splits >= 1  # tried again
+        store.get_many(store.keys())  # read back into DRAM
+        hc.restore(ids)
+        assert "dram" in hc.last_restore.sources  # located, not guessed

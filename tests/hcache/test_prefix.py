@@ -2,12 +2,14 @@
 deliver (what the planner weighs), with chunks in DRAM, on NVMe only, and missing."""
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hcache_adapter.layout import StateLayout
-from hcache_adapter.prefix import LayerLocations, complete_chunks, locate_layers
+from hcache_adapter.manifest import Manifest
+from hcache_adapter.prefix import LayerLocations, ManifestCache, complete_chunks, locate_layers, stored_prefix
 from hstore import StoreConfig, TieredStore
 
 
@@ -39,3 +41,50 @@ def test_complete_chunks_is_the_first_chunk_some_layer_lacks(per_layer):
     while all(m < len(t) and t[m] is not None for t in per_layer):
         m += 1
     assert complete_chunks(where) == m
+
+
+def _nvme_reads(store) -> int:
+    return store.stats()["tiers"]["nvme"]["hits"]
+
+
+def test_a_manifest_cache_reads_manifests_on_nvme_once_and_still_asks_the_index(tmp_path):
+    """State evicted to NVMe: the first lookup reads its two end manifests from the disk, later ones none; a
+    chunk deleted from the store ends the prefix although its manifest is cached."""
+    layout = StateLayout("fp", "ns", 64, torch.float16, 32, (4, 4), (8, 8))
+    digests = [f"d{i}" for i in range(6)]
+    man = Manifest("fp", "HH", 64, "float16")
+    cache = ManifestCache()
+    with TieredStore(StoreConfig(root=tmp_path / "s", dram_bytes=1 << 20, nvme_bytes=8 << 20)) as store:
+        store.put_many([(layout.manifest_key(d), man.encode()) for d in digests])
+        store.flush()
+        store.drop_cached()
+        before = _nvme_reads(store)
+        assert stored_prefix(store, layout, digests, cache) == ("HH", 6)
+        assert _nvme_reads(store) == before + 2  # the first and the last manifest
+        store.drop_cached()
+        assert stored_prefix(store, layout, digests, cache) == ("HH", 6)
+        assert _nvme_reads(store) == before + 2  # none read again
+        store.delete(layout.manifest_key(digests[3]))
+        assert stored_prefix(store, layout, digests, cache) == ("HH", 3)  # presence is the index's word
+        assert stored_prefix(store, layout, digests) == ("HH", 3)
+
+
+def test_manifest_cache_keeps_the_most_recent_and_discards_on_request(tmp_path):
+    layout = StateLayout("fp", "ns", 64, torch.float16, 32, (4, 4), (8, 8))
+    man = Manifest("fp", "HK", 64, "float16")
+    keys = [layout.manifest_key(f"d{i}") for i in range(5)]
+    cache = ManifestCache(size=3)
+    with TieredStore(StoreConfig(root=tmp_path / "s", dram_bytes=1 << 20, nvme_bytes=8 << 20)) as store:
+        store.put_many([(k, man.encode()) for k in keys])
+        assert cache.get_many(store, keys[:2]) == [man, man]
+        cache.get_many(store, [keys[0]])  # keys[0] now the most recent
+        cache.get_many(store, keys[2:4])  # keys[1], the least recent, goes
+        assert len(cache) == 3
+        store.delete(keys[1])
+        assert cache.get_many(store, [keys[1]]) == [None]  # not cached: read, and absent
+        assert cache.get_many(store, [keys[0]]) == [man]
+        cache.discard([keys[0], keys[4]])
+        assert len(cache) == 2
+        assert cache.get_many(store, [keys[4]]) == [man]  # never cached before: read
+    with pytest.raises(ValueError):
+        ManifestCache(size=-1)
