@@ -7,6 +7,9 @@
 #      inside the first forward), manifests cached, the NVMe readers started once layer 0's recomputation is
 #      issued, and a prefix wholly on NVMe guessed from its last layer once auto learned that loading loses:
 #      the GPU tests; the NVMe timelines again; auto from NVMe (`nvme_split.py`, no forced split) at 4K and 16K.
+#   C: auto judging its split restores by the time to first token against measured prefills of that length
+#      (B: at 16K it split and won 1.10x forced, but its estimate of recomputing everything was low, so it
+#      counted its wins as losses): the timer's GPU test, then auto from NVMe at 4K and 16K again.
 source benchmarks/device_env.sh
 
 case "${1:-A}" in
@@ -32,6 +35,16 @@ case "${1:-A}" in
         $OUT/nvme_timeline_$((n / 1024))k.md | head -40
     done
     for n in 4096 16384; do
+      echo "=== nvme auto $((n / 1024))K $(date +%T)"
+      timeout 200 python3 benchmarks/nvme_split.py --model llama2-7b --contexts $n --splits none --repeat 9 --warmup 2 \
+        > $OUT/nvme_auto_$((n / 1024))k.md 2>&1
+      grep "^|\|###\|profile\|Error" $OUT/nvme_auto_$((n / 1024))k.md
+    done
+    echo "=== end $(date +%T)"
+    ;;
+  C)
+    gpu_tests 60 tests/hcache/test_restore_timer.py
+    for n in 16384 4096; do
       echo "=== nvme auto $((n / 1024))K $(date +%T)"
       timeout 200 python3 benchmarks/nvme_split.py --model llama2-7b --contexts $n --splits none --repeat 9 --warmup 2 \
         > $OUT/nvme_auto_$((n / 1024))k.md 2>&1

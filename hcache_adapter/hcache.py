@@ -156,8 +156,8 @@ class HCache:
         self.prefill = (CapturedPrefill(model, self.decoder_layers, self._cache_kw, self.recomputer.internal)
                         if use_graph and CapturedPrefill.supported(model) else None)
         # auto learns from the time split NVMe restores took, read at its next decision (no wait for the device)
-        self.restore_timer = (RestoreTimer(self.device, self._graph_captures, self.scheduler.observe)
-                              if self.scheduler is not None else None)
+        self.restore_timer = (RestoreTimer(self.device, self._graph_captures, self.scheduler.observe,
+                                           self.scheduler.observe_everything) if self.scheduler is not None else None)
         self.last_restore = RestoreResult(cache=None)  # for benchmarks and the demo; nothing reads it back
         # Serving (hcache_adapter.serving): recent contexts' K/V kept on the GPU, a restore per row of a batch.
         stores = self.method != "recompute"
@@ -286,6 +286,8 @@ class HCache:
                                 limit=input_ids.shape[1] if call.speculative else None, prompt=prompt,
                                 compiled=call.static)
             with saver, with_cache(self.model, kwargs, self._cache_kw, cache) as kw, ExitStack() as stack:
+                if result.answered is not None:  # auto learns what the user waited for
+                    stack.enter_context(after_first_forward(self.model, result.answered))
                 if call.speculative and result.tokens:  # its first forward feeds the whole prompt, cached or not
                     stack.enter_context(first_forward(self.model, skip_cached_tokens(self._cache_kw)))
                 elif self._graph_prefill(call, result):
@@ -421,7 +423,8 @@ class HCache:
         if guess is not None and guess.recompute_layers == L:  # what auto learned of NVMe says recompute
             on_disk = {"nvme": self.layout.plan_bytes_per_token(plan) * m * C}
             return self._done(RestoreResult(new_cache(self.model), 0, plan, L, on_disk, stored_chunks=m,
-                                            seconds=time.perf_counter() - t0))
+                                            seconds=time.perf_counter() - t0,
+                                            answered=self.restore_timer.start(guess, m * C).answered))
         where, sources = locate_layers(self.store, self.layout, plan, digests)
         # a chunk without every layer ends the prefix (under TP each rank holds only its share: the
         # exchange finds what the group lacks, and all ranks cut at the same chunk)
@@ -438,9 +441,13 @@ class HCache:
         if self.method == "auto" and r == L:
             # Recomputing every layer is a prefill: leave it to the caller's own forward, which then runs
             # the prefix and the new tokens in one pass. The stored chunks are not saved again.
+            timing = self.restore_timer.start(decision, m * C) if sources.get("nvme") else None  # learn its cost
             return self._done(RestoreResult(new_cache(self.model), 0, plan, L, sources, stored_chunks=m,
-                                            seconds=time.perf_counter() - t0))
-        on_done = self.restore_timer.start(decision) if decision.estimate is not None else None  # split, NVMe
+                                            seconds=time.perf_counter() - t0,
+                                            answered=timing.answered if timing is not None else None))
+        # a split NVMe restore: auto learns from its time
+        timing = self.restore_timer.start(decision, m * C) if decision.estimate is not None else None
+        on_done = timing.restored if timing is not None else None
         into = self.prefill.destination(m * C, ids.shape[1] - m * C) if into_prefill and lazy else None
         cache, valid, release = self.restorer.restore(ids, digests, plan, r, lazy=lazy, where=where, on_done=on_done,
                                                       into=into, early=early)
@@ -451,7 +458,8 @@ class HCache:
         if valid == 0:
             cache = new_cache(self.model)
         return self._done(RestoreResult(cache, valid * C, plan, r if valid else 0, sources, digests[:valid],
-                                        stored_chunks=m, seconds=time.perf_counter() - t0, release=release))
+                                        stored_chunks=m, seconds=time.perf_counter() - t0, release=release,
+                                        answered=timing.answered if timing is not None else None))
 
     def _split(self, plan: str, m: int, sources: dict[str, int], *, suffix: int, captured: bool) -> SplitDecision:
         if self.scheduler is None:
@@ -489,7 +497,7 @@ class HCache:
     def _done(self, result: RestoreResult) -> RestoreResult:
         # What happened, without the cache: holding it would keep its memory (and the captured prefill's
         # graph memory it may point at) alive until the next request.
-        self.last_restore = dataclasses.replace(result, cache=None, release=None)
+        self.last_restore = dataclasses.replace(result, cache=None, release=None, answered=None)
         self.stats.count_restore(result.tokens, result.recompute_layers >= self.num_layers,
                                  GPU_SOURCE in result.sources)
         return result

@@ -84,6 +84,7 @@ class RestoreResult:
     stored_chunks: int = 0  # whole chunks of the request already stored (restored or left to the prefill)
     seconds: float = 0.0  # host time of the restore call (the GPU work may still run)
     release: Callable[[], None] | None = field(default=None, repr=False)  # ends a lazy restore's readers
+    answered: Callable[[], None] | None = field(default=None, repr=False)  # to call once generate()'s first forward ran
 
     def close(self) -> None:
         """Stop what a lazy restore still runs (reader threads); layers not yet taken can no longer be."""

@@ -44,6 +44,17 @@ class SplitDecision:
     recompute_layers: int
     estimate: RestoreEstimate | None = None  # set for a split NVMe restore, the kind `observe` learns from
     everything_s: float = 0.0  # the estimate of recomputing every layer instead
+    n_tokens: int = 0  # the stored tokens it was made for
+
+
+@dataclass(frozen=True)
+class _Sample:
+    """One split NVMe restore: estimated / measured restore time, and what the user waited in all."""
+
+    ratio: float
+    answer_s: float
+    everything_s: float  # the estimate of recomputing every layer instead
+    n_tokens: int
 
 
 LEARN_WINDOW = 5  # split NVMe restores whose estimated / measured time `observe` keeps
@@ -58,7 +69,8 @@ class AutoScheduler:
         self.layout = layout
         self._profile = profile
         self.explicit_plan = plan
-        self._ratios: deque[float] = deque(maxlen=LEARN_WINDOW)  # estimate / measured, the last split restores
+        self._samples: deque[_Sample] = deque(maxlen=LEARN_WINDOW)  # the last split restores
+        self._everything: dict[int, deque[float]] = {}  # stored tokens -> measured TTFTs of recomputing everything
         self._held_back = 0  # restores that recomputed everything since the last split, for what was learned
         self._saved_plan: tuple | None = None  # ((profile id, tiers), plan)
 
@@ -68,8 +80,16 @@ class AutoScheduler:
 
     @property
     def nvme_efficiency(self) -> float:
-        """NVMe bandwidth split restores have seen / the profile's: the median of the last `LEARN_WINDOW`."""
-        return min(1.0, statistics.median(self._ratios)) if self._ratios else 1.0
+        """NVMe bandwidth split restores have seen / the profile's: the median of the last `LEARN_WINDOW`, a
+        restore that lost to recomputing everything counting 0 (judged against measured prefills of that
+        many tokens when there are some, else against the estimate; re-judged as measurements come)."""
+        if not self._samples:
+            return 1.0
+        return min(1.0, statistics.median(0.0 if self._lost(x) else x.ratio for x in self._samples))
+
+    def _lost(self, sample: _Sample) -> bool:
+        measured = self._everything.get(sample.n_tokens)
+        return sample.answer_s > (statistics.median(measured) if measured else sample.everything_s)
 
     def save_plan(self, tiers: tuple[str, ...]) -> str:
         """The plan chunks are saved with: explicit, or the cheapest to restore over `tiers` (computed once
@@ -109,7 +129,7 @@ class AutoScheduler:
         if 0 < r < len(plan) and tier == "nvme":
             self._held_back = 0
             everything = estimate(profile, plan, len(plan), n_tokens, bw, depth=depth)
-            return SplitDecision(r, est, everything.total_s)
+            return SplitDecision(r, est, everything.total_s, n_tokens)
         if tier in MEMORY_TIERS and r < len(plan):
             ttft = ttft_estimates(profile, plan, n_tokens, suffix_tokens, bw, recompute_layers=r, depth=depth,
                                   chunk_tokens=self.layout.chunk_tokens, captured=captured)
@@ -117,10 +137,20 @@ class AutoScheduler:
                 return SplitDecision(len(plan))
         return SplitDecision(max(r, min_recompute(plan)))
 
-    def observe(self, decision: SplitDecision, seconds: float) -> None:
-        """Learn from a split NVMe restore that took `seconds` (its work finished; not a call that also
-        captured graphs, whose one-time cost says nothing about the disk)."""
+    def observe(self, decision: SplitDecision, seconds: float, answer_s: float | None = None) -> None:
+        """Learn from a split NVMe restore whose layers were ready after `seconds`, and whose first forward (if
+        one followed) ended after `answer_s` (not a call that also captured graphs, whose one-time cost says
+        nothing about the disk)."""
         if decision.estimate is None or seconds <= 0:
             return
-        # slower than recomputing everything would have been: a loss, whatever the bandwidth
-        self._ratios.append(0.0 if seconds > decision.everything_s else min(1.0, decision.estimate.total_s / seconds))
+        self._samples.append(_Sample(min(1.0, decision.estimate.total_s / seconds),
+                                     seconds if answer_s is None else answer_s, decision.everything_s,
+                                     decision.n_tokens))
+
+    def observe_everything(self, n_tokens: int, answer_s: float) -> None:
+        """Learn what recomputing every layer of `n_tokens` stored tokens took, to its first forward's end
+        (the estimate of it, from a profile fitted on shorter prompts, can be off by 10% at 16K)."""
+        if answer_s > 0:
+            self._everything.setdefault(n_tokens, deque(maxlen=LEARN_WINDOW)).append(answer_s)
+            if len(self._everything) > 64:  # a few lengths matter; forget the oldest
+                self._everything.pop(next(iter(self._everything)))

@@ -272,3 +272,28 @@ def test_auto_learns_a_slower_disk_and_moves_the_split():
         auto.observe(d, 1.5 * d.estimate.total_s)
     assert auto.nvme_efficiency < 0.8
     assert decide().recompute_layers >= r0
+
+
+def test_auto_judges_split_restores_against_measured_prefills_when_it_has_them():
+    """A split whose first token came later than the estimate of recomputing everything (a profile fitted on
+    short prompts underestimates a 16K prefill) counts as a loss until a measured prefill of that length says
+    it won; and one slower than the measured prefill is a loss although the estimate said otherwise."""
+    auto, decide = _nvme_auto()
+    d = decide()
+    assert d.estimate is not None and d.n_tokens == 16384
+    slow_but_better = 1.05 * d.everything_s
+    for _ in range(3):
+        auto.observe(d, d.estimate.total_s, slow_but_better)
+    assert auto.nvme_efficiency == 0.0  # judged against the estimate: losses
+    auto.observe_everything(16384, 1.15 * d.everything_s)  # what recomputing everything really took
+    assert auto.nvme_efficiency == 1.0  # re-judged: wins, at their estimate
+    assert 0 < decide().recompute_layers < 32
+    auto.observe_everything(4096, 0.1)  # another length says nothing about this one
+    assert auto.nvme_efficiency == 1.0
+    auto2, decide2 = _nvme_auto()
+    d2 = decide2()
+    auto2.observe_everything(16384, 0.9 * d2.everything_s)
+    for _ in range(3):
+        auto2.observe(d2, d2.estimate.total_s, 0.95 * d2.everything_s)  # under the estimate, over the measurement
+    assert auto2.nvme_efficiency == 0.0
+    assert decide2().recompute_layers == 32
