@@ -12,6 +12,16 @@
 #      counted its wins as losses): the timer's GPU test, then auto from NVMe at 4K and 16K again.
 source benchmarks/device_env.sh
 
+# nvme_auto CONTEXT...: auto from NVMe (`nvme_split.py`, no forced split, 9 rounds after 2) into $OUT/nvme_auto_<K>k.md
+nvme_auto() {
+  for n in "$@"; do
+    echo "=== nvme auto $((n / 1024))K $(date +%T)"
+    timeout 200 python3 benchmarks/nvme_split.py --model llama2-7b --contexts $n --splits none --repeat 9 --warmup 2 \
+      > $OUT/nvme_auto_$((n / 1024))k.md 2>&1
+    grep "^|\|###\|profile\|Error" $OUT/nvme_auto_$((n / 1024))k.md
+  done
+}
+
 case "${1:-A}" in
   A)
     echo "=== nvme timeline 4K $(date +%T)"
@@ -34,22 +44,12 @@ case "${1:-A}" in
       grep "^| \(recompute\|auto\|r=\)\|^###\|recompute queued\|read done\|first forward start\|generate ret\|recompute start\|learned" \
         $OUT/nvme_timeline_$((n / 1024))k.md | head -40
     done
-    for n in 4096 16384; do
-      echo "=== nvme auto $((n / 1024))K $(date +%T)"
-      timeout 200 python3 benchmarks/nvme_split.py --model llama2-7b --contexts $n --splits none --repeat 9 --warmup 2 \
-        > $OUT/nvme_auto_$((n / 1024))k.md 2>&1
-      grep "^|\|###\|profile\|Error" $OUT/nvme_auto_$((n / 1024))k.md
-    done
+    nvme_auto 4096 16384
     echo "=== end $(date +%T)"
     ;;
   C)
     gpu_tests 60 tests/hcache/test_restore_timer.py
-    for n in 16384 4096; do
-      echo "=== nvme auto $((n / 1024))K $(date +%T)"
-      timeout 200 python3 benchmarks/nvme_split.py --model llama2-7b --contexts $n --splits none --repeat 9 --warmup 2 \
-        > $OUT/nvme_auto_$((n / 1024))k.md 2>&1
-      grep "^|\|###\|profile\|Error" $OUT/nvme_auto_$((n / 1024))k.md
-    done
+    nvme_auto 16384 4096
     echo "=== end $(date +%T)"
     ;;
 esac

@@ -419,7 +419,8 @@ class HCache:
         """The restore of the stored chunks `digests` (saved with `plan`): locate, split, restore."""
         C, L, m = self.chunk_tokens, self.num_layers, len(digests)
         captured = lazy and self.prefill is not None and self.prefill.enabled
-        guess, guess_chunks = self._nvme_guess(plan, digests, suffix=ids.shape[1] - m * C, captured=captured), m
+        whole = m  # chunks looked up, before any cut below
+        guess = self._nvme_guess(plan, digests, suffix=ids.shape[1] - m * C, captured=captured)
         if guess is not None and guess.recompute_layers == L:  # what auto learned of NVMe says recompute
             on_disk = {"nvme": self.layout.plan_bytes_per_token(plan) * m * C}
             return self._done(RestoreResult(new_cache(self.model), 0, plan, L, on_disk, stored_chunks=m,
@@ -435,7 +436,7 @@ class HCache:
             if m == 0:
                 return self._done(RestoreResult(new_cache(self.model), seconds=time.perf_counter() - t0))
             where, sources = locate_layers(self.store, self.layout, plan, digests)
-        decision = (guess if guess is not None and complete == guess_chunks and set(sources) == {"nvme"}
+        decision = (guess if guess is not None and complete == whole and set(sources) == {"nvme"}
                     else self._split(plan, m, sources, suffix=ids.shape[1] - m * C, captured=captured))
         r = decision.recompute_layers if not self.tp else self.tp.agree_rank0(decision.recompute_layers)
         if self.method == "auto" and r == L:
