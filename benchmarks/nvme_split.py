@@ -35,6 +35,24 @@ def forced(model, store, r: int, namespace: str) -> HCache:
     return hc
 
 
+def print_history(hc: HCache, n_tokens: int) -> None:
+    """What auto timed of its requests of `n_tokens` (oldest first; warm-ups included), and whether it counted."""
+    hc.splits.timer.collect()
+    rows = [o for o in hc.splits.timer.history if o.n_tokens == n_tokens]
+    if not rows:
+        return
+    ms = lambda s: "-" if s is None else f"{s * 1e3:.0f}"  # noqa: E731
+    print("\nauto's timed requests, oldest first (recomputed layers: recomputation done / restore done / first "
+          "forward's end, ms; its reads from NVMe in GB/s; x: a one-time cost, not learned from):\n")
+    for o in rows:
+        read = f" @{o.read_bytes / o.read_s / 1e9:.2f}" if o.read_s > 0 else ""
+        print(f"  {o.recompute_layers}: {ms(o.recompute_s)} / {ms(o.restore_s)} / {ms(o.answer_s)}{read}"
+              f"{'' if o.counted else ' x'}")
+    auto = hc.scheduler
+    print(f"\nlearned: NVMe efficiency {auto.nvme_efficiency:.2f}; recomputing everything measured "
+          f"{ms(auto.baseline(n_tokens))} ms\n")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="llama2-7b")
@@ -98,6 +116,7 @@ def main(argv=None) -> int:
             for m in order:
                 med = statistics.median(times[m])
                 print(f"| {m} | {med:.1f} | {rec / med:.2f}x | {' '.join(f'{x:.0f}' for x in times[m])} |", flush=True)
+            print_history(auto, n)
             for key in keys_with_prefix(store, "auto/") + keys_with_prefix(store, "split/"):
                 store.delete(key)
     shutil.rmtree(args.root, ignore_errors=True)

@@ -77,8 +77,6 @@ def instrument_reads(st: tl.Stamps) -> None:
 def instrument_split(hc: HCache, st: tl.Stamps) -> None:
     tl.wrap(hc.recomputer, "prefix", before=lambda: st.mark("recompute start"),
             after=lambda: st.mark("recompute queued"))
-    if hc.scheduler is not None:  # auto learning from a split restore: after its wait for the device
-        tl.wrap(hc.scheduler, "observe", before=lambda: st.mark("observer synced"))
 
 
 def sync_sites(run) -> Counter:

@@ -14,7 +14,8 @@ immutable.
 
 This class is the front only; the parts are `StateLayout` (what a chunk is),
 `StateSaver` (saving), `Restorer` (loading, projecting, recomputing),
-`AutoScheduler` (auto's decisions) and `generation` (what a call asks for).
+`AutoScheduler` (auto's decisions), `AutoSplits` (its restore-time splits and
+what it learns from them) and `generation` (what a call asks for).
 A model loaded with transformers' tensor parallelism is detected and served
 rank by rank (hcache_adapter.parallel: every rank runs the same calls).
 """
@@ -39,14 +40,14 @@ from hcache_adapter.parallel import tp as tensor_parallel
 from hcache_adapter.parallel.gather import HiddenExchange
 from hcache_adapter.parallel.projection import shard_projector
 from hcache_adapter.prefill_graph import CapturedPrefill
-from hcache_adapter.prefix import ManifestCache, complete_chunks, last_layer_tiers, locate_layers, stored_prefix
+from hcache_adapter.prefix import ManifestCache, complete_chunks, locate_layers, stored_prefix
 from hcache_adapter.projection import support as model_support
 from hcache_adapter.projection.continuation import STEP, generate_on, step_through
 from hcache_adapter.recompute import Recomputer
 from hcache_adapter.restore import Restorer, RestoreResult
 from hcache_adapter.scheduler.auto import AutoScheduler, SplitDecision
+from hcache_adapter.scheduler.decisions import AutoSplits
 from hcache_adapter.scheduler.planner import min_recompute
-from hcache_adapter.scheduler.timing import RestoreTimer
 from hcache_adapter.scheduler.profile import Profile
 from hcache_adapter.serving.batch import BatchedGenerator
 from hcache_adapter.serving.resident import GPU_SOURCE, admit_generated, make_resident
@@ -155,9 +156,10 @@ class HCache:
         use_graph = (on_gpu if captured_prefill is None else captured_prefill) and not self.tp  # no collectives in graphs
         self.prefill = (CapturedPrefill(model, self.decoder_layers, self._cache_kw, self.recomputer.internal)
                         if use_graph and CapturedPrefill.supported(model) else None)
-        # auto learns from the time split NVMe restores took, read at its next decision (no wait for the device)
-        self.restore_timer = (RestoreTimer(self.device, self._graph_captures, self.scheduler.observe,
-                                           self.scheduler.observe_everything) if self.scheduler is not None else None)
+        # auto's restore-time splits, learning from what the NVMe ones took (read at its next decision)
+        self.splits = (AutoSplits(self.scheduler, store, self.layout, self.device, ring_depth=self.restorer.ring_depth,
+                                  one_time_costs=self._one_time_costs)
+                       if self.scheduler is not None else None)
         self.last_restore = RestoreResult(cache=None)  # for benchmarks and the demo; nothing reads it back
         # Serving (hcache_adapter.serving): recent contexts' K/V kept on the GPU, a restore per row of a batch.
         stores = self.method != "recompute"
@@ -419,38 +421,35 @@ class HCache:
         """The restore of the stored chunks `digests` (saved with `plan`): locate, split, restore."""
         C, L, m = self.chunk_tokens, self.num_layers, len(digests)
         captured = lazy and self.prefill is not None and self.prefill.enabled
-        whole = m  # chunks looked up, before any cut below
-        guess = self._nvme_guess(plan, digests, suffix=ids.shape[1] - m * C, captured=captured)
+        suffix = ids.shape[1] - m * C
+        guess = self.splits.guess(plan, digests, suffix=suffix, captured=captured) if self.splits and not self.tp else None
         if guess is not None and guess.recompute_layers == L:  # what auto learned of NVMe says recompute
-            on_disk = {"nvme": self.layout.plan_bytes_per_token(plan) * m * C}
-            return self._done(RestoreResult(new_cache(self.model), 0, plan, L, on_disk, stored_chunks=m,
-                                            seconds=time.perf_counter() - t0,
-                                            answered=self.restore_timer.start(guess, m * C).answered))
-        where, sources = locate_layers(self.store, self.layout, plan, digests)
-        # a chunk without every layer ends the prefix (under TP each rank holds only its share: the
-        # exchange finds what the group lacks, and all ranks cut at the same chunk)
-        complete = m if self.tp else complete_chunks(where)
-        if complete < m:
-            self.manifests.discard(self.layout.manifest_key(d) for d in digests[complete:])  # maybe saved anew
-            m, digests = complete, digests[:complete]
-            if m == 0:
-                return self._done(RestoreResult(new_cache(self.model), seconds=time.perf_counter() - t0))
+            decision, sources = guess, {"nvme": self.splits.on_disk(plan, m)}
+        else:
             where, sources = locate_layers(self.store, self.layout, plan, digests)
-        decision = (guess if guess is not None and complete == whole and set(sources) == {"nvme"}
-                    else self._split(plan, m, sources, suffix=ids.shape[1] - m * C, captured=captured))
+            # a chunk without every layer ends the prefix (under TP each rank holds only its share: the
+            # exchange finds what the group lacks, and all ranks cut at the same chunk)
+            complete = m if self.tp else complete_chunks(where)
+            whole = complete == m  # the guess, if any, was made for these chunks
+            if not whole:
+                self.manifests.discard(self.layout.manifest_key(d) for d in digests[complete:])  # maybe saved anew
+                m, digests = complete, digests[:complete]
+                if m == 0:
+                    return self._done(RestoreResult(new_cache(self.model), seconds=time.perf_counter() - t0))
+                where, sources = locate_layers(self.store, self.layout, plan, digests)
+                suffix = ids.shape[1] - m * C
+            decision = (guess if guess is not None and whole and set(sources) == {"nvme"}
+                        else self._split(plan, m, sources, suffix=suffix, captured=captured))
         r = decision.recompute_layers if not self.tp else self.tp.agree_rank0(decision.recompute_layers)
+        timing = self.splits.timing(decision, m, sources) if self.splits else None  # what auto learns from
+        answered = timing.answered if timing is not None else None
         if self.method == "auto" and r == L:
             # Recomputing every layer is a prefill: leave it to the caller's own forward, which then runs
             # the prefix and the new tokens in one pass. The stored chunks are not saved again.
-            timing = self.restore_timer.start(decision, m * C) if sources.get("nvme") else None  # learn its cost
             return self._done(RestoreResult(new_cache(self.model), 0, plan, L, sources, stored_chunks=m,
-                                            seconds=time.perf_counter() - t0,
-                                            answered=timing.answered if timing is not None else None))
-        # a split NVMe restore: auto learns from its time
-        timing = self.restore_timer.start(decision, m * C) if decision.estimate is not None else None
-        on_done = timing.restored if timing is not None else None
-        into = self.prefill.destination(m * C, ids.shape[1] - m * C) if into_prefill and lazy else None
-        cache, valid, release = self.restorer.restore(ids, digests, plan, r, lazy=lazy, where=where, on_done=on_done,
+                                            seconds=time.perf_counter() - t0, answered=answered))
+        into = self.prefill.destination(m * C, suffix) if into_prefill and lazy else None
+        cache, valid, release = self.restorer.restore(ids, digests, plan, r, lazy=lazy, where=where, marks=timing,
                                                       into=into, early=early)
         if into is not None:
             into.lend(cache)
@@ -460,30 +459,18 @@ class HCache:
             cache = new_cache(self.model)
         return self._done(RestoreResult(cache, valid * C, plan, r if valid else 0, sources, digests[:valid],
                                         stored_chunks=m, seconds=time.perf_counter() - t0, release=release,
-                                        answered=timing.answered if timing is not None else None))
+                                        answered=answered))
 
     def _split(self, plan: str, m: int, sources: dict[str, int], *, suffix: int, captured: bool) -> SplitDecision:
-        if self.scheduler is None:
-            return SplitDecision(min_recompute(plan))
-        depth = self.restorer.ring_depth(m, plan)
-        self.restore_timer.collect()  # what earlier split restores took, their work long done by now
-        return self.scheduler.split(plan, m * self.chunk_tokens, sources, depth, suffix_tokens=suffix,
-                                    captured=captured)
+        if self.splits is not None:
+            return self.splits.decide(plan, m, sources, suffix=suffix, captured=captured)
+        return SplitDecision(min_recompute(plan))
 
-    def _nvme_guess(self, plan: str, digests: list[str], *, suffix: int, captured: bool) -> SplitDecision | None:
-        """auto's split for a prefix wholly on NVMe, decided before every layer is located, when it has learned
-        that NVMe restores run slower than profiled (then it mostly recomputes everything, and locating
-        thousands of chunk entries first would be its only cost over the model's own prefill); None otherwise."""
-        if self.scheduler is None or self.tp or self.scheduler.nvme_efficiency >= 1.0:
-            return None
-        if last_layer_tiers(self.store, self.layout, plan, digests) != {"nvme"}:
-            return None
-        stored = self.layout.plan_bytes_per_token(plan) * len(digests) * self.chunk_tokens
-        return self._split(plan, len(digests), {"nvme": stored}, suffix=suffix, captured=captured)
-
-    def _graph_captures(self) -> int:
-        """CUDA graphs this instance captured so far (the first forward's and the projections')."""
-        return (self.prefill.captures if self.prefill is not None else 0) + getattr(self.projector, "graph_captures", 0)
+    def _one_time_costs(self) -> int:
+        """CUDA graphs this instance captured so far (the first forward's and the projections') and restore
+        buffers it allocated: a request that added to them paid a cost the next one will not."""
+        return ((self.prefill.captures if self.prefill is not None else 0) + getattr(self.projector, "graph_captures", 0)
+                + self.restorer.ring.allocations)
 
     # -- what the serving parts are handed (hcache_adapter.serving) ---------------------
     def _stored_chunks(self, digests: list[str]) -> int:

@@ -24,11 +24,13 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
 
-from hstore.buffers import ALIGN, align_up, aligned_empty, cuda_available
+from hcache_adapter.slot_ring import SlotRing
+from hstore.buffers import ALIGN, align_up
 from hstore.errors import HStoreError
 
 log = logging.getLogger(__name__)
@@ -44,48 +46,38 @@ class LayerRead:
     chunk_shape: tuple[int, ...]
 
 
-class SlotRing:
-    """Device buffers for successive restores of one model: allocated once, grown when a restore needs
-    more, and lent to one loader at a time.
+@dataclass(frozen=True)
+class ReadTime:
+    """What one restore's reads from NVMe delivered: `nbytes` in `busy_s` seconds during which at least one
+    was in flight (a reader waiting for a free buffer is not reading). The disk's bandwidth as a restore sees
+    it, with the verification and the interpreter shared with the compute thread included."""
 
-    A slot is written by the loader's copy stream and read by compute on
-    another, so reuse is ordered by the event of the compute that last read it,
-    which the ring keeps across restores. Buffers allocated per restore would be
-    freed while that compute may still be queued.
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = torch.device(device)
-        self.buffers: list[torch.Tensor] = []
-        self.free_events: list = []
-        self.lent = False
-
-    def lend(self, depth: int, nbytes: int) -> bool:
-        """Make `depth` slots of at least `nbytes`; False when another loader holds the ring."""
-        if self.lent:
-            return False
-        for i in range(depth):
-            if i < len(self.buffers) and self.buffers[i].numel() >= nbytes:
-                continue
-            if i < len(self.buffers) and self.free_events[i] is not None:
-                self.free_events[i].synchronize()  # growing: the old buffer goes once nothing reads it
-            buf = _new_buffer(self.device, nbytes)
-            if i < len(self.buffers):
-                self.buffers[i], self.free_events[i] = buf, None
-            else:
-                self.buffers.append(buf)
-                self.free_events.append(None)
-        self.lent = True
-        return True
-
-    def give_back(self) -> None:
-        self.lent = False
+    nbytes: int
+    busy_s: float
 
 
-def _new_buffer(device: torch.device, nbytes: int) -> torch.Tensor:
-    if device.type == "cuda":
-        return torch.empty(nbytes, dtype=torch.uint8, device=device)
-    return aligned_empty(nbytes, pin=False)
+class _BusyClock:
+    """Seconds during which at least one of several threads' reads was in flight, and their bytes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._since = 0.0
+        self.busy_s = 0.0
+        self.nbytes = 0
+
+    def begin(self) -> None:
+        with self._lock:
+            if self._in_flight == 0:
+                self._since = time.perf_counter()
+            self._in_flight += 1
+
+    def end(self, nbytes: int) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            self.nbytes += nbytes
+            if self._in_flight == 0:
+                self.busy_s += time.perf_counter() - self._since
 
 
 @dataclass
@@ -133,15 +125,12 @@ class LayerLoader:
         itemsize = torch.empty(0, dtype=dtype).element_size()
         chunk_bytes = max((_numel(r.chunk_shape) * itemsize for r in reads), default=0)
         self._slot_bytes = align_up(max(n_chunks * chunk_bytes, slot_bytes, 1), ALIGN)
-        self._ring = ring if ring is not None and ring.lend(self.depth, self._slot_bytes) else None
-        if self._ring is not None:
-            self._slots = self._ring.buffers
-            self._free_event = self._ring.free_events  # compute finished with the slot (GPU), across restores
-        else:
-            self._slots = [_new_buffer(self.device, self._slot_bytes) for _ in range(self.depth)]
-            self._free_event = [None] * self.depth
-        self._staging: list[torch.Tensor | None] = [None] * self.depth
-        self._staging_event: list = [None] * self.depth
+        if ring is None or not ring.lend(self.depth, self._slot_bytes):  # none shared, or lent: buffers of its own
+            ring = SlotRing(self.device)
+            ring.lend(self.depth, self._slot_bytes)
+        self._ring = ring
+        self._slots = ring.buffers
+        self._free_event = ring.free_events  # compute finished with the slot (GPU), across restores
         self._results: dict[int, LoadedLayer | BaseException] = {}
         self._cv = threading.Condition()
         self._credits = threading.Semaphore(self.depth)
@@ -165,6 +154,7 @@ class LayerLoader:
         self._lease = None  # inline mode: the lease of the reads from _lease_first on (_lease_rows: their first keys)
         self._lease_first = 0
         self._lease_rows: list[int] = []
+        self._disk = _BusyClock()  # reads from NVMe (through staging), and a CPU's reader threads' reads
 
     IO_WORKERS = 8  # thread mode: layers read at once (the lent virtual disk: 1 reader 0.57 GB/s, 8 readers 1.51)
 
@@ -234,6 +224,12 @@ class LayerLoader:
             self._ring.give_back()
             self._ring = None
 
+    def read_time(self) -> ReadTime | None:
+        """What its reads from NVMe delivered so far (None: none)."""
+        if self._disk.nbytes == 0 or self._disk.busy_s <= 0:
+            return None
+        return ReadTime(self._disk.nbytes, self._disk.busy_s)
+
     # -- consumer side -------------------------------------------------------------
     def get(self, i: int) -> LoadedLayer:
         """Layer `i` of `reads` (blocks until read); on a GPU the current stream waits for its copy."""
@@ -295,7 +291,13 @@ class LayerLoader:
         if not self.cuda:
             found = self._read_leased(i, read, data) if self.inline and self._use_lease else None
             if found is None:
-                found = _read(self.store, read.keys, data)
+                if not self.inline:  # reader threads: the reads that may wait on the disk
+                    self._disk.begin()
+                try:
+                    found = _read(self.store, read.keys, data)
+                finally:
+                    if not self.inline:
+                        self._disk.end(data.numel() * data.element_size())
             return LoadedLayer(data, _prefix_len(found))
         with torch.cuda.stream(self.stream):
             if self._free_event[slot] is not None:
@@ -363,12 +365,13 @@ class LayerLoader:
 
     def _read_through_staging(self, slot, read: LayerRead, data: torch.Tensor, chunks: list[int], found: list[bool]) -> None:
         """NVMe -> pinned staging (DMA, verified) -> one async copy per run of consecutive chunks."""
-        if self._staging_event[slot] is not None:
-            self._staging_event[slot].synchronize()  # never overwrite staging still being copied (vLLM #45704)
-        if self._staging[slot] is None:
-            self._staging[slot] = aligned_empty(self._slot_bytes, pin=cuda_available())
-        staging = self._staging[slot][: data.numel() * data.element_size()].view(self.dtype).view(data.shape)
-        ok = _read(self.store, [read.keys[c] for c in chunks], _rows(staging, chunks))
+        nbytes = data.numel() * data.element_size()
+        staging = self._ring.staging_for(slot, self._slot_bytes)[:nbytes].view(self.dtype).view(data.shape)
+        self._disk.begin()
+        try:
+            ok = _read(self.store, [read.keys[c] for c in chunks], _rows(staging, chunks))
+        finally:
+            self._disk.end(len(chunks) * (nbytes // max(1, len(read.keys))))
         good = [c for c, f in zip(chunks, ok) if f]
         for c in good:
             found[c] = True
@@ -376,7 +379,7 @@ class LayerLoader:
             data[a:b].copy_(staging[a:b], non_blocking=True)
         ev = torch.cuda.Event()
         ev.record(self.stream)
-        self._staging_event[slot] = ev
+        self._ring.staging_events[slot] = ev
 
 
 MEMORY_TIERS = frozenset(("gpu", "dram"))  # tiers a read of which is a copy (no I/O wait)

@@ -31,16 +31,18 @@ class PrefixSource:
     """Produces the layers of one restore (implements `LayerSource` for the lazy cache)."""
 
     def __init__(self, restorer, ids: torch.Tensor, digests: list[str], plan: str, recompute_layers: int,
-                 where, on_done: Callable[[], None] | None = None, exchange=None, plain_layers=frozenset(),
+                 where, marks=None, exchange=None, plain_layers=frozenset(),
                  into: Callable[[int], tuple] | None = None, early=None):
         """`restorer`: the `Restorer` whose layout, store, streams, projector and recomputer this uses.
-        `early`: an `EarlyLoad` the restorer took over (its reads and loader are this restore's)."""
+        `early`: an `EarlyLoad` the restorer took over (its reads and loader are this restore's).
+        `marks`: told `recomputed()` once the leading layers' recomputation is queued and `restored(read_time)`
+        once every layer's is (with what its NVMe reads delivered, or None), or None."""
         self.r = restorer
         self.early = early
         self.into = into
         self.plain = plain_layers
         self.exchange = exchange  # tensor parallelism: this rank reads its share; the exchange gathers
-        self.on_done = on_done
+        self.marks = marks
         self.ids = ids
         self.m = len(digests)
         self.n_tokens = self.m * restorer.layout.chunk_tokens
@@ -70,6 +72,8 @@ class PrefixSource:
                 self._open_loader(start=False)  # started once layer 0's recomputation is issued
             cache = self._recomputed = r.recomputer.prefix(
                 self.ids, self.recompute_layers, after_first=self._start_reads if self.reads else None)
+            if self.marks is not None:
+                self.marks.recomputed()
             if self.reads:
                 self._start_reads()  # (once: a model whose forward never reached layer 1's hook)
             for l in range(self.recompute_layers):
@@ -250,9 +254,10 @@ class PrefixSource:
     def _count_taken(self) -> None:
         self._taken += 1
         if self._taken == self.r.layout.num_layers:
+            read_time = self.loader.read_time() if self.loader is not None else None
             self.close()
-            if self.on_done is not None:
-                self.on_done()
+            if self.marks is not None:
+                self.marks.restored(read_time)
 
     def _warn(self, layer: int, valid: int) -> None:
         if not self._warned:

@@ -247,12 +247,13 @@ class Restorer:
         return True
 
     def restore(self, ids: torch.Tensor, digests: list[str], plan: str, recompute_layers: int, *,
-                lazy: bool, where=None, on_done: Callable[[], None] | None = None,
+                lazy: bool, where=None, marks=None,
                 into: Callable[[int], tuple] | None = None,
                 early: EarlyLoad | None = None) -> tuple[Any, int, Callable[[], None]]:
         """(cache, valid chunks, release) for the first len(digests) chunks of `ids` ([1, >= n] on the
         device); `release()` ends a lazy restore's readers once the caller is done with the cache.
-        `on_done()` is called once every layer's work is queued (lazy: when the model took the last).
+        `marks`: told `recomputed()` once the leading layers' recomputation is queued and `restored(read_time)`
+        once every layer's work is (lazy: when the model took the last), or None.
         `into(layer)`: (K, V) tensors [1, kv_heads, n, head_dim] a fully read plain layer is written into
         (the captured prefill's static cache, so its forward need not copy the prefix in), or None; its
         `capacity`, if any: rows of those tensors' storage a projection may write (see `project_prefix`).
@@ -262,7 +263,7 @@ class Restorer:
             early = None
         exchange = self.exchange.begin(plan, digests, recompute_layers, where) if self.exchange else None
         source = PrefixSource(self, ids[:, : len(digests) * self.layout.chunk_tokens], digests, plan,
-                              recompute_layers, where, on_done, exchange, self.plain_layers, into, early)
+                              recompute_layers, where, marks, exchange, self.plain_layers, into, early)
         try:
             source.start()
         except BaseException:

@@ -150,3 +150,63 @@ def test_only_an_inline_loader_with_room_can_be_extended(filled):
             inline.extend(bigger)
     finally:
         inline.close()
+
+
+def test_a_ring_allocates_its_buffers_and_staging_once_and_grows_them_when_asked():
+    from hcache_adapter.loader import SlotRing
+
+    ring = SlotRing(torch.device("cpu"))
+    assert ring.lend(3, 4096) and ring.allocations == 3
+    assert not ring.lend(3, 4096)  # lent
+    ring.give_back()
+    assert ring.lend(2, 4096) and ring.allocations == 3  # big enough already
+    a = ring.staging_for(1, 8192)
+    assert a.numel() >= 8192 and ring.allocations == 4
+    a[:4] = torch.tensor([1, 2, 3, 4], dtype=torch.uint8)
+    b = ring.staging_for(1, 4096)
+    assert b.data_ptr() == a.data_ptr() and ring.allocations == 4  # the same buffer again
+    assert ring.staging_for(1, 16384).numel() >= 16384 and ring.allocations == 5  # grown
+    ring.give_back()
+
+
+def test_restores_sharing_a_ring_reuse_its_buffers(filled):
+    from hcache_adapter.loader import SlotRing
+
+    filled.flush()
+    ring = SlotRing(torch.device("cpu"))
+    seen = []
+    for _ in range(2):
+        filled.drop_cached()
+        loader = LayerLoader(filled, reads(), torch.float32, torch.device("cpu"), depth=2, ring=ring).start()
+        try:
+            for i in range(LAYERS):
+                got = loader.get(i)
+                assert torch.equal(got.data[0], value(i, 0))
+                loader.release(i)
+        finally:
+            loader.close()
+        seen.append(ring.allocations)
+    assert seen == [2, 2] and not ring.lent
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_reads_from_nvme_stage_through_the_rings_pinned_buffers_once(filled):
+    from hcache_adapter.loader import SlotRing
+
+    filled.flush()
+    ring = SlotRing(torch.device("cuda"))
+    seen = []
+    for _ in range(3):
+        filled.drop_cached()
+        loader = LayerLoader(filled, reads(), torch.float32, torch.device("cuda"), depth=2, ring=ring).start()
+        try:
+            assert not loader.inline
+            for i in range(LAYERS):
+                got = loader.get(i)
+                assert torch.equal(got.data.cpu(), torch.stack([value(i, c) for c in range(CHUNKS)]))
+                loader.release(i)
+        finally:
+            loader.close()
+        seen.append(ring.allocations)
+    assert seen == [4, 4, 4]  # 2 device slots, 2 staging buffers, first restore only
+    assert all(s is not None and s.is_pinned() for s in ring.staging)

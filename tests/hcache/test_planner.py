@@ -206,94 +206,145 @@ def test_auto_recomputes_a_short_prefix_from_dram_only_when_that_is_faster_end_t
     assert decision.recompute_layers == (0 if captured else 32)
 
 
-def _nvme_auto(nvme_gbps: float = 1.4):
-    """auto for the 7B shape with its state on NVMe at 16K tokens, where the profile says: split."""
+def _nvme_auto(nvme_gbps: float = 1.4, depth: int = 4, recompute: float = 1.0):
+    """auto for the 7B shape with its state on NVMe at 16K tokens, where the profile says: split (`recompute`
+    scales the profile's recomputation cost, `depth` is the ring's)."""
     from hcache_adapter.layout import StateLayout
     from hcache_adapter.scheduler.auto import AutoScheduler
 
     p = h100_llama7b(nvme_gbps)
+    p.recompute_coef = tuple(recompute * c for c in p.recompute_coef)
     layout = StateLayout("f", "hc", 64, torch.float16, 4096, (32,) * 32, (128,) * 32)
     auto = AutoScheduler(layout, lambda: p)
     n = 16384
 
     def decide():
-        return auto.split("H" * 32, n, {"nvme": n * 8192 * 32}, depth=4, suffix_tokens=32)
+        return auto.split("H" * 32, n, {"nvme": n * 8192 * 32}, depth=depth, suffix_tokens=32)
 
     return auto, decide
 
 
-def test_auto_is_not_locked_out_of_nvme_by_one_slow_restore():
-    """One split restore far slower than recomputing everything (a disk hiccup) among restores that ran at
-    their estimate: the median of the last few keeps auto splitting."""
+def _outcome(d, *, ttft: float, per_layer: float | None = None, read_gbps: float | None = None):
+    """What a split restore of `d` measured: its time to first token, one recomputed layer's time, the disk's
+    bandwidth as its reads saw it (each None: not measured)."""
+    from hcache_adapter.scheduler.timing import Outcome
+
+    r, n = d.recompute_layers, d.n_tokens
+    nbytes = (32 - r) * n * 8192
+    return Outcome(n, r, ttft, ttft, True, None if per_layer is None else r * per_layer,
+                   nbytes if read_gbps else 0, nbytes / (read_gbps * GB) if read_gbps else 0.0)
+
+
+def _learn_prefill(auto, n: int, ttft: float) -> None:
+    """auto learns that a request of `n` stored tokens it left to the model's prefill took `ttft`."""
+    from hcache_adapter.scheduler.auto import SplitDecision
+    from hcache_adapter.scheduler.timing import Outcome
+
+    auto.learn(SplitDecision(32), Outcome(n, 32, None, ttft, True))
+
+
+def test_auto_is_not_locked_out_of_nvme_by_one_slow_read():
+    """One split restore whose reads crawled (a disk hiccup) among restores that read at the profile's speed:
+    the median of the last few keeps auto splitting, and its bandwidth near the profile's."""
     auto, decide = _nvme_auto()
     first = decide()
     assert 0 < first.recompute_layers < 32 and first.estimate is not None
-    for seconds in (first.estimate.total_s, first.estimate.total_s * 1.02, 10 * first.everything_s):
-        auto.observe(first, seconds)
+    _learn_prefill(auto, 16384, first.everything_s)  # what the splits are judged against
+    for gbps in (1.4, 1.38, 0.1):
+        auto.learn(first, _outcome(first, ttft=first.estimate.total_s, read_gbps=gbps))
         d = decide()
-        assert 0 < d.recompute_layers < 32, seconds
+        assert 0 < d.recompute_layers < 32, gbps
     assert auto.nvme_efficiency > 0.95
 
 
-def test_auto_stops_loading_from_nvme_when_splits_lose_and_tries_again_now_and_then():
-    """Split restores slower than recomputing everything: auto recomputes, and every REPROBE_EVERY-th restore
-    tries the profile's split once more; when the disk then delivers what the profile says, splits come back."""
+def test_auto_learns_a_slower_disk_from_its_reads_and_recomputes_more():
+    """Reads at 40% of the profiled bandwidth: the split recomputes more layers (or everything), never fewer."""
+    auto, decide = _nvme_auto(nvme_gbps=3.0, depth=8)
+    first = decide()
+    for _ in range(3):
+        auto.learn(first, _outcome(first, ttft=0.1, read_gbps=1.2))
+    assert auto.nvme_efficiency == pytest.approx(0.4)
+    assert decide().recompute_layers > first.recompute_layers
+
+
+def test_a_split_that_lost_to_the_measured_prefill_is_held_back_at_that_length_and_tried_again_now_and_then():
+    """A split whose first token came after the measured prefill's: auto recomputes everything at that length,
+    and every REPROBE_EVERY-th request there tries a split once more; when it then wins, splits come back.
+    Another length is not held back."""
     from hcache_adapter.scheduler.auto import REPROBE_EVERY
 
     auto, decide = _nvme_auto()
     d = decide()
-    auto.observe(d, 2 * d.everything_s)  # a loss
-    auto.observe(d, 2 * d.everything_s)
+    _learn_prefill(auto, 16384, d.everything_s)
+    auto.learn(d, _outcome(d, ttft=1.05 * d.everything_s))  # a loss
+    assert auto.learned_nvme and auto.nvme_efficiency == 1.0  # the disk is not to blame: it was not measured
     kinds = [decide().recompute_layers for _ in range(REPROBE_EVERY - 1)]
-    assert kinds == [32] * (REPROBE_EVERY - 1)  # recompute everything, as learned
+    assert kinds == [32] * (REPROBE_EVERY - 1)
+    other = auto.split("H" * 32, 8192, {"nvme": 8192 * 8192 * 32}, depth=4, suffix_tokens=32)
+    assert 0 < other.recompute_layers < 32  # 8K was never judged
     probe = decide()
-    assert 0 < probe.recompute_layers < 32 and probe.estimate is not None  # the profile's split, tried again
-    assert decide().recompute_layers == 32  # one try, then back to what was learned
-    splits = 0
-    for _ in range(6 * REPROBE_EVERY):  # the disk is as fast as profiled again: every split meets its estimate
-        d = decide()
-        if d.estimate is not None:
-            auto.observe(d, d.estimate.total_s)
-            splits += 1
-    assert splits >= 3
-    assert all(0 < decide().recompute_layers < 32 for _ in range(5))  # splitting again, every time
+    assert 0 < probe.recompute_layers < 32 and probe.estimate is not None
+    auto.learn(probe, _outcome(probe, ttft=0.9 * d.everything_s))  # it wins now
+    assert all(0 < decide().recompute_layers < 32 for _ in range(5))
 
 
-def test_auto_learns_a_slower_disk_and_moves_the_split():
-    """Split restores that take 1.5x their estimate: the learned scale lowers NVMe's bandwidth, and the split
-    recomputes more layers (or everything), never fewer."""
-    auto, decide = _nvme_auto(nvme_gbps=2.0)
+def test_a_split_planned_on_a_wrong_recomputation_cost_is_replanned_with_the_measured_one():
+    """The lent H200's profile once put a 16K layer's recomputation at 1.6x what it took: auto loaded too many
+    layers. Its own recomputed layers measured the real cost; with no prefill of that length measured, the
+    next request is left to the model's prefill to measure one (never more than EXPLORE_MAX times), which
+    judges the first split a loss; the next split recomputes more layers."""
+    from hcache_adapter.scheduler.auto import EXPLORE_MAX
+
+    auto, decide = _nvme_auto(depth=16, recompute=1.6)
+    p = auto.profile
     first = decide()
-    r0 = first.recompute_layers
-    for _ in range(5):
-        d = decide()
-        if d.estimate is None:
-            break
-        auto.observe(d, 1.5 * d.estimate.total_s)
-    assert auto.nvme_efficiency < 0.8
-    assert decide().recompute_layers >= r0
+    real = p.recompute_seconds(16384) / 1.6
+    slow = (32 - first.recompute_layers) * 16384 * 8192 / (1.4 * GB)  # bound by its reads
+    assert slow > 32 * real  # so it lost to recomputing everything
+    auto.learn(first, _outcome(first, ttft=slow, per_layer=real, read_gbps=1.4))
+    assert auto.baseline(16384) is None
+    assert [decide().recompute_layers for _ in range(EXPLORE_MAX)] == [32] * EXPLORE_MAX  # measuring the prefill
+    second = decide()  # nothing measured came back: it gives up exploring
+    assert first.recompute_layers < second.recompute_layers < 32
+    _learn_prefill(auto, 16384, 32 * real)
+    assert auto.baseline(16384) == pytest.approx(32 * real)
+    auto.learn(first, _outcome(first, ttft=slow, per_layer=real, read_gbps=1.4))  # judged now: a loss
+    third = decide()
+    assert third.recompute_layers == second.recompute_layers and third.everything_s == pytest.approx(32 * real, rel=0.02)
 
 
-def test_auto_judges_split_restores_against_measured_prefills_when_it_has_them():
-    """A split whose first token came later than the estimate of recomputing everything (a profile fitted on
-    short prompts underestimates a 16K prefill) counts as a loss until a measured prefill of that length says
-    it won; and one slower than the measured prefill is a loss although the estimate said otherwise."""
+def test_a_length_with_splits_but_no_measured_prefill_leaves_one_request_to_the_prefill():
+    """A split restore at 4K ran 15% slower per recomputed layer than the model's prefill (beside its readers):
+    auto cannot tell from it whether recomputing everything is faster, so it measures one prefill, then judges
+    the split by it and stops splitting where it lost."""
     auto, decide = _nvme_auto()
     d = decide()
-    assert d.estimate is not None and d.n_tokens == 16384
-    slow_but_better = 1.05 * d.everything_s
-    for _ in range(3):
-        auto.observe(d, d.estimate.total_s, slow_but_better)
-    assert auto.nvme_efficiency == 0.0  # judged against the estimate: losses
-    auto.observe_everything(16384, 1.15 * d.everything_s)  # what recomputing everything really took
-    assert auto.nvme_efficiency == 1.0  # re-judged: wins, at their estimate
-    assert 0 < decide().recompute_layers < 32
-    auto.observe_everything(4096, 0.1)  # another length says nothing about this one
-    assert auto.nvme_efficiency == 1.0
-    auto2, decide2 = _nvme_auto()
-    d2 = decide2()
-    auto2.observe_everything(16384, 0.9 * d2.everything_s)
-    for _ in range(3):
-        auto2.observe(d2, d2.estimate.total_s, 0.95 * d2.everything_s)  # under the estimate, over the measurement
-    assert auto2.nvme_efficiency == 0.0
-    assert decide2().recompute_layers == 32
+    assert 0 < d.recompute_layers < 32
+    auto.learn(d, _outcome(d, ttft=1.05 * d.everything_s, per_layer=1.15 * d.everything_s / 32))
+    probe = decide()
+    assert probe.recompute_layers == 32 and probe.estimate is None  # left to the prefill, to measure it
+    _learn_prefill(auto, 16384, d.everything_s)
+    d2 = decide()
+    assert 0 < d2.recompute_layers < 32  # what was measured since; this split was not judged yet
+    auto.learn(d2, _outcome(d2, ttft=1.05 * d.everything_s, per_layer=1.15 * d.everything_s / 32))
+    assert decide().recompute_layers == 32  # it lost to the measured prefill: held back
+
+
+def test_auto_plans_nvme_splits_with_recomputation_scaled_to_measured_prefills():
+    """At 1.0 GB/s the profile's estimates make a split win by less than the margin, so auto recomputes
+    everything; once prefills of that length measured 1.2x the profile's recomputation, a split pays, planned
+    with the measured cost. Another length keeps the profile's."""
+    auto, decide = _nvme_auto(nvme_gbps=1.0)
+    d = decide()
+    assert d.recompute_layers == 32
+    p = auto.profile
+    est = 32 * p.recompute_seconds(16384)
+    assert auto.fitted(p, 16384, 32) is p  # nothing measured yet
+    _learn_prefill(auto, 16384, 1.2 * est)
+    d = decide()
+    assert 0 < d.recompute_layers < 32 and d.everything_s == pytest.approx(1.2 * est)
+    assert auto.fitted(p, 8192, 32) is p
+    assert auto.fitted(p, 16384, 32).recompute_seconds(16384) == pytest.approx(1.2 * p.recompute_seconds(16384))
+    for _ in range(4):
+        _learn_prefill(auto, 16384, 50 * est)  # an outlier-ridden median is held to 5x
+    assert auto.fitted(p, 16384, 32).recompute_seconds(16384) == pytest.approx(5 * p.recompute_seconds(16384))
