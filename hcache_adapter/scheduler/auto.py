@@ -21,8 +21,8 @@ prefill of that length; a length with splits but no measured prefill leaves one
 request to the model's prefill to measure it (`EXPLORE_MAX` at most). A split
 that lost is not chosen again for that length until `REPROBE_EVERY` requests
 have recomputed everything instead (a disk that got faster is seen again the
-same way). Only NVMe: from memory tiers a restore's
-time is mostly fixed CPU cost, which says nothing about bandwidth.
+same way). Only NVMe: from memory tiers a restore's time is mostly fixed CPU
+cost, which says nothing about bandwidth.
 """
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ class AutoScheduler:
 
     @property
     def learned_nvme(self) -> bool:
-        """Some split restore from NVMe has been judged (so restores from NVMe happen here)."""
+        """Some split restore from NVMe has been learned from (so restores from NVMe happen here)."""
         return bool(self._lost)
 
     def baseline(self, n_tokens: int) -> float | None:
@@ -194,8 +194,8 @@ class AutoScheduler:
     def learn(self, decision: SplitDecision, outcome: Outcome) -> None:
         """Learn from a request auto decided (`RestoreTimer` hands over only those without one-time costs).
 
-        Left to the model's prefill (recomputing everything): its time to first token, and per layer. A split
-        NVMe restore: one layer's recomputation, the disk's bandwidth, and whether it beat recomputing."""
+        Left to the model's prefill (recomputing everything): its time to first token. A split NVMe restore:
+        one layer's recomputation, the disk's bandwidth, and whether it beat the measured prefill."""
         n, ttft = outcome.n_tokens, outcome.ttft_s
         if ttft is None or ttft <= 0:
             return

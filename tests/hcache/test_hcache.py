@@ -361,6 +361,19 @@ def test_save_stores_a_document_ahead_of_time(method, store):
     assert torch.equal(hc.generate(question, **GEN), model.generate(question, **GEN))
 
 
+def _restore_from_nvme_until_recomputed(hc, store, model, ids, tries: int = 20) -> int:
+    """Restore `ids` from NVMe (DRAM copies dropped first) until auto recomputes every layer, each split
+    restore exact on the way (its profile is far faster than this CPU: splits take longer than it says);
+    the last restore's token count."""
+    for _ in range(tries):
+        store.drop_cached()
+        cache, n = hc.restore(ids)
+        if hc.last_restore.recompute_layers == hc.num_layers:
+            return n
+        assert_cache_exact(model, cache, ids, n)
+    return n
+
+
 def test_auto_learns_when_loading_is_slower_than_profiled_and_then_recomputes(tmp_path):
     """A split restore that overruns its estimate lowers the tier's bandwidth for later plans,
     until recomputing every layer wins; the restored state stays exact throughout."""
@@ -380,12 +393,7 @@ def test_auto_learns_when_loading_is_slower_than_profiled_and_then_recomputes(tm
         cache, n = hc.restore(ids)
         assert 0 < hc.last_restore.recompute_layers < L  # the profile says: split
         assert_cache_exact(model, cache, ids, n)
-        for _ in range(20):  # every split restore takes far longer than the profile says
-            store.drop_cached()
-            cache, n = hc.restore(ids)
-            if hc.last_restore.recompute_layers == L:
-                break
-            assert_cache_exact(model, cache, ids, n)
+        n = _restore_from_nvme_until_recomputed(hc, store, model, ids)
         assert hc.scheduler.nvme_efficiency < 1.0
         assert hc.last_restore.recompute_layers == L and n == 0  # recomputing everything: one prefill
         assert torch.equal(hc.generate(ids, **GEN), model.generate(ids, **GEN))
@@ -472,11 +480,7 @@ def test_auto_that_learned_nvme_loses_decides_from_the_last_layer_yet_tries_agai
         ids = prompt(model, 40)
         hc.save(ids[:, :32])
         store.flush()
-        for _ in range(20):  # every split restore takes far longer than the profile says
-            store.drop_cached()
-            hc.restore(ids)
-            if hc.last_restore.recompute_layers == L:
-                break
+        _restore_from_nvme_until_recomputed(hc, store, model, ids)
         assert hc.last_restore.recompute_layers == L and hc.scheduler.nvme_efficiency < 1.0
         splits = 0
         for _ in range(REPROBE_EVERY + 1):

@@ -350,10 +350,13 @@ def test_failure_of_one_op_fails_the_whole_batch(open_store, store_config, fault
 def test_short_write_fails_flush_then_recovers(open_store, store_config, faulty_engine):
     cfg = store_config(io_engine=faulty_engine)
     store = open_store(cfg)
-    faulty_engine.short(keep=4096, write=True, times=1)  # header written, payload not
+    # Every write is short (header written, payload not) until flush() has seen one fail: a
+    # one-shot fault could fail and be retried by the background flusher before flush() is called.
+    faulty_engine.short(keep=4096, write=True)
     store.put("a", torch.arange(5000.0))
     with pytest.raises(StoreIOError, match="short write"):
         store.flush()
+    faulty_engine.clear()
     flush_until_ok(store)
     store.close()
     assert scan_root(cfg.root).problems == []
