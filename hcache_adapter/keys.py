@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from typing import Sequence
 
 import numpy as np
@@ -65,15 +66,20 @@ def chunk_digests(
     otherwise the chain starts from `seed` (the model's fingerprint). The tail
     shorter than a chunk gets no digest (it is recomputed, see HCache).
     """
-    if isinstance(token_ids, torch.Tensor):
-        ids = token_ids.detach().reshape(-1).to("cpu", torch.int64).numpy()
+    if isinstance(token_ids, (list, tuple)):
+        n = len(token_ids)  # a plain list (hc.generate's host copy of the prompt): struct packs it ~5x faster than numpy
+        raw = memoryview(struct.pack(f"<{n}q", *token_ids))
     else:
-        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-    raw = memoryview(ids.astype("<i8", copy=False).tobytes())  # one conversion, then slices of it (no copies)
+        if isinstance(token_ids, torch.Tensor):
+            ids = token_ids.detach().reshape(-1).to("cpu", torch.int64).numpy()
+        else:
+            ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        n = len(ids)
+        raw = memoryview(ids.astype("<i8", copy=False).tobytes())  # one conversion, then slices of it (no copies)
     step = chunk_tokens * 8
     prev = bytes.fromhex(after) if after else hashlib.blake2b(seed.encode(), digest_size=16).digest()
     out = []
-    for c in range(len(ids) // chunk_tokens):
+    for c in range(n // chunk_tokens):
         h = hashlib.blake2b(prev, digest_size=16)
         h.update(raw[c * step : (c + 1) * step])  # H(prev || tokens): the same bytes as one call on their concatenation
         prev = h.digest()

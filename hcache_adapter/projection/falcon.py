@@ -3,9 +3,11 @@
 Layouts of the fused output (``H`` query heads, ``hd`` = D / H):
 
 * ``new_decoder_architecture`` (40B/180B): ``[kv, H/kv + 2, hd]`` per KV group,
-  queries then one K then one V.  transformers *broadcasts* K and V to all ``H``
-  heads before caching, so the cache (and `project`) holds ``H`` heads, each KV
-  head repeated ``H/kv`` times in a row; ``num_kv_heads`` reports ``H``.
+  queries then one K then one V.  transformers before 5.25 *broadcasts* K and V to
+  all ``H`` heads before caching, so the cache (and `project`) holds ``H`` heads,
+  each KV head repeated ``H/kv`` times in a row, and ``num_kv_heads`` reports ``H``;
+  from 5.25 (its attention has ``num_key_value_groups`` and repeats K/V itself) the
+  cache holds the ``kv`` groups.
 * ``multi_query`` (7B): ``[H + 2, hd]``: K and V are the last two heads, one
   contiguous block (a view of the weight); one cached head.
 * classic MHA: ``[H, 3, hd]`` interleaved per head, like GPT-NeoX.
@@ -45,7 +47,14 @@ class FalconProjector(Projector):
         cfg = self.config
         if cfg.multi_query and not cfg.new_decoder_architecture:
             return 1
+        if cfg.new_decoder_architecture and not self._cache_broadcasts(layer):
+            return int(cfg.num_kv_heads)
         return int(cfg.num_attention_heads)
+
+    def _cache_broadcasts(self, layer: int) -> bool:
+        """Whether the model caches a new-architecture layer's K/V broadcast to every query head (transformers
+        before 5.25) rather than its KV groups (an attention that repeats them itself has `num_key_value_groups`)."""
+        return not hasattr(self.decoder_layers[layer].self_attention, "num_key_value_groups")
 
     def head_dim(self, layer: int = 0) -> int:
         return int(self.decoder_layers[layer].self_attention.head_dim)

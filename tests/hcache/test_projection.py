@@ -208,7 +208,7 @@ def test_bytes_per_token(dtype):
     item = torch.empty((), dtype=dtype).element_size()
     expectations = {  # name: kv heads in the cache
         "llama_mha": HEADS, "llama_gqa": 2, "gemma_mqa": 1, "gpt2": HEADS, "opt_post_ln": HEADS,
-        "falcon_multi_query_rotary": 1, "falcon_new_arch_2ln": HEADS,
+        "falcon_multi_query_rotary": 1, "falcon_new_arch_2ln": CASES["falcon_new_arch_2ln"].cache_heads,
     }
     for name, kv_heads in expectations.items():
         proj = projector_for(build(name, dtype))

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import transformers
+from packaging.version import Version
 from transformers import (
     FalconConfig,
     FalconForCausalLM,
@@ -96,6 +98,15 @@ def _neox(**kw):
                 _fused("attention.query_key_value", _q_per_head))
 
 
+# transformers before 5.25 broadcast a new-architecture Falcon's K/V to every query head before caching;
+# from 5.25 its cache holds the KV groups (attention repeats them, as Llama's does).
+FALCON_NEW_ARCH_CACHE_BROADCAST = Version(transformers.__version__) < Version("5.25")
+
+
+def _new_arch_cache_heads(kv_groups: int) -> int:
+    return HEADS if FALCON_NEW_ARCH_CACHE_BROADCAST else kv_groups
+
+
 def _falcon(kv_groups, cache_heads, query_rows, **kw):
     config = dict(SMALL, bos_token_id=1, eos_token_id=2, **kw)
     return Case(lambda: FalconForCausalLM(FalconConfig(**config)), kv_groups, cache_heads,
@@ -125,8 +136,8 @@ CASES: dict[str, Case] = {
     "falcon_multi_query_rotary": _falcon(1, 1, _q_first, multi_query=True),
     "falcon_mha_rotary": _falcon(HEADS, HEADS, _q_per_head, multi_query=False, parallel_attn=False),
     "falcon_mha_alibi_bias": _falcon(HEADS, HEADS, _q_per_head, multi_query=False, alibi=True, bias=True),
-    "falcon_new_arch_2ln": _falcon(2, HEADS, _q_per_group(2), new_decoder_architecture=True, num_kv_heads=2),
-    "falcon_new_arch_1ln_mqa": _falcon(1, HEADS, _q_per_group(1), new_decoder_architecture=True, num_kv_heads=1,
+    "falcon_new_arch_2ln": _falcon(2, _new_arch_cache_heads(2), _q_per_group(2), new_decoder_architecture=True, num_kv_heads=2),
+    "falcon_new_arch_1ln_mqa": _falcon(1, _new_arch_cache_heads(1), _q_per_group(1), new_decoder_architecture=True, num_kv_heads=1,
                                        num_ln_in_parallel_attn=1),
 }
 
