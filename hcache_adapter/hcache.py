@@ -316,7 +316,7 @@ class HCache:
         if self.support.continuation == STEP:  # generate() then continues with the last token only
             step_through(self.model.base_model, input_ids, cache, n, input_ids.shape[1] - 1)
             n = input_ids.shape[1] - 1
-        # A recurrent-only cache has no length generate() can read: it is shown only the tokens after it.
+        # A recurrent-only cache that reports no length (transformers < 5.25) is shown only the tokens after it.
         return generate_on(self.model, input_ids, n if self.support.new_tokens_only else 0, kw)
 
     def _graph_prefill(self, call, result: RestoreResult | None = None) -> bool:

@@ -14,9 +14,10 @@ after a restore:
 * ``"step"``: the new tokens one at a time (the last one left to ``generate()``);
 * ``None``: neither reproduces a prefill; nothing restored would be right.
 
-A cache of recurrent layers only (Mamba) has no length ``generate()`` can read,
-so ``generate()`` must then be given only the tokens after the cache
-(`new_tokens_only`); the check does the same.
+A cache of recurrent layers only (Mamba) has, before transformers 5.25, no length
+``generate()`` can read, so ``generate()`` must then be given only the tokens after
+the cache (`new_tokens_only`); the check does the same.  From 5.25 its layers
+count their tokens, and it is given all ids like any other cache.
 """
 
 from __future__ import annotations
@@ -88,10 +89,23 @@ def generate_on(model: nn.Module, ids: Tensor, cached: int, kwargs: dict[str, An
     return out
 
 
+def filled_length(cache: Any) -> int:
+    """The length a filled cache reports, 0 where it reports none: before transformers 5.25 a cache of
+    recurrent layers only raises (its layers keep no token count); from 5.25 they count their tokens."""
+    try:
+        return int(cache.get_seq_length())
+    except ValueError:
+        return 0
+
+
 def new_tokens_only(cache: Any) -> bool:
-    """A cache of recurrent layers only holds no length generate() can read: it must be given the new tokens only."""
+    """Whether generate() on this filled cache must be given only the tokens after it.
+
+    generate() starts after the length the cache reports; a cache of recurrent layers only that reports
+    none (transformers < 5.25) would have generate() run the whole prompt again on top of its state. One that
+    reports its length (5.25 on) is given all ids, as any other cache is."""
     flags = getattr(cache, "is_linear", None)
-    return bool(flags) and all(flags)
+    return bool(flags) and all(flags) and not filled_length(cache)
 
 
 def continuation(model: nn.Module, base: nn.Module, ids: Tensor, prefix: int, tol: float) -> tuple[str | None, str]:

@@ -16,12 +16,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.helpers.models import CASES, build as _build
+from tests.helpers.models import CASES, build as _build, tiny_causal_lm
 
 from hcache_adapter import HCache, Profile
 from hcache_adapter.compat import cache_kwarg, new_cache
 from hcache_adapter.keys import chunk_digests, layer_key, manifest_key
 from hcache_adapter.manifest import Manifest
+from hcache_adapter.projection.continuation import filled_length
 from hstore import StoreConfig, TieredStore
 
 C = 8
@@ -81,6 +82,21 @@ def test_restored_cache_equals_prefill_and_generate_is_unchanged(arch, method, s
     assert n == (out.shape[1] - 1) // C * C > 0
     assert hc.last_restore.plan == ("H" if method == "hcache" else "K") * hc.num_layers
     assert_cache_exact(model, cache, follow, n)
+    assert torch.equal(hc.generate(follow, **GEN), model.generate(follow, **GEN))
+
+
+def test_a_restored_recurrent_only_cache_reports_the_length_of_the_models_own(store):
+    """generate() continues after the length a cache reports (Mamba's layers count their tokens from
+    transformers 5.25, none before): a restored cache must report what the model's own prefill leaves."""
+    model = tiny_causal_lm("mamba")
+    hc = HCache(model, store, method="hcache", chunk_tokens=C)
+    out = hc.generate(prompt(model, 20), **GEN)
+    follow = torch.cat([out, prompt(model, 10, seed=1)], dim=1)
+    cache, n = hc.restore(follow)
+    own = new_cache(model)
+    with torch.no_grad():
+        model(follow[:, :n], use_cache=True, **{cache_kwarg(model): own})
+    assert n > 0 and filled_length(cache) == filled_length(own)
     assert torch.equal(hc.generate(follow, **GEN), model.generate(follow, **GEN))
 
 
